@@ -1,0 +1,77 @@
+"""The one exception tree of lipsync-ray.
+
+::
+
+    LipsyncError                 root: catch this to catch everything we raise
+    ├── InputError               bad user input (files, shapes, options); CLI exit code 2
+    │   └── ModelError           an ONNX model that cannot be used as given
+    ├── EncodeError              decoding or encoding media failed mid-way
+    ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
+    └── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+
+Every error carries the path (and, where it applies, the frame or chunk) it is
+about, so that the CLI can print a single line that names the culprit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "EncodeError",
+    "InputError",
+    "LipsyncError",
+    "ModelError",
+    "RenderError",
+    "ShardError",
+]
+
+
+class LipsyncError(Exception):
+    """Root of every error raised on purpose by lipsync-ray.
+
+    Args:
+        message: what went wrong, with "expected vs got" where it applies.
+        path: the file or directory the error is about, if any.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        self.message = message
+        self.path = None if path is None else str(path)
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return self.message
+        return f"{self.message} ({self.path})"
+
+    def __reduce__(self):  # keep the keyword argument when pickled across Ray workers
+        return _rebuild, (type(self), self.message, self.path)
+
+
+def _rebuild(cls: type[LipsyncError], message: str, path: str | None) -> LipsyncError:
+    return cls(message, path=path)
+
+
+class InputError(LipsyncError):
+    """The user gave something we cannot use: a missing file, a bad shape, a bad option."""
+
+    exit_code = 2
+
+
+class ModelError(InputError):
+    """An ONNX model that cannot be loaded or does not have the expected inputs and outputs."""
+
+
+class EncodeError(LipsyncError):
+    """Media decoding or encoding failed after the inputs had been validated."""
+
+
+class ShardError(LipsyncError):
+    """A shard or the manifest of a work directory is missing, corrupt or inconsistent."""
+
+
+class RenderError(LipsyncError):
+    """A render could not finish: a chunk kept failing, a worker died too often, ..."""

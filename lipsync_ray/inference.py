@@ -1,0 +1,398 @@
+"""ONNX Runtime sessions: the one factory every actor, benchmark and test uses.
+
+A session is opened from a model *path* (never at import time), with:
+
+- providers tried in order TensorRT → CUDA → CPU (configurable). A provider that is asked for
+  but cannot be used is reported once, loudly, and the provider that really runs is recorded
+  (``GeneratorSession.providers``) so that the run report can say so;
+- ONNX Runtime and OpenCV thread counts sized to the CPUs the caller was given (a Ray actor's
+  ``num_cpus``), because oversubscription is the usual reason a CPU pipeline is slow;
+- inputs found by shape, not by name: exports call them ``input``/``audio`` or
+  ``visual_input``/``audio_input`` and others; the visual input has 6 channels, the audio 32;
+- models whose batch axis is fixed to 1 run batch by batch, transparently;
+- checks at the door: external data must stay inside the model's directory, dtypes and shapes
+  are compared against what the generator needs, and NaN or Inf in an output raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lipsync_ray.errors import ModelError
+
+__all__ = [
+    "EncoderSession",
+    "GeneratorSession",
+    "Provider",
+    "SessionOptions",
+    "check_model_file",
+]
+
+log = logging.getLogger(__name__)
+
+VISUAL_CHANNELS = 6  # ROI + masked ROI, BGR each
+AUDIO_CHANNELS = 32  # 16 feature rows x 512 = 8192 = 32 x 16 x 16
+FRAME_SIZE = 320  # generator input and output side, pixels
+MEL_SHAPE = (1, 80, 16)  # audio encoder input per window: 80 mel bands x 16 mel frames
+FEATURE_DIM = 512
+
+
+class Provider(enum.Enum):
+    """ONNX Runtime execution providers lipsync-ray knows how to configure."""
+
+    TENSORRT = "TensorrtExecutionProvider"
+    CUDA = "CUDAExecutionProvider"
+    CPU = "CPUExecutionProvider"
+
+
+DEFAULT_PROVIDERS = (Provider.TENSORRT, Provider.CUDA, Provider.CPU)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to open an ONNX Runtime session. Built once on the driver, passed to actors."""
+
+    # Providers to try, best first. CPU is always appended last if missing.
+    providers: tuple[Provider, ...] = DEFAULT_PROVIDERS
+    # CUDA device ordinal, relative to the devices visible to this process (Ray sets
+    # CUDA_VISIBLE_DEVICES for an actor, so 0 is "the GPU Ray gave me").
+    device_id: int = 0
+    # Upper bound of the CUDA memory arena in bytes (None: no limit). With fractional GPUs set
+    # it to about the fraction times the card's memory, so co-located actors cannot starve.
+    gpu_mem_limit_bytes: int | None = None
+    # Intra-op threads for the CPU provider (0: one per CPU given to the caller).
+    intra_op_threads: int = 0
+    # TensorRT: FP16 kernels and the directory where built engines are cached (building one
+    # takes minutes; the cache makes every later start fast).
+    trt_fp16: bool = False
+    trt_cache_dir: str | None = None
+    graph_optimization: bool = True
+
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    with _warn_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning(message)
+
+
+def check_model_file(path: str | Path) -> Path:
+    """Check that a model file exists and that its external data stays inside its directory.
+
+    Raises:
+        ModelError: missing or unreadable file, not an ONNX model, or an external-data location
+            that is absolute, climbs out with ``..`` or is a symlink pointing outside.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("model file not found", path=path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelError(f"not a readable ONNX model: {exc}", path=path) from exc
+    base = path.parent.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelError(
+                f"external data of tensor {tensor.name!r} must stay inside the model's "
+                f"directory, got location {location!r}",
+                path=path,
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"external data file {location!r} of tensor {tensor.name!r} is missing", path=path
+            )
+    return path
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.t is not None and attr.t.name:
+                yield attr.t
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+            if attr.g is not None and attr.g.node:
+                yield from _all_tensors(attr.g)
+
+
+def _provider_entries(options: SessionOptions, available: Sequence[str]) -> list:
+    entries: list = []
+    for provider in (*options.providers, Provider.CPU):
+        if provider.value in (e if isinstance(e, str) else e[0] for e in entries):
+            continue
+        if provider.value not in available:
+            if provider is not Provider.CPU:
+                _warn_once(
+                    f"{provider.value} was requested but this onnxruntime build does not have it "
+                    f"(available: {', '.join(available)})"
+                )
+            continue
+        if provider is Provider.CUDA:
+            cuda: dict[str, object] = {
+                "device_id": options.device_id,
+                "arena_extend_strategy": "kSameAsRequested",
+            }
+            if options.gpu_mem_limit_bytes:
+                cuda["gpu_mem_limit"] = int(options.gpu_mem_limit_bytes)
+            entries.append((provider.value, cuda))
+        elif provider is Provider.TENSORRT:
+            trt: dict[str, object] = {"device_id": options.device_id}
+            if options.trt_fp16:
+                trt["trt_fp16_enable"] = True
+            if options.trt_cache_dir:
+                trt["trt_engine_cache_enable"] = True
+                trt["trt_engine_cache_path"] = options.trt_cache_dir
+            entries.append((provider.value, trt))
+        else:
+            entries.append(provider.value)
+    return entries
+
+
+def _open(path: Path, options: SessionOptions, cpus: int):
+    import cv2
+    import onnxruntime as ort
+
+    threads = options.intra_op_threads or max(1, int(cpus))
+    cv2.setNumThreads(threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.graph_optimization
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    # Providers that fail to load (no CUDA or TensorRT libraries on this machine) log errors
+    # through ONNX Runtime's default logger; we report the fallback ourselves, once, below.
+    so.log_severity_level = 3
+    ort.set_default_logger_severity(3)
+    entries = _provider_entries(options, ort.get_available_providers())
+    wanted = [e if isinstance(e, str) else e[0] for e in entries]
+    while True:
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=entries)
+            break
+        except Exception as exc:
+            if len(entries) > 1:
+                # TensorRT raises instead of falling back when its libraries are missing.
+                first = entries.pop(0)
+                _warn_once(f"{first if isinstance(first, str) else first[0]} failed: {exc}")
+                continue
+            raise ModelError(f"ONNX Runtime cannot load the model: {exc}", path=path) from exc
+    used = list(session.get_providers())
+    if used and wanted and used[0] != wanted[0]:
+        _warn_once(
+            f"{wanted[0]} was requested but could not be used (no usable device or library); "
+            f"running on {used[0]} instead"
+        )
+    return session, used, threads
+
+
+def _dims(value_info) -> list[int | str | None]:
+    return list(value_info.shape)
+
+
+@dataclass
+class _IOSpec:
+    visual: str
+    audio: str
+    output: str
+    fixed_batch: bool
+
+
+def _describe(inputs) -> str:
+    return ", ".join(f"{i.name} {i.type} {_dims(i)}" for i in inputs)
+
+
+class GeneratorSession:
+    """An open UNet-328 generator.
+
+    Attributes:
+        path: the model file.
+        providers: providers ONNX Runtime actually uses, best first.
+        threads: intra-op threads.
+        fixed_batch: True when the model's batch axis is fixed to 1 (run frame by frame).
+    """
+
+    def __init__(
+        self, path: str | Path, options: SessionOptions = SessionOptions(), *, cpus: int = 1
+    ) -> None:
+        self.path = check_model_file(path)
+        self._session, self.providers, self.threads = _open(self.path, options, cpus)
+        self._io = self._find_io()
+        self.fixed_batch = self._io.fixed_batch
+
+    def _find_io(self) -> _IOSpec:
+        inputs = self._session.get_inputs()
+        outputs = self._session.get_outputs()
+        by_channels: dict[object, list] = {}
+        for item in inputs:
+            dims = _dims(item)
+            channels = dims[1] if len(dims) == 4 else None
+            by_channels.setdefault(channels, []).append(item)
+        visual = by_channels.get(VISUAL_CHANNELS, [])
+        audio = by_channels.get(AUDIO_CHANNELS, [])
+        if len(inputs) != 2 or len(visual) != 1 or len(audio) != 1:
+            raise ModelError(
+                "generator must have two rank-4 float inputs, one with 6 channels "
+                "[B,6,320,320] (visual) and one with 32 channels [B,32,16,16] (audio); "
+                f"got {_describe(inputs)}",
+                path=self.path,
+            )
+        for item, expected in ((visual[0], FRAME_SIZE), (audio[0], 16)):
+            dims = _dims(item)
+            if item.type != "tensor(float)":
+                raise ModelError(
+                    f"input {item.name!r} must be tensor(float), got {item.type}", path=self.path
+                )
+            if any(isinstance(d, int) and d != expected for d in dims[2:]):
+                raise ModelError(
+                    f"input {item.name!r} must be [B,{dims[1]},{expected},{expected}], got {dims}",
+                    path=self.path,
+                )
+        if len(outputs) != 1 or len(_dims(outputs[0])) != 4:
+            raise ModelError(
+                f"generator must have one output [B,3,320,320], got {_describe(outputs)}",
+                path=self.path,
+            )
+        out_dims = _dims(outputs[0])
+        if any(
+            isinstance(d, int) and d != e for d, e in zip(out_dims[1:], (3, 320, 320), strict=False)
+        ):
+            raise ModelError(
+                f"generator output must be [B,3,320,320], got {out_dims}", path=self.path
+            )
+        batch_dims = {_dims(visual[0])[0], _dims(audio[0])[0]}
+        fixed = any(isinstance(d, int) for d in batch_dims)
+        if fixed and batch_dims != {1}:
+            raise ModelError(
+                f"a fixed batch axis must be 1 on both inputs, got {sorted(map(str, batch_dims))}",
+                path=self.path,
+            )
+        return _IOSpec(visual[0].name, audio[0].name, outputs[0].name, fixed)
+
+    @property
+    def input_names(self) -> tuple[str, str]:
+        """(visual, audio) input names as found in the model."""
+        return self._io.visual, self._io.audio
+
+    def run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """Run the generator on a batch.
+
+        Args:
+            visual: uint8 (B, 320, 320, 6) BGR ROI + masked ROI (channels last, as stored in
+                the avatar bundle), or float32 (B, 6, 320, 320) already in [0, 1].
+            audio: float32 (B, 32, 16, 16) audio windows.
+
+        Returns:
+            float32 (B, 3, 320, 320) in [0, 1], BGR.
+
+        Raises:
+            ModelError: shapes or dtypes other than the above, or a non-finite output.
+        """
+        x = _visual_tensor(visual)
+        if audio.dtype != np.float32 or audio.shape[1:] != (AUDIO_CHANNELS, 16, 16):
+            raise ModelError(
+                f"audio batch must be float32 (B, 32, 16, 16), got {audio.dtype} {audio.shape}",
+                path=self.path,
+            )
+        if audio.shape[0] != x.shape[0]:
+            raise ModelError(
+                f"visual and audio batches differ: {x.shape[0]} vs {audio.shape[0]}",
+                path=self.path,
+            )
+        if self.fixed_batch and x.shape[0] != 1:
+            out = np.concatenate([self._run(x[i : i + 1], audio[i : i + 1]) for i in range(len(x))])
+        else:
+            out = self._run(x, audio)
+        if out.shape != (x.shape[0], 3, FRAME_SIZE, FRAME_SIZE):
+            raise ModelError(
+                f"generator output must be (B, 3, 320, 320), got {out.shape}", path=self.path
+            )
+        if not np.isfinite(out).all():
+            raise ModelError("generator produced NaN or Inf values", path=self.path)
+        return out
+
+    def _run(self, x: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        feeds = {self._io.visual: x, self._io.audio: np.ascontiguousarray(audio)}
+        return self._session.run([self._io.output], feeds)[0]
+
+
+def _visual_tensor(visual: np.ndarray) -> np.ndarray:
+    if visual.dtype == np.uint8 and visual.ndim == 4 and visual.shape[1:] == (320, 320, 6):
+        # Same arithmetic as the reference (float division by 255), channels first.
+        out = np.empty((visual.shape[0], 6, FRAME_SIZE, FRAME_SIZE), dtype=np.float32)
+        np.divide(visual.transpose(0, 3, 1, 2), np.float32(255.0), out=out)
+        return out
+    if visual.dtype == np.float32 and visual.ndim == 4 and visual.shape[1:] == (6, 320, 320):
+        return np.ascontiguousarray(visual)
+    raise ModelError(
+        "visual batch must be uint8 (B, 320, 320, 6) or float32 (B, 6, 320, 320), "
+        f"got {visual.dtype} {visual.shape}"
+    )
+
+
+@dataclass
+class EncoderSession:
+    """An open audio encoder: float32 (B, 1, 80, 16) mel windows → float32 (B, 512)."""
+
+    path: Path
+    options: SessionOptions = field(default_factory=SessionOptions)
+    cpus: int = 1
+
+    def __post_init__(self) -> None:
+        self.path = check_model_file(self.path)
+        self._session, self.providers, self.threads = _open(self.path, self.options, self.cpus)
+        inputs = self._session.get_inputs()
+        outputs = self._session.get_outputs()
+        if len(inputs) != 1 or _dims(inputs[0])[1:] != list(MEL_SHAPE):
+            raise ModelError(
+                f"audio encoder must have one input [B,1,80,16], got {_describe(inputs)}",
+                path=self.path,
+            )
+        if inputs[0].type != "tensor(float)":
+            raise ModelError(
+                f"audio encoder input must be tensor(float), got {inputs[0].type}", path=self.path
+            )
+        self._input = inputs[0].name
+        self._output = outputs[0].name
+        self.fixed_batch = isinstance(_dims(inputs[0])[0], int)
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """Encode mel windows float32 (B, 1, 80, 16) into features float32 (B, 512)."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if self.fixed_batch:
+            parts = [self._session.run([self._output], {self._input: w[None]})[0] for w in windows]
+            out = np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM), np.float32)
+        else:
+            out = self._session.run([self._output], {self._input: windows})[0]
+        out = out.reshape(len(windows), -1)
+        if out.shape[1] != FEATURE_DIM:
+            raise ModelError(
+                f"audio encoder output must be [B,512], got {list(out.shape)}", path=self.path
+            )
+        if not np.isfinite(out).all():
+            raise ModelError("audio encoder produced NaN or Inf values", path=self.path)
+        return out.astype(np.float32, copy=False)
