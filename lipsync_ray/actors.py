@@ -1,0 +1,212 @@
+"""The Ray actors: generator inference and compositing. Plain classes, made remote by the driver.
+
+Both actors open the avatar bundle themselves from its path ("move small things, read big things
+where they are used"): the driver ships chunk specs (frame ranges, avatar indices, a few feature
+rows) and predictions (uint8 (C, 320, 320, 3), ~0.3 MB per frame), never full frames.
+
+Everything an actor returns is a frozen dataclass; every failure reaches the driver as an
+exception that names the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from lipsync_ray.audio import audio_windows
+from lipsync_ray.avatar import Avatar
+from lipsync_ray.composite import composite_frame, prediction_to_uint8
+from lipsync_ray.encode import EncodeOptions, encode_segment
+from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
+from lipsync_ray.report import ActorInfo
+from lipsync_ray.shards import ShardCodec, ShardInfo, file_sha256, shard_path, write_shard
+
+__all__ = [
+    "AUDIO_CONTEXT",
+    "ChunkResult",
+    "ChunkSpec",
+    "CompositorActor",
+    "InferenceActor",
+    "Predictions",
+    "segment_path",
+]
+
+log = logging.getLogger(__name__)
+
+# An output frame's audio window spans feature rows [i - 8, i + 8).
+AUDIO_CONTEXT = 8
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of output frames ``[start, stop)``, with everything needed to render it."""
+
+    chunk: int
+    start: int
+    stop: int
+    avatar_indices: np.ndarray  # int64 (C,): avatar frame of each output frame
+    # float32 (C + 16, 512): feature rows start-8 .. stop+8, zero where they run off the audio
+    feature_rows: np.ndarray
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"chunk {self.chunk} (frames {self.start}-{self.stop - 1})"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Generator output for one chunk: uint8 (C, 320, 320, 3) BGR."""
+
+    chunk: int
+    images: np.ndarray
+    timings_s: dict[str, float]
+    actor: str
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A complete chunk: its shard (and segment), and where the time went."""
+
+    shard: ShardInfo
+    segment: ShardInfo | None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def segment_path(work_dir: str | Path, chunk: int) -> Path:
+    """``<work_dir>/segments/chunk-NNNNNN.mp4``: the chunk's video-only H.264 segment."""
+    return Path(work_dir) / "segments" / f"chunk-{chunk:06d}.mp4"
+
+
+def _actor_info(role: str, providers=(), threads: int = 1) -> ActorInfo:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ActorInfo(
+        role=role,
+        name=f"{role}-{ctx.get_actor_id()[:8] if ctx.get_actor_id() else 'local'}",
+        pid=os.getpid(),
+        node_id=ctx.get_node_id(),
+        providers=tuple(providers),
+        gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
+        threads=threads,
+    )
+
+
+class InferenceActor:
+    """Owns one ONNX Runtime generator session; turns chunk specs into predictions."""
+
+    def __init__(
+        self,
+        model: str,
+        avatar: str,
+        session_options: SessionOptions,
+        cpus: float,
+        batch_size: int,
+    ) -> None:
+        import ray
+
+        if not ray.get_gpu_ids():
+            # Ray gave this actor no GPU: asking ONNX Runtime for CUDA would grab someone
+            # else's device (or fail). The CPU provider is the honest choice.
+            session_options = replace(session_options, providers=(Provider.CPU,))
+        self.avatar = Avatar.open(avatar)
+        self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
+        self.batch_size = batch_size
+        self.info = _actor_info("inference", self.session.providers, self.session.threads)
+        log.info("inference actor ready: %s", self.info)
+
+    def describe(self) -> ActorInfo:
+        return self.info
+
+    def infer(self, spec: ChunkSpec) -> Predictions:
+        t0 = time.perf_counter()
+        visual = self.avatar.read_visual_inputs(spec.avatar_indices)
+        audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
+        t1 = time.perf_counter()
+        out = np.empty((spec.frames, 320, 320, 3), dtype=np.uint8)
+        for b in range(0, spec.frames, self.batch_size):
+            e = min(b + self.batch_size, spec.frames)
+            out[b:e] = prediction_to_uint8(self.session.run(visual[b:e], audio[b:e]))
+        t2 = time.perf_counter()
+        return Predictions(
+            chunk=spec.chunk,
+            images=out,
+            timings_s={"model_input": t1 - t0, "inference": t2 - t1},
+            actor=self.info.name,
+        )
+
+
+class CompositorActor:
+    """Pastes predictions into avatar frames and writes one shard (and segment) per chunk."""
+
+    def __init__(
+        self,
+        avatar: str,
+        work_dir: str,
+        codec: ShardCodec,
+        fingerprint: str,
+        encode: EncodeOptions | None,
+        cpus: float,
+    ) -> None:
+        import cv2
+
+        cv2.setNumThreads(max(1, round(cpus)))
+        self.avatar = Avatar.open(avatar)
+        self.work_dir = Path(work_dir)
+        self.codec = codec
+        self.fingerprint = fingerprint
+        self.encode = None if encode is None else replace(encode, threads=max(1, round(cpus)))
+        self.info = _actor_info("compositor", threads=max(1, round(cpus)))
+
+    def describe(self) -> ActorInfo:
+        return self.info
+
+    def composite(self, spec: ChunkSpec, predictions: Predictions) -> ChunkResult:
+        t0 = time.perf_counter()
+        idx = spec.avatar_indices
+        frames = self.avatar.read_frames(idx)
+        crops = self.avatar.read_crops(idx)
+        boxes = self.avatar.boxes(idx)
+        t1 = time.perf_counter()
+        out = [
+            composite_frame(frames[i], boxes[i], crops[i], predictions.images[i])
+            for i in range(spec.frames)
+        ]
+        t2 = time.perf_counter()
+        shard = write_shard(
+            shard_path(self.work_dir, spec.chunk),
+            spec.chunk,
+            np.arange(spec.start, spec.stop),
+            idx,
+            out,
+            self.codec,
+            self.fingerprint,
+            self.work_dir,
+        )
+        t3 = time.perf_counter()
+        segment = None
+        if self.encode is not None:
+            path = segment_path(self.work_dir, spec.chunk)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = encode_segment(out, path, self.encode)
+            segment = ShardInfo(
+                chunk=spec.chunk,
+                start=spec.start,
+                stop=spec.stop,
+                rows=written,
+                sha256=file_sha256(path),
+                bytes=path.stat().st_size,
+                file=str(path.relative_to(self.work_dir)),
+            )
+        t4 = time.perf_counter()
+        timings = dict(predictions.timings_s)
+        timings.update(decode=t1 - t0, composite=t2 - t1, shard_write=t3 - t2, encode=t4 - t3)
+        return ChunkResult(shard=shard, segment=segment, timings_s=timings)

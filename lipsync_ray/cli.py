@@ -1,0 +1,422 @@
+"""The ``lipsync-ray`` command: a thin layer that parses flags into typed values and calls the
+library. A known error prints one line and exits 2 (bad input) or 1 (anything else); the
+traceback only shows with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from lipsync_ray.errors import InputError, LipsyncError
+
+log = logging.getLogger("lipsync_ray")
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, str]:
+    parts = tuple(p.strip() for p in text.split(","))
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected two names 'visual,audio', got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------- render
+
+
+def add_render_args(p: argparse.ArgumentParser) -> None:
+    from lipsync_ray.config import EncodeMode
+    from lipsync_ray.encode import VideoCodec
+    from lipsync_ray.shards import ShardCodec
+
+    p.add_argument("avatar", type=Path, help="avatar bundle directory (from `prepare`)")
+    p.add_argument("audio", type=Path, help="speech audio (WAV, MP3, M4A, FLAC, OGG, ...)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write")
+    p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio-encoder", help="audio encoder (ONNX)")
+    src.add_argument("--features", help="precomputed audio features [N, 512] float32 (.npy)")
+    p.add_argument(
+        "--address", help="Ray address: none starts a local cluster; 'auto' joins `ray start`"
+    )
+    g = p.add_argument_group("actors and chunks")
+    g.add_argument(
+        "--batch-size", type=int, default=4, help="frames per generator call (default 4)"
+    )
+    g.add_argument("--inference-actors", type=int, default=1, help="generator actors (default 1)")
+    g.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPU fraction per generator actor (default 0.25 with GPUs, else 0)",
+    )
+    g.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs per generator actor; sizes its threads (default: what is left)",
+    )
+    g.add_argument("--compositors", type=int, default=1, help="compositing actors (default 1)")
+    g.add_argument(
+        "--chunk-frames", type=int, default=64, help="output frames per chunk/shard (default 64)"
+    )
+    g.add_argument(
+        "--max-retries", type=int, default=3, help="retries per failing chunk (default 3)"
+    )
+    g.add_argument(
+        "--chunk-timeout", type=float, default=900.0, help="seconds before a chunk counts as hung"
+    )
+    g = p.add_argument_group("session")
+    g.add_argument(
+        "--providers",
+        default="tensorrt,cuda,cpu",
+        help="ONNX Runtime providers in order of preference (default tensorrt,cuda,cpu)",
+    )
+    g.add_argument(
+        "--gpu-mem-limit", type=float, default=None, help="CUDA arena limit per actor, GiB"
+    )
+    g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
+    g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--shard-codec",
+        choices=[c.value for c in ShardCodec],
+        default="jpeg",
+        help="frame storage in shards (default jpeg; png and raw are lossless)",
+    )
+    g.add_argument(
+        "--encode-mode",
+        choices=[m.value for m in EncodeMode],
+        default="segments",
+        help="segments: per-chunk H.264 in parallel, joined by stream copy (default)",
+    )
+    g.add_argument("--video-codec", choices=[c.value for c in VideoCodec], default="libx264")
+    g.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (default 20)")
+    g.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    g.add_argument(
+        "--work-dir", default=None, help="shards, manifest, report (default OUT.mp4.work/)"
+    )
+    g.add_argument(
+        "--keep-shards", action="store_true", help="keep shards after a successful encode"
+    )
+    g.add_argument("--start-frame", type=int, default=0, help="first avatar frame (default 0)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace the output / restart the work dir"
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
+    from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
+    from lipsync_ray.inference import Provider, SessionOptions
+    from lipsync_ray.shards import ShardCodec
+
+    names = {"tensorrt": Provider.TENSORRT, "cuda": Provider.CUDA, "cpu": Provider.CPU}
+    try:
+        providers = tuple(names[n.strip().lower()] for n in args.providers.split(",") if n.strip())
+    except KeyError as exc:
+        raise InputError(
+            f"unknown provider {exc.args[0]!r}, expected tensorrt, cuda or cpu"
+        ) from None
+    return RenderConfig(
+        model=args.model,
+        audio_encoder=args.audio_encoder,
+        features=args.features,
+        address=args.address,
+        pool=PoolConfig(
+            inference_actors=args.inference_actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_inference_actor=args.cpus_per_actor,
+            compositors=args.compositors,
+            batch_size=args.batch_size,
+            chunk_frames=args.chunk_frames,
+            max_retries=args.max_retries,
+            chunk_timeout_s=args.chunk_timeout,
+        ),
+        session=SessionOptions(
+            providers=providers,
+            gpu_mem_limit_bytes=None
+            if args.gpu_mem_limit is None
+            else int(args.gpu_mem_limit * 2**30),
+            trt_fp16=args.fp16,
+            trt_cache_dir=args.trt_cache,
+        ),
+        encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
+        encode_mode=EncodeMode(args.encode_mode),
+        shard_codec=ShardCodec(args.shard_codec),
+        work_dir=args.work_dir,
+        keep_shards=args.keep_shards,
+        start_frame=args.start_frame,
+        overwrite=args.overwrite,
+    )
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from lipsync_ray.pipeline import render
+
+    report = render(args.avatar, args.audio, args.output, config_from_args(args))
+    print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------- prepare
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
+
+    progress = _progress_printer("prepare")
+    if args.synctalk_dataset:
+        summary = import_synctalk_dataset(
+            args.synctalk_dataset,
+            args.output,
+            fps=args.fps,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    else:
+        if args.video is None:
+            raise InputError("give a VIDEO, or --synctalk-dataset DIR")
+        options = PrepareOptions(fps=args.fps, smoothing_window=args.smoothing)
+        summary = prepare_avatar(
+            args.video,
+            args.output,
+            options,
+            boxes_file=args.boxes,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    _end_progress()
+    print(
+        f"prepared {summary.frames} frames at {summary.fps:g} fps, "
+        f"{summary.size_wh[0]}x{summary.size_wh[1]}, detector {summary.detector}, "
+        f"in {summary.seconds:.1f} s -> {summary.path}"
+    )
+    return 0
+
+
+_progress_open = False
+
+
+def _progress_printer(label: str):
+    def progress(done: int, total: int | None) -> None:
+        global _progress_open
+        if not sys.stderr.isatty():
+            return
+        _progress_open = True
+        of = f"/{total}" if total else ""
+        sys.stderr.write(f"\r{label}: {done}{of} frames   ")
+        sys.stderr.flush()
+
+    return progress
+
+
+def _end_progress() -> None:
+    if _progress_open:
+        sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from lipsync_ray.models import Arch, Size, build_model, model_stats, save_model
+
+    model = build_model(
+        Arch(args.arch),
+        Size(args.size),
+        seed=args.seed,
+        input_names=args.input_names,
+        fixed_batch=args.fixed_batch,
+    )
+    path = save_model(model, args.output)
+    stats = model_stats(model)
+    print(
+        f"{path}: {args.arch} {args.size}, {stats.params / 1e6:.2f} M parameters, "
+        f"{stats.macs / 1e9:.3f} GMAC/frame"
+    )
+    return 0
+
+
+def _cmd_models_info(args: argparse.Namespace) -> int:
+    import onnx
+
+    from lipsync_ray.inference import check_model_file
+    from lipsync_ray.models import model_stats
+
+    path = check_model_file(args.model)
+    model = onnx.load(str(path))
+    stats = model_stats(model)
+    inputs = [
+        (i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
+        for i in model.graph.input
+    ]
+    print(
+        json.dumps(
+            {
+                "path": str(path),
+                "params": stats.params,
+                "macs": stats.macs,
+                "inputs": inputs,
+                "opset": model.opset_import[0].version,
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def _cmd_bench_inference(args: argparse.Namespace) -> int:
+    from lipsync_ray.bench import bench_inference
+
+    results = bench_inference(
+        args.model, args.batch, threads=args.threads, min_seconds=args.seconds
+    )
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+        return 0
+    print(f"{'batch':>5} {'ms/frame':>9} {'FPS':>7}  provider, threads")
+    for r in results:
+        print(f"{r.batch:>5} {r.ms_per_frame:>9.1f} {r.fps:>7.2f}  {r.provider}, {r.threads}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lipsync_ray.demo import run_demo
+
+    report = run_demo(args.out_dir, seconds=args.seconds)
+    print(report.summary())
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lipsync-ray",
+        description="Re-render a talking-head video so the lips follow a new speech track, on Ray.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("render", help="render an MP4 from an avatar and an audio file")
+    add_render_args(p)
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("prepare", help="build an avatar bundle from a video of one person")
+    p.add_argument(
+        "video", type=Path, nargs="?", help="the source video (any container PyAV reads)"
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, help="avatar directory to create")
+    p.add_argument(
+        "--boxes", type=Path, help='JSON {"boxes": [[x1,y1,x2,y2], ...]} per source frame'
+    )
+    p.add_argument("--synctalk-dataset", type=Path, help="import a SyncTalk_2D dataset directory")
+    p.add_argument("--fps", type=float, default=25.0, help="output frame rate (default 25)")
+    p.add_argument(
+        "--smoothing",
+        type=int,
+        default=5,
+        help="temporal box smoothing window, frames (default 5; 1 = none)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing avatar directory")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("models", help="build or inspect ONNX models")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    b = msub.add_parser("build", help="write a stand-in model with the real architecture")
+    b.add_argument("--arch", choices=["unet328", "audio-encoder", "identity"], required=True)
+    b.add_argument("--size", choices=["full", "small"], default="full")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument(
+        "--input-names",
+        type=_names,
+        default=None,
+        help="unet328/identity: visual,audio input names (default input,audio)",
+    )
+    b.add_argument("--fixed-batch", action="store_true", help="fix the batch axis to 1")
+    b.set_defaults(func=_cmd_models_build)
+    i = msub.add_parser("info", help="parameters, MACs and inputs of a model")
+    i.add_argument("model", type=Path)
+    i.set_defaults(func=_cmd_models_info)
+
+    p = sub.add_parser("bench", help="benchmarks (programs that print measured ratios)")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    b = bsub.add_parser("inference", help="bare ONNX Runtime generator FPS per batch size")
+    b.add_argument("--model", type=Path, required=True)
+    b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="e.g. 1,4,8")
+    b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all CPUs)")
+    b.add_argument(
+        "--seconds", type=float, default=3.0, help="minimum timed seconds per batch size"
+    )
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(func=_cmd_bench_inference)
+
+    p = sub.add_parser("demo", help="render a generated avatar and audio end to end (no downloads)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("lipsync-demo"),
+        help="where to write (default ./lipsync-demo)",
+    )
+    p.add_argument("--seconds", type=float, default=4.0, help="audio length (default 4)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lipsync_ray").setLevel(level)
+    try:
+        return int(args.func(args) or 0)
+    except LipsyncError as exc:
+        if args.debug:
+            raise
+        print(f"lipsync-ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lipsync-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: one line, traceback with --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"lipsync-ray: error: unexpected {type(exc).__name__}: {first} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

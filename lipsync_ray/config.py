@@ -1,0 +1,159 @@
+"""The render configuration: one frozen value built on the driver and passed to every actor.
+
+CLI flags, ``jobs/render_job.py`` and notebook keywords all build a :class:`RenderConfig`;
+nothing below the driver reads environment variables or global state.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from lipsync_ray.encode import EncodeOptions
+from lipsync_ray.errors import InputError
+from lipsync_ray.inference import SessionOptions
+from lipsync_ray.shards import ShardCodec
+
+__all__ = ["EncodeMode", "PoolConfig", "RenderConfig"]
+
+
+class EncodeMode(enum.Enum):
+    """How the MP4 is encoded from the shards."""
+
+    SEGMENTS = "segments"  # one H.264 segment per chunk in parallel, joined by stream copy
+    SINGLE = "single"  # one encoder over all frames (for comparison)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Actor pools and chunking."""
+
+    # Generator actors, each with its own ONNX Runtime session.
+    inference_actors: int = 1
+    # GPU fraction per inference actor (0.25: four actors share one GPU). None: 0.25 when the
+    # cluster has GPUs, else 0 (CPU provider).
+    gpus_per_actor: float | None = None
+    # CPUs per inference actor; sizes its ONNX Runtime and OpenCV threads. None: what is left
+    # of the cluster's CPUs after the compositors, split between the inference actors.
+    cpus_per_inference_actor: float | None = None
+    # Compositing actors and their CPUs (each runs single-threaded OpenCV).
+    compositors: int = 1
+    cpus_per_compositor: float = 0.5
+    # Frames per generator call.
+    batch_size: int = 4
+    # Output frames per chunk (= per shard).
+    chunk_frames: int = 64
+    # Chunks submitted but not yet written; bounds memory. 0: 2 per inference actor + 1.
+    max_chunks_in_flight: int = 0
+    # Attempts per chunk after the first before the render stops with an error.
+    max_retries: int = 3
+    # A chunk with no result within this many seconds is cancelled and retried.
+    chunk_timeout_s: float = 900.0
+
+    def in_flight(self) -> int:
+        return self.max_chunks_in_flight or 2 * self.inference_actors + 1
+
+    def resolved(self, cluster_cpus: float, cluster_gpus: float) -> PoolConfig:
+        """Fill the automatic fields from the cluster's resources."""
+        gpus = self.gpus_per_actor
+        if gpus is None:
+            gpus = 0.25 if cluster_gpus > 0 else 0.0
+        cpus = self.cpus_per_inference_actor
+        if cpus is None:
+            spare = cluster_cpus - self.compositors * self.cpus_per_compositor
+            cpus = max(1.0, math.floor(spare / self.inference_actors * 4) / 4)
+        return replace(self, gpus_per_actor=gpus, cpus_per_inference_actor=cpus)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Everything a render needs besides the avatar, the audio and the output path."""
+
+    # The UNet-328 generator (ONNX).
+    model: str
+    # The audio encoder (ONNX); or precomputed features [N, 512] float32 (.npy).
+    audio_encoder: str | None = None
+    features: str | None = None
+    # Ray: None starts an embedded local cluster; "auto" joins `ray start`; or an address.
+    address: str | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    session: SessionOptions = field(default_factory=SessionOptions)
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    encode_mode: EncodeMode = EncodeMode.SEGMENTS
+    shard_codec: ShardCodec = ShardCodec.JPEG
+    # Where shards, manifest and report go; None: "<output>.work/".
+    work_dir: str | None = None
+    # Keep the shards after a successful encode (manifest and report are always kept).
+    keep_shards: bool = False
+    # First avatar frame (ping-pong offset).
+    start_frame: int = 0
+    # Replace an existing output and restart a work directory made from other inputs.
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def work_dir_for(self, output: str | Path) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(f"{output}.work")
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings for the report and the manifest."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def validate(config: RenderConfig) -> None:
+    """Check option values (not files: the driver checks those before starting anything)."""
+    pool = config.pool
+    checks = [
+        (bool(config.model), "a generator model is required (--model)"),
+        (
+            (config.audio_encoder is None) != (config.features is None),
+            "give exactly one of an audio encoder model (--audio-encoder) or precomputed "
+            "features (--features)",
+        ),
+        (pool.inference_actors >= 1, f"inference actors must be >= 1, got {pool.inference_actors}"),
+        (pool.compositors >= 1, f"compositors must be >= 1, got {pool.compositors}"),
+        (
+            pool.gpus_per_actor is None
+            or 0 <= pool.gpus_per_actor <= 1
+            or float(pool.gpus_per_actor).is_integer(),
+            f"GPUs per actor must be a fraction in [0, 1] or a whole number, "
+            f"got {pool.gpus_per_actor}",
+        ),
+        (
+            pool.cpus_per_inference_actor is None or pool.cpus_per_inference_actor > 0,
+            f"CPUs per inference actor must be > 0, got {pool.cpus_per_inference_actor}",
+        ),
+        (
+            pool.cpus_per_compositor > 0,
+            f"CPUs per compositor must be > 0, got {pool.cpus_per_compositor}",
+        ),
+        (1 <= pool.batch_size <= 256, f"batch size must be in [1, 256], got {pool.batch_size}"),
+        (
+            1 <= pool.chunk_frames <= 4096,
+            f"chunk frames must be in [1, 4096], got {pool.chunk_frames}",
+        ),
+        (
+            pool.max_chunks_in_flight >= 0,
+            f"chunks in flight must be >= 0, got {pool.max_chunks_in_flight}",
+        ),
+        (pool.max_retries >= 0, f"retries must be >= 0, got {pool.max_retries}"),
+        (pool.chunk_timeout_s > 0, f"chunk timeout must be > 0 s, got {pool.chunk_timeout_s}"),
+        (config.start_frame >= 0, f"start frame must be >= 0, got {config.start_frame}"),
+        (0 <= config.encode.crf <= 51, f"CRF must be in [0, 51], got {config.encode.crf}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)

@@ -1,0 +1,87 @@
+"""The run report: what a render did, as a typed value and as ``<work_dir>/report.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["ActorInfo", "RunReport", "StageTimes"]
+
+# Stages whose CPU time is measured where they run, summed over actors, per output frame.
+STAGES = (
+    "features",  # driver: decode audio, mel, audio encoder (once per render)
+    "model_input",  # inference actor: read prepared visual inputs + audio windows
+    "inference",  # inference actor: the generator's session.run
+    "decode",  # compositor: read avatar frames and crops
+    "composite",  # compositor: paste predictions
+    "shard_write",  # compositor: encode images + write Parquet
+    "encode",  # H.264 segments / single encoder + AAC + mux (wall time)
+)
+
+
+@dataclass(frozen=True)
+class ActorInfo:
+    """Who ran where, with which provider."""
+
+    role: str  # "inference" or "compositor"
+    name: str
+    pid: int
+    node_id: str
+    providers: tuple[str, ...] = ()  # ONNX Runtime providers actually used, best first
+    gpu_ids: tuple[str, ...] = ()  # GPUs Ray assigned to the actor
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Milliseconds per output frame for each stage (see ``STAGES``)."""
+
+    ms_per_frame: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The result of :func:`lipsync_ray.render`; also written to ``<work_dir>/report.json``."""
+
+    output: str
+    work_dir: str
+    frames: int
+    chunks: int
+    chunks_rendered: int
+    chunks_reused: int
+    wall_s: float
+    fps: float  # frames / wall time of the whole render, start-up included
+    stages: StageTimes
+    retries: int
+    actors: tuple[ActorInfo, ...]
+    providers: tuple[str, ...]  # distinct providers that ran the generator
+    audio_duration_s: float
+    video_duration_s: float
+    settings: dict
+    ray_address: str = ""
+    shards_kept: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def summary(self) -> str:
+        """A few human-readable lines: the key figures."""
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stages.ms_per_frame.items())
+        return (
+            f"{self.frames} frames in {self.wall_s:.1f} s = {self.fps:.1f} FPS "
+            f"({self.chunks_rendered} chunks rendered, {self.chunks_reused} reused, "
+            f"{self.retries} retries)\n"
+            f"providers: {', '.join(self.providers) or '-'}\n"
+            f"ms/frame: {stages}\n"
+            f"output: {self.output}\nreport: {Path(self.work_dir) / 'report.json'}"
+        )

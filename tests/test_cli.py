@@ -1,0 +1,104 @@
+"""The console command: --help everywhere, models build, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from lipsync_ray.cli import main
+
+COMMANDS = [
+    [],
+    ["render"],
+    ["prepare"],
+    ["models"],
+    ["models", "build"],
+    ["models", "info"],
+    ["bench"],
+    ["bench", "inference"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_on_every_subcommand(command):
+    exe = shutil.which("lipsync-ray")
+    argv = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
+    result = subprocess.run([*argv, *command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: lipsync-ray" in result.stdout
+
+
+def test_models_build_and_info(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    rc = main(
+        [
+            "models",
+            "build",
+            "--arch",
+            "unet328",
+            "--size",
+            "small",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+            "--input-names",
+            "visual_input,audio_input",
+            "--fixed-batch",
+        ]
+    )
+    assert rc == 0
+    model = onnx.load(out)
+    assert [i.name for i in model.graph.input] == ["visual_input", "audio_input"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert "parameters" in capsys.readouterr().out
+    assert main(["models", "info", str(out)]) == 0
+    assert '"macs"' in capsys.readouterr().out
+
+
+def _render_args(tmp_path: Path, **over) -> list[str]:
+    args = {
+        "avatar": str(tmp_path / "no-avatar"),
+        "audio": str(tmp_path / "no.wav"),
+        "-o": str(tmp_path / "out.mp4"),
+        "--model": str(tmp_path / "no.onnx"),
+        "--audio-encoder": str(tmp_path / "no-enc.onnx"),
+    }
+    args.update(over)
+    argv = ["render", args.pop("avatar"), args.pop("audio")]
+    for k, v in args.items():
+        argv += [k, v]
+    return argv
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({}, "audio file not found"),
+        ({"-o": "/nonexistent-dir/out.mp4"}, "output's directory does not exist"),
+        ({"-o": "OUT.avi"}, "must be an .mp4"),
+    ],
+    ids=["missing-audio", "missing-output-dir", "not-mp4"],
+)
+def test_render_bad_input_is_one_line_exit_2(tmp_path, capsys, over, message):
+    if over.get("-o") == "OUT.avi":
+        over = {"-o": str(tmp_path / "out.avi")}
+    rc = main(_render_args(tmp_path, **over))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_bad_option_value_is_exit_2(tmp_path, capsys):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    rc = main(_render_args(tmp_path, audio=str(tmp_path / "a.wav"), **{"--batch-size": "0"}))
+    assert rc == 2
+    assert "batch size must be in [1, 256], got 0" in capsys.readouterr().err

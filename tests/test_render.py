@@ -1,0 +1,167 @@
+"""The Ray render end to end on a local cluster (2 CPUs, one simulated GPU), small models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lipsync_ray.audio import synth_speech, write_audio
+from lipsync_ray.avatar import Avatar, pingpong_indices
+from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.encode import probe
+from lipsync_ray.pipeline import render
+from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec
+from lipsync_ray.synthetic import make_demo_avatar
+
+pytestmark = pytest.mark.ray
+
+SECONDS = 2.4  # audio: 2.4 s → about 62 output frames, longer than the 1 s avatar (ping-pong)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("render-inputs")
+    avatar = make_demo_avatar(root / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)
+    speech = write_audio(root / "speech.wav", synth_speech(SECONDS, seed=3))
+    return {"avatar": Path(avatar.info.path), "audio": speech, "root": root}
+
+
+def _config(models, model: str = "identity", **kw) -> RenderConfig:
+    pool = kw.pop("pool", PoolConfig(chunk_frames=16, gpus_per_actor=0.0))
+    return RenderConfig(
+        model=str(models[model]), audio_encoder=str(models["encoder"]), pool=pool, **kw
+    )
+
+
+def _decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _shard_table(work_dir: Path):
+    files = sorted((work_dir / "shards").glob("chunk-*.parquet"))
+    return files, [pq.read_table(f) for f in files]
+
+
+def test_identity_render_reproduces_the_avatar(ray_cluster, small_models, inputs, tmp_path):
+    out = tmp_path / "out.mp4"
+    config = _config(small_models, shard_codec=ShardCodec.PNG, keep_shards=True)
+    report = render(inputs["avatar"], inputs["audio"], out, config)
+
+    avatar = Avatar.open(inputs["avatar"])
+    frames = _decode(out)
+    assert len(frames) == report.frames
+    assert report.chunks == -(-report.frames // 16)
+    expected = avatar.read_frames(pingpong_indices(report.frames, avatar.frame_count))
+    psnrs = [_psnr(f, e) for f, e in zip(frames, expected, strict=True)]
+    assert min(psnrs) > 32.0, min(psnrs)  # H.264 CRF 20 + two bicubic resizes in the box
+
+    media = probe(out)
+    assert media.video_frames == report.frames and media.fps == 25
+    assert abs(media.audio_duration_s - media.video_duration_s) <= 1 / 25
+
+    # shards: plain pyarrow, schema, rows in frame order, lossless against the decoded MP4 source
+    files, tables = _shard_table(Path(report.work_dir))
+    assert len(files) == report.chunks
+    rows = [i for t in tables for i in t.column("frame_index").to_pylist()]
+    assert rows == list(range(report.frames))
+    for t in tables:
+        assert t.schema.remove_metadata().equals(SHARD_SCHEMA)
+        assert set(t.column("codec").to_pylist()) == {"png"}
+
+    manifest = json.loads((Path(report.work_dir) / "manifest.json").read_text())
+    assert manifest["frames"] == report.frames
+    assert len(manifest["chunks"]) == report.chunks
+    first = manifest["chunks"]["000000"]
+    assert (first["start"], first["stop"], first["rows"]) == (0, 16, 16)
+    assert len(first["sha256"]) == 64 and manifest["fingerprint"]
+
+    saved = json.loads((Path(report.work_dir) / "report.json").read_text())
+    assert saved["frames"] == report.frames and saved["providers"] == ["CPUExecutionProvider"]
+    assert set(saved["stages"]["ms_per_frame"]) >= {
+        "inference",
+        "composite",
+        "shard_write",
+        "encode",
+    }
+
+
+def test_resume_reuses_verified_chunks(ray_cluster, small_models, inputs, tmp_path):
+    out = tmp_path / "out.mp4"
+    config = _config(small_models, model="unet", shard_codec=ShardCodec.RAW, keep_shards=True)
+    first = render(inputs["avatar"], inputs["audio"], out, config)
+    out.unlink()
+    # damage one shard: only that chunk renders again
+    victim = Path(first.work_dir) / "shards" / "chunk-000001.parquet"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    second = render(inputs["avatar"], inputs["audio"], out, config)
+    assert second.chunks_reused == first.chunks - 1 and second.chunks_rendered == 1
+    _, tables = _shard_table(Path(second.work_dir))
+    assert len(tables) == first.chunks
+
+    other = replace(config, start_frame=5, overwrite=False)
+    out.unlink()
+    from lipsync_ray.errors import InputError
+
+    with pytest.raises(InputError, match="other inputs or settings"):
+        render(inputs["avatar"], inputs["audio"], out, other)
+
+
+def test_compositor_count_does_not_change_lossless_shards(
+    ray_cluster, small_models, inputs, tmp_path
+):
+    images = []
+    for compositors in (1, 3):
+        pool = PoolConfig(
+            chunk_frames=16,
+            compositors=compositors,
+            cpus_per_compositor=0.25,
+            gpus_per_actor=0.0,
+            cpus_per_inference_actor=1.0,
+        )
+        config = _config(
+            small_models,
+            model="unet",
+            pool=pool,
+            shard_codec=ShardCodec.RAW,
+            keep_shards=True,
+            encode_mode=EncodeMode.SINGLE,
+        )
+        report = render(inputs["avatar"], inputs["audio"], tmp_path / f"c{compositors}.mp4", config)
+        _, tables = _shard_table(Path(report.work_dir))
+        images.append([cell for t in tables for cell in t.column("image").to_pylist()])
+    assert len(images[0]) == len(images[1]) > 0
+    assert all(a == b for a, b in zip(*images, strict=True))
+
+
+def test_four_actors_share_a_simulated_gpu(ray_cluster, small_models, inputs, tmp_path):
+    pool = PoolConfig(
+        chunk_frames=8,
+        inference_actors=4,
+        gpus_per_actor=0.25,
+        cpus_per_inference_actor=0.25,
+        cpus_per_compositor=0.5,
+    )
+    report = render(
+        inputs["avatar"],
+        inputs["audio"],
+        tmp_path / "gpu.mp4",
+        _config(small_models, model="unet", pool=pool),
+    )
+    inference = [a for a in report.actors if a.role == "inference"]
+    assert len(inference) == 4
+    assert all(a.gpu_ids for a in inference)  # Ray placed each on the GPU
+    assert {a.providers[0] for a in inference} == {"CPUExecutionProvider"}  # and they fell back
+    assert report.providers == ("CPUExecutionProvider",)
+    assert report.settings["pool_resolved"]["gpus_per_actor"] == 0.25
