@@ -32,6 +32,7 @@ __all__ = [
     "ChunkSpec",
     "CompositorActor",
     "InferenceActor",
+    "JobContext",
     "Predictions",
     "segment_path",
 ]
@@ -69,6 +70,16 @@ class Predictions:
     images: np.ndarray
     timings_s: dict[str, float]
     actor: str
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Per-render settings a compositor needs; one value per render, shared by its chunks."""
+
+    work_dir: str
+    fingerprint: str
+    codec: ShardCodec
+    segments: bool  # also encode the chunk's H.264 segment
 
 
 @dataclass(frozen=True)
@@ -145,31 +156,25 @@ class InferenceActor:
 
 
 class CompositorActor:
-    """Pastes predictions into avatar frames and writes one shard (and segment) per chunk."""
+    """Pastes predictions into avatar frames and writes one shard (and segment) per chunk.
 
-    def __init__(
-        self,
-        avatar: str,
-        work_dir: str,
-        codec: ShardCodec,
-        fingerprint: str,
-        encode: EncodeOptions | None,
-        cpus: float,
-    ) -> None:
+    One actor serves every render of a :class:`~lipsync_ray.pipeline.Renderer` (same avatar,
+    same encoder settings); where to write comes with each chunk in a :class:`JobContext`.
+    """
+
+    def __init__(self, avatar: str, encode: EncodeOptions, cpus: float) -> None:
         import cv2
 
-        cv2.setNumThreads(max(1, round(cpus)))
+        threads = max(1, round(cpus))
+        cv2.setNumThreads(threads)
         self.avatar = Avatar.open(avatar)
-        self.work_dir = Path(work_dir)
-        self.codec = codec
-        self.fingerprint = fingerprint
-        self.encode = None if encode is None else replace(encode, threads=max(1, round(cpus)))
-        self.info = _actor_info("compositor", threads=max(1, round(cpus)))
+        self.encode = replace(encode, threads=threads)
+        self.info = _actor_info("compositor", threads=threads)
 
     def describe(self) -> ActorInfo:
         return self.info
 
-    def composite(self, spec: ChunkSpec, predictions: Predictions) -> ChunkResult:
+    def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
         t0 = time.perf_counter()
         idx = spec.avatar_indices
         frames = self.avatar.read_frames(idx)
@@ -181,20 +186,21 @@ class CompositorActor:
             for i in range(spec.frames)
         ]
         t2 = time.perf_counter()
+        work_dir = Path(job.work_dir)
         shard = write_shard(
-            shard_path(self.work_dir, spec.chunk),
+            shard_path(work_dir, spec.chunk),
             spec.chunk,
             np.arange(spec.start, spec.stop),
             idx,
             out,
-            self.codec,
-            self.fingerprint,
-            self.work_dir,
+            job.codec,
+            job.fingerprint,
+            work_dir,
         )
         t3 = time.perf_counter()
         segment = None
-        if self.encode is not None:
-            path = segment_path(self.work_dir, spec.chunk)
+        if job.segments:
+            path = segment_path(work_dir, spec.chunk)
             path.parent.mkdir(parents=True, exist_ok=True)
             written = encode_segment(out, path, self.encode)
             segment = ShardInfo(
@@ -204,7 +210,7 @@ class CompositorActor:
                 rows=written,
                 sha256=file_sha256(path),
                 bytes=path.stat().st_size,
-                file=str(path.relative_to(self.work_dir)),
+                file=str(path.relative_to(work_dir)),
             )
         t4 = time.perf_counter()
         timings = dict(predictions.timings_s)

@@ -40,16 +40,23 @@ def _names(text: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------- render
 
 
-def add_render_args(p: argparse.ArgumentParser) -> None:
+def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    """The `render` flags; with ``batch`` the audio and output come from a jobs file."""
     from lipsync_ray.config import EncodeMode
     from lipsync_ray.encode import VideoCodec
     from lipsync_ray.shards import ShardCodec
 
     p.add_argument("avatar", type=Path, help="avatar bundle directory (from `prepare`)")
-    p.add_argument("audio", type=Path, help="speech audio (WAV, MP3, M4A, FLAC, OGG, ...)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write")
+    if batch:
+        p.add_argument("jobs", type=Path, help='JSON Lines: {"audio": ..., "output": ...} per line')
+        p.add_argument(
+            "--summary", type=Path, help="batch summary JSON (default JOBS.summary.json)"
+        )
+    else:
+        p.add_argument("audio", type=Path, help="speech audio (WAV, MP3, M4A, FLAC, OGG, ...)")
+        p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write")
     p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=not batch)
     src.add_argument("--audio-encoder", help="audio encoder (ONNX)")
     src.add_argument("--features", help="precomputed audio features [N, 512] float32 (.npy)")
     p.add_argument(
@@ -174,6 +181,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
     report = render(args.avatar, args.audio, args.output, config_from_args(args))
     print(report.summary())
     return 0
+
+
+def _cmd_render_batch(args: argparse.Namespace) -> int:
+    from lipsync_ray.batch import load_jobs, render_batch
+
+    jobs = load_jobs(args.jobs)
+    summary = args.summary or args.jobs.with_name(f"{args.jobs.stem}.summary.json")
+    report = render_batch(args.avatar, jobs, config_from_args(args), summary_path=summary)
+    print(report.summary())
+    print(f"summary: {summary}")
+    return report.exit_code
 
 
 # ---------------------------------------------------------------------------------- prepare
@@ -327,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render an MP4 from an avatar and an audio file")
     add_render_args(p)
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("render-batch", help="render many audios onto one avatar, actors kept warm")
+    add_render_args(p, batch=True)
+    p.set_defaults(func=_cmd_render_batch)
 
     p = sub.add_parser("prepare", help="build an avatar bundle from a video of one person")
     p.add_argument(

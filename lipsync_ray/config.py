@@ -119,9 +119,9 @@ def validate(config: RenderConfig) -> None:
     checks = [
         (bool(config.model), "a generator model is required (--model)"),
         (
-            (config.audio_encoder is None) != (config.features is None),
-            "give exactly one of an audio encoder model (--audio-encoder) or precomputed "
-            "features (--features)",
+            config.audio_encoder is None or config.features is None,
+            "give an audio encoder model (--audio-encoder) or precomputed features "
+            "(--features), not both",
         ),
         (pool.inference_actors >= 1, f"inference actors must be >= 1, got {pool.inference_actors}"),
         (pool.compositors >= 1, f"compositors must be >= 1, got {pool.compositors}"),

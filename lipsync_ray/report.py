@@ -17,7 +17,8 @@ STAGES = (
     "decode",  # compositor: read avatar frames and crops
     "composite",  # compositor: paste predictions
     "shard_write",  # compositor: encode images + write Parquet
-    "encode",  # H.264 segments / single encoder + AAC + mux (wall time)
+    "encode",  # compositor: the chunk's H.264 segment (segments mode)
+    "encode_join",  # driver: join segments by stream copy (or one encoder) + AAC + mux
 )
 
 

@@ -1,0 +1,204 @@
+"""Batch renders: many audios onto one avatar with one set of warm actors.
+
+A jobs file is JSON Lines, one render per line::
+
+    {"audio": "clips/001.wav", "output": "out/001.mp4"}
+    {"audio": "clips/002.mp3", "output": "out/002.mp4", "start_frame": 40}
+
+Keys: ``audio`` and ``output`` (required), ``start_frame``, ``work_dir`` and ``features``
+(optional, override the shared config). Relative paths are relative to the jobs file. Each job
+has its own work directory, manifest, report and resume; a failing job is recorded and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lipsync_ray.config import RenderConfig
+from lipsync_ray.errors import InputError, LipsyncError
+from lipsync_ray.pipeline import Renderer
+from lipsync_ray.report import ActorInfo
+
+__all__ = ["BatchJob", "BatchReport", "JobOutcome", "load_jobs", "render_batch"]
+
+log = logging.getLogger(__name__)
+
+_KEYS = {"audio", "output", "start_frame", "work_dir", "features"}
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One render of a batch."""
+
+    audio: str
+    output: str
+    start_frame: int | None = None
+    work_dir: str | None = None
+    features: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What became of one job."""
+
+    index: int
+    audio: str
+    output: str
+    ok: bool
+    exit_code: int  # 0 done, 2 bad input, 1 other failure
+    error: str = ""
+    frames: int = 0
+    fps: float = 0.0
+    wall_s: float = 0.0
+    chunks_reused: int = 0
+    report: str = ""  # the job's report.json
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """The batch summary; also written as JSON by :func:`render_batch` when asked."""
+
+    jobs: tuple[JobOutcome, ...]
+    wall_s: float
+    actors: tuple[ActorInfo, ...]  # started once, shared by every job
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> tuple[JobOutcome, ...]:
+        return tuple(j for j in self.jobs if not j.ok)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every job succeeded; 2 when the failures are all bad inputs; else 1."""
+        codes = {j.exit_code for j in self.failed}
+        return 0 if not codes else 2 if codes == {2} else 1
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return path
+
+    def summary(self) -> str:
+        lines = [
+            f"{len(self.jobs) - len(self.failed)}/{len(self.jobs)} jobs done in "
+            f"{self.wall_s:.1f} s on {len(self.actors)} actors started once"
+        ]
+        for j in self.jobs:
+            status = f"{j.frames} frames, {j.fps:.1f} FPS" if j.ok else f"FAILED: {j.error}"
+            lines.append(f"  [{j.index}] {j.output}: {status}")
+        return "\n".join(lines)
+
+
+def load_jobs(path: str | Path) -> list[BatchJob]:
+    """Read a JSON Lines jobs file; relative paths are taken relative to its directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("jobs file not found", path=path)
+    base = path.parent
+    jobs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"line {number}: not JSON ({exc.msg})", path=path) from None
+        if not isinstance(entry, dict) or not {"audio", "output"} <= entry.keys():
+            raise InputError(
+                f'line {number}: expected an object with "audio" and "output", '
+                f"got {line.strip()!r}",
+                path=path,
+            )
+        unknown = set(entry) - _KEYS
+        if unknown:
+            raise InputError(
+                f"line {number}: unknown keys {sorted(unknown)}, expected some of {sorted(_KEYS)}",
+                path=path,
+            )
+
+        def resolve(value):
+            return None if value is None else str(base / value)
+
+        jobs.append(
+            BatchJob(
+                audio=resolve(entry["audio"]),
+                output=resolve(entry["output"]),
+                start_frame=entry.get("start_frame"),
+                work_dir=resolve(entry.get("work_dir")),
+                features=resolve(entry.get("features")),
+            )
+        )
+    if not jobs:
+        raise InputError("expected at least one job, got an empty jobs file", path=path)
+    return jobs
+
+
+def render_batch(
+    avatar: str | Path,
+    jobs: Sequence[BatchJob],
+    config: RenderConfig,
+    *,
+    summary_path: str | Path | None = None,
+) -> BatchReport:
+    """Render every job on one set of actors; a failing job does not stop the others.
+
+    Raises only for problems shared by all jobs (the avatar, the models); per-job errors are
+    in the returned report.
+    """
+    t0 = time.perf_counter()
+    outcomes = []
+    with Renderer(avatar, config) as renderer:
+        for index, job in enumerate(jobs):
+            started = time.perf_counter()
+            try:
+                report = renderer.render(
+                    job.audio,
+                    job.output,
+                    start_frame=job.start_frame,
+                    work_dir=job.work_dir,
+                    features=job.features,
+                )
+            except LipsyncError as exc:
+                log.error("job %d (%s) failed: %s", index, job.output, exc)
+                outcomes.append(
+                    JobOutcome(index, job.audio, job.output, False, exc.exit_code, str(exc),
+                               wall_s=time.perf_counter() - started)
+                )  # fmt: skip
+                continue
+            except Exception as exc:  # one job's crash must not take the batch down
+                log.exception("job %d (%s) crashed", index, job.output)
+                outcomes.append(
+                    JobOutcome(index, job.audio, job.output, False, 1,
+                               f"{type(exc).__name__}: {exc}", wall_s=time.perf_counter() - started)
+                )  # fmt: skip
+                continue
+            outcomes.append(
+                JobOutcome(
+                    index=index,
+                    audio=job.audio,
+                    output=job.output,
+                    ok=True,
+                    exit_code=0,
+                    frames=report.frames,
+                    fps=report.fps,
+                    wall_s=report.wall_s,
+                    chunks_reused=report.chunks_reused,
+                    report=str(Path(report.work_dir) / "report.json"),
+                )
+            )
+        actors = tuple(renderer.actor_infos)
+    batch = BatchReport(
+        jobs=tuple(outcomes),
+        wall_s=time.perf_counter() - t0,
+        actors=actors,
+        settings=config.to_dict(),
+    )
+    if summary_path is not None:
+        batch.save(summary_path)
+    return batch
