@@ -68,7 +68,8 @@ class Predictions:
 
     chunk: int
     images: np.ndarray
-    timings_s: dict[str, float]
+    timings_s: dict[str, float]  # wall seconds per stage
+    cpu_s: dict[str, float]  # CPU seconds per stage (all threads of the actor process)
     actor: str
 
 
@@ -89,6 +90,22 @@ class ChunkResult:
     shard: ShardInfo
     segment: ShardInfo | None
     timings_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+class _StageClock:
+    """Wall and CPU seconds per stage; CPU counts every thread of this process."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, stage: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[stage] = self.wall.get(stage, 0.0) + wall - self._wall
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
 
 
 def segment_path(work_dir: str | Path, chunk: int) -> Path:
@@ -138,21 +155,16 @@ class InferenceActor:
         return self.info
 
     def infer(self, spec: ChunkSpec) -> Predictions:
-        t0 = time.perf_counter()
+        clock = _StageClock()
         visual = self.avatar.read_visual_inputs(spec.avatar_indices)
         audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
-        t1 = time.perf_counter()
+        clock.lap("model_input")
         out = np.empty((spec.frames, 320, 320, 3), dtype=np.uint8)
         for b in range(0, spec.frames, self.batch_size):
             e = min(b + self.batch_size, spec.frames)
             out[b:e] = prediction_to_uint8(self.session.run(visual[b:e], audio[b:e]))
-        t2 = time.perf_counter()
-        return Predictions(
-            chunk=spec.chunk,
-            images=out,
-            timings_s={"model_input": t1 - t0, "inference": t2 - t1},
-            actor=self.info.name,
-        )
+        clock.lap("inference")
+        return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
 
 class CompositorActor:
@@ -175,17 +187,17 @@ class CompositorActor:
         return self.info
 
     def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
-        t0 = time.perf_counter()
+        clock = _StageClock()
         idx = spec.avatar_indices
         frames = self.avatar.read_frames(idx)
         crops = self.avatar.read_crops(idx)
         boxes = self.avatar.boxes(idx)
-        t1 = time.perf_counter()
+        clock.lap("decode")
         out = [
             composite_frame(frames[i], boxes[i], crops[i], predictions.images[i])
             for i in range(spec.frames)
         ]
-        t2 = time.perf_counter()
+        clock.lap("composite")
         work_dir = Path(job.work_dir)
         shard = write_shard(
             shard_path(work_dir, spec.chunk),
@@ -197,7 +209,7 @@ class CompositorActor:
             job.fingerprint,
             work_dir,
         )
-        t3 = time.perf_counter()
+        clock.lap("shard_write")
         segment = None
         if job.segments:
             path = segment_path(work_dir, spec.chunk)
@@ -212,7 +224,10 @@ class CompositorActor:
                 bytes=path.stat().st_size,
                 file=str(path.relative_to(work_dir)),
             )
-        t4 = time.perf_counter()
-        timings = dict(predictions.timings_s)
-        timings.update(decode=t1 - t0, composite=t2 - t1, shard_write=t3 - t2, encode=t4 - t3)
-        return ChunkResult(shard=shard, segment=segment, timings_s=timings)
+            clock.lap("encode")
+        return ChunkResult(
+            shard=shard,
+            segment=segment,
+            timings_s={**predictions.timings_s, **clock.wall},
+            cpu_s={**predictions.cpu_s, **clock.cpu},
+        )

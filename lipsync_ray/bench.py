@@ -1,17 +1,36 @@
-"""Benchmarks as programs: bare ONNX Runtime inference, the denominator of every speed claim."""
+"""Benchmarks as programs: every speed claim is a ratio measured in one run on one machine.
+
+- :func:`bench_inference`: bare ONNX Runtime generator FPS per batch size (the denominator).
+- :func:`bench_render`: a whole render of a generated avatar with S seconds of speech, next to
+  the bare FPS of the same model (same threads, best batch) measured in the same run, with
+  per-stage CPU and the peak memory of the whole process tree (driver, raylet, workers).
+- :func:`reference_pipeline`: the single-process pipeline users run today (every frame
+  preloaded in RAM, compositing in a thread pool, JPEG files, then one encode), measured on the
+  same avatar for the non-inference comparison.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 
-__all__ = ["InferenceBench", "bench_inference"]
+__all__ = [
+    "InferenceBench",
+    "RenderBench",
+    "bench_inference",
+    "bench_render",
+    "reference_pipeline",
+]
 
 
 @dataclass(frozen=True)
@@ -47,8 +66,6 @@ def bench_inference(
     Each batch size gets one warm-up call, then runs until both ``min_seconds`` and
     ``min_iterations`` are reached. ``threads`` 0 means one per CPU of this machine.
     """
-    import os
-
     cpus = threads or os.cpu_count() or 1
     options = options or SessionOptions(providers=(Provider.CPU,))
     session = GeneratorSession(model, options, cpus=cpus)
@@ -74,3 +91,228 @@ def bench_inference(
             )
         )
     return results
+
+
+class ProcessTreeMonitor:
+    """Samples the memory and CPU time of a process and all its descendants.
+
+    Memory is PSS (proportional set size: shared pages such as Ray's object store are split
+    between the processes mapping them, so the sum is not inflated) with RSS as a fallback;
+    CPU is the last seen user+system time of every process, so processes that exit (Ray
+    workers) still count up to their last sample.
+    """
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.2) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid or os.getpid())
+        self.interval_s = interval_s
+        self.peak_pss_bytes = 0
+        self.peak_rss_bytes = 0
+        self._cpu: dict[int, float] = {}
+        self._base: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self):
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except self._psutil.Error:
+            return [self.root]
+
+    def _sample(self) -> None:
+        pss = rss = 0
+        for proc in self._tree():
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    mem = proc.memory_full_info()
+            except self._psutil.Error:
+                continue
+            rss += mem.rss
+            pss += getattr(mem, "pss", mem.rss)
+            self._cpu[proc.pid] = times.user + times.system
+        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> ProcessTreeMonitor:
+        self._sample()
+        self._base = dict(self._cpu)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the tree since the monitor started."""
+        return sum(v - self._base.get(pid, 0.0) for pid, v in self._cpu.items())
+
+
+@dataclass(frozen=True)
+class RenderBench:
+    """One benchmark run: the render, and the bare inference of the same model beside it."""
+
+    model: str
+    frames: int
+    seconds: float
+    size_wh: tuple[int, int]
+    bare_fps: float  # best batch, same threads as the inference actor
+    bare_batch: int
+    bare: tuple[InferenceBench, ...]
+    e2e_fps: float  # frames / wall time of the whole render, start-up included
+    ratio: float  # e2e_fps / bare_fps
+    wall_s: float
+    stage_cpu_ms_per_frame: dict[str, float]
+    stage_wall_ms_per_frame: dict[str, float]
+    tree_cpu_ms_per_frame: float  # all processes: driver, raylet, GCS, workers
+    peak_pss_mb: float
+    peak_rss_mb: float
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_model(model: str, root: Path) -> Path:
+    from lipsync_ray.models import Arch, Size, build_model, save_model
+
+    if model in ("full", "small", "identity"):
+        arch = Arch.IDENTITY if model == "identity" else Arch.UNET328
+        size = Size.SMALL if model == "small" else Size.FULL
+        return save_model(build_model(arch, size, seed=0), root / f"unet-{model}.onnx")
+    return Path(model)
+
+
+def bench_render(
+    model: str = "full",
+    seconds: float = 60.0,
+    *,
+    config=None,
+    avatar_seconds: float = 4.0,
+    size_wh: tuple[int, int] = (1280, 720),
+    batches: Sequence[int] = (1, 4, 8),
+    work_root: str | Path | None = None,
+    bare: bool = True,
+    batch_size: int | None = None,
+) -> RenderBench:
+    """Render a generated avatar with ``seconds`` of speech; measure it against bare inference.
+
+    Args:
+        model: "full", "small", "identity" (stand-ins built here) or an ONNX path.
+        seconds: audio length.
+        config: a :class:`~lipsync_ray.config.RenderConfig` to start from (model paths are
+            replaced); None: the defaults.
+        bare: measure bare inference first (same threads, batches ``batches``) and render with
+            the best batch.
+    """
+    from lipsync_ray.audio import synth_speech, write_audio
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.models import Arch, Size, build_model, save_model
+    from lipsync_ray.pipeline import Renderer
+    from lipsync_ray.synthetic import make_demo_avatar
+
+    tmp = tempfile.TemporaryDirectory(prefix="lipsync-bench-", dir=work_root)
+    root = Path(tmp.name)
+    try:
+        unet = _resolve_model(model, root)
+        encoder = save_model(build_model(Arch.AUDIO_ENCODER, Size.FULL, seed=0), root / "enc.onnx")
+        avatar = make_demo_avatar(root / "avatar", seconds=avatar_seconds, size_wh=size_wh)
+        speech = write_audio(root / "speech.wav", synth_speech(seconds, seed=0))
+        config = config or RenderConfig(model=str(unet), audio_encoder=str(encoder))
+        config = replace(config, model=str(unet), audio_encoder=str(encoder), features=None)
+        cpus = os.cpu_count() or 1
+        pool = config.pool.resolved(float(cpus), 0.0)
+        threads = max(1, round(pool.cpus_per_inference_actor or 1))
+        bare_results: tuple[InferenceBench, ...] = ()
+        best = None
+        if bare:
+            bare_results = tuple(bench_inference(unet, batches, threads=threads))
+            best = max(bare_results, key=lambda r: r.fps)
+        batch_size = batch_size or (best.batch if best else config.pool.batch_size)
+        config = replace(config, pool=replace(config.pool, batch_size=batch_size))
+        with ProcessTreeMonitor() as monitor:
+            t0 = time.perf_counter()
+            with Renderer(avatar.path, config) as renderer:
+                report = renderer.render(speech, root / "out.mp4")
+                wall = time.perf_counter() - t0
+                monitor._sample()  # the workers' CPU before they are killed
+        frames = report.frames
+        e2e = frames / wall
+        return RenderBench(
+            model=str(model),
+            frames=frames,
+            seconds=seconds,
+            size_wh=tuple(size_wh),
+            bare_fps=best.fps if best else 0.0,
+            bare_batch=batch_size,
+            bare=bare_results,
+            e2e_fps=e2e,
+            ratio=e2e / best.fps if best else 0.0,
+            wall_s=wall,
+            stage_cpu_ms_per_frame=dict(report.stages.cpu_ms_per_frame),
+            stage_wall_ms_per_frame=dict(report.stages.ms_per_frame),
+            tree_cpu_ms_per_frame=1000.0 * monitor.cpu_s / frames,
+            peak_pss_mb=monitor.peak_pss_bytes / 2**20,
+            peak_rss_mb=monitor.peak_rss_bytes / 2**20,
+            settings={**report.settings, "threads": threads, "cpus": cpus},
+        )
+    finally:
+        tmp.cleanup()
+
+
+def reference_pipeline(
+    avatar_path: str | Path, frames: int, *, threads: int = 0, preset: str = "veryfast"
+) -> dict[str, float]:
+    """The threaded single-process pipeline users run today, without its model.
+
+    Preloads every avatar frame in RAM, composites the identity prediction (the ROI itself) in
+    a thread pool, writes one JPEG per frame, then reads them back and encodes one H.264 file
+    (what `ffmpeg -i %d.jpg` does). Returns CPU and wall ms per frame and peak RSS; compare with
+    :func:`bench_render` on the identity model (whose inference costs nothing).
+    """
+    import cv2
+    import psutil
+
+    from lipsync_ray.avatar import Avatar, pingpong_indices
+    from lipsync_ray.composite import composite_frame
+    from lipsync_ray.encode import EncodeOptions, encode_video
+
+    threads = threads or os.cpu_count() or 1
+    avatar = Avatar.open(avatar_path)
+    proc = psutil.Process()
+    c0, t0 = time.process_time(), time.perf_counter()
+    everything = np.arange(avatar.frame_count)
+    preloaded = [f.copy() for f in avatar.read_frames(everything)]
+    crops = avatar.read_crops(everything)
+    boxes = avatar.boxes(everything)
+    order = pingpong_indices(frames, avatar.frame_count)
+    with tempfile.TemporaryDirectory(prefix="lipsync-reference-") as tmp:
+
+        def one(i: int) -> None:
+            j = order[i]
+            pred = crops[j][4:324, 4:324]  # the identity model's output
+            out = composite_frame(preloaded[j], boxes[j], crops[j], pred)
+            cv2.imwrite(f"{tmp}/{i:08d}.jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(frames)))
+        peak_rss = proc.memory_info().rss
+        jpegs = (cv2.imread(f"{tmp}/{i:08d}.jpg") for i in range(frames))
+        encode_video(jpegs, None, 16_000, Path(tmp) / "out.mp4",
+                     EncodeOptions(preset=preset), expected_frames=frames)  # fmt: skip
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return {
+        "frames": frames,
+        "cpu_ms_per_frame": 1000.0 * cpu / frames,
+        "wall_ms_per_frame": 1000.0 * wall / frames,
+        "fps": frames / wall,
+        "peak_rss_mb": max(peak_rss, proc.memory_info().rss) / 2**20,
+    }

@@ -319,6 +319,95 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from exc
+    return w, h
+
+
+def _cmd_bench_render(args: argparse.Namespace) -> int:
+    from lipsync_ray.bench import bench_render, reference_pipeline
+    from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.shards import ShardCodec
+
+    config = RenderConfig(
+        model="-",
+        audio_encoder="-",
+        pool=PoolConfig(
+            inference_actors=args.inference_actors,
+            compositors=args.compositors,
+            chunk_frames=args.chunk_frames,
+            gpus_per_actor=0.0,
+        ),
+        encode=EncodeOptions(crf=args.crf, preset=args.preset),
+        encode_mode=EncodeMode(args.encode_mode),
+        shard_codec=ShardCodec(args.shard_codec),
+    )
+    runs, batch = [], None
+    for i, seconds in enumerate(args.seconds):
+        result = bench_render(
+            args.model, seconds, config=config, avatar_seconds=args.avatar_seconds,
+            size_wh=args.size, batches=args.batch, bare=i == 0 and not args.no_bare,
+            batch_size=batch,
+        )  # fmt: skip
+        batch = result.bare_batch
+        runs.append(result)
+        _print_render_bench(result, runs[0])
+    out: dict = {"runs": [r.to_dict() for r in runs]}
+    if len(runs) > 1:
+        out["memory_ratio"] = runs[-1].peak_pss_mb / runs[0].peak_pss_mb
+        print(f"peak memory {runs[-1].seconds:g} s vs {runs[0].seconds:g} s: "
+              f"{out['memory_ratio']:.2f}x (PSS of the whole process tree)")  # fmt: skip
+    if args.reference:
+        ref = reference_pipeline_for(runs[-1], reference_pipeline, args)
+        out["reference"] = ref
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+        print(f"results: {args.json}")
+    return 0
+
+
+def reference_pipeline_for(run, reference_pipeline, args) -> dict:
+    """Run the single-process reference on a fresh demo avatar of the same size and length."""
+    import tempfile
+
+    from lipsync_ray.synthetic import make_demo_avatar
+
+    with tempfile.TemporaryDirectory(prefix="lipsync-ref-") as tmp:
+        avatar = make_demo_avatar(Path(tmp) / "avatar", seconds=args.avatar_seconds,
+                                  size_wh=args.size)  # fmt: skip
+        ref = reference_pipeline(avatar.path, run.frames, preset=args.preset)
+    ours = run.tree_cpu_ms_per_frame
+    print(f"reference single-process pipeline (identity prediction, threads + JPEG + encode): "
+          f"{ref['cpu_ms_per_frame']:.1f} CPU ms/frame, {ref['fps']:.1f} FPS, "
+          f"peak RSS {ref['peak_rss_mb']:.0f} MB; this pipeline: {ours:.1f} CPU ms/frame "
+          f"(whole process tree, model {run.model})")  # fmt: skip
+    return ref
+
+
+def _print_render_bench(r, first) -> None:
+    print(f"== {r.model} model, {r.seconds:g} s of audio, {r.frames} frames at "
+          f"{r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
+    for b in r.bare:
+        print(f"bare inference batch {b.batch}: {b.fps:.2f} FPS ({b.ms_per_frame:.1f} ms/frame, "
+              f"{b.threads} threads)")  # fmt: skip
+    bare = r.bare_fps or first.bare_fps
+    ratio = r.e2e_fps / bare if bare else 0.0
+    print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall, start-up included), "
+          f"batch {r.bare_batch}")  # fmt: skip
+    if bare:
+        print(f"ratio end-to-end / bare inference: {ratio:.3f}")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
+    print(f"CPU ms/frame by stage: {stages}")
+    print(f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f}")
+    print(
+        f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
+    )
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -399,6 +488,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=_cmd_bench_inference)
+
+    b = bsub.add_parser("render", help="a whole render against bare inference, in one run")
+    b.add_argument("--model", default="full", help="full, small, identity or an ONNX path")
+    b.add_argument(
+        "--seconds",
+        type=lambda t: [float(v) for v in t.split(",")],
+        default=[60.0],
+        help="audio length; several (30,600) also print the memory ratio",
+    )
+    b.add_argument("--avatar-seconds", type=float, default=4.0)
+    b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
+    b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
+    b.add_argument("--no-bare", action="store_true", help="skip bare inference")
+    b.add_argument("--inference-actors", type=int, default=1)
+    b.add_argument("--compositors", type=int, default=1)
+    b.add_argument("--chunk-frames", type=int, default=64)
+    b.add_argument("--shard-codec", choices=["jpeg", "png", "raw"], default="jpeg")
+    b.add_argument("--encode-mode", choices=["segments", "single"], default="segments")
+    b.add_argument("--preset", default="veryfast")
+    b.add_argument("--crf", type=int, default=20)
+    b.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the single-process reference pipeline (non-inference CPU)",
+    )
+    b.add_argument("--json", type=Path, help="write the results as JSON")
+    b.set_defaults(func=_cmd_bench_render)
 
     p = sub.add_parser("demo", help="render a generated avatar and audio end to end (no downloads)")
     p.add_argument(

@@ -162,6 +162,7 @@ class Renderer:
         self._owns_ray = False
         self._inference: list = []
         self._compositors: list = []
+        self._ready: list = []
         self.actor_infos: list[ActorInfo] = []
         self.pool: PoolConfig = config.pool
         self.renders = 0
@@ -205,7 +206,8 @@ class Renderer:
             )
         return self._ray
 
-    def _ensure_pools(self) -> None:
+    def _start_pools(self) -> None:
+        """Create the actors without waiting for them (they start while features compute)."""
         ray = self._ensure_ray()
         if self._inference:
             return
@@ -232,8 +234,14 @@ class Renderer:
             ).remote(avatar, config.encode, pool.cpus_per_compositor)
             for _ in range(pool.compositors)
         ]
-        refs = [a.describe.remote() for a in self._inference + self._compositors]
-        self.actor_infos = list(_gather(ray, refs, ACTOR_START_TIMEOUT_S))
+        self._ready = [a.describe.remote() for a in self._inference + self._compositors]
+
+    def _ensure_pools(self) -> None:
+        """Start the actors if needed and wait until every one has opened its session."""
+        self._start_pools()
+        if self._ready:
+            self.actor_infos = list(_gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
+            self._ready = []
 
     # ---------------------------------------------------------------------------- render
 
@@ -268,17 +276,23 @@ class Renderer:
             features=None if features is None else Path(features),
         )
 
-    def _features(self, job: _Job) -> np.ndarray:
+    def _decode(self, job: _Job) -> np.ndarray:
+        """Precomputed features [N, 512], or the mel spectrogram [80, T] of the job's audio.
+
+        Decoding validates the audio, so a bad file fails here, before any actor starts."""
         if job.features is not None:
             return audio_mod.load_features(job.features)
-        samples = audio_mod.load_audio(job.audio)
-        mel = audio_mod.mel_spectrogram(samples)
+        return audio_mod.mel_spectrogram(audio_mod.load_audio(job.audio))
+
+    def _features(self, job: _Job, decoded: np.ndarray) -> np.ndarray:
+        if job.features is not None:
+            return decoded
         if self._encoder is None:
             # The audio encoder is small (~0.09 GMAC per window): it runs once per render on
             # the driver's CPU, never on a GPU actor.
             options = replace(self.config.session, providers=(Provider.CPU,))
             self._encoder = EncoderSession(Path(self.config.audio_encoder), options, cpus=2)
-        return audio_mod.compute_features(mel, self._encoder)
+        return audio_mod.compute_features(decoded, self._encoder)
 
     def _fingerprint(self, job: _Job, features: np.ndarray) -> str:
         """Hash of everything that decides the pixels of the shards and segments."""
@@ -310,7 +324,10 @@ class Renderer:
         config = self.config
         job = self._job(audio, output, start_frame, work_dir, features)
         t0 = time.perf_counter()
-        feats = self._features(job)
+        decoded = self._decode(job)
+        self._start_pools()  # actors boot while the driver runs the audio encoder
+        feats = self._features(job, decoded)
+        del decoded
         features_s = time.perf_counter() - t0
         frames = len(feats)
         avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
@@ -335,6 +352,7 @@ class Renderer:
             frames, len(chunks), config.pool.chunk_frames, reused, features_s,
         )  # fmt: skip
         timings: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         retries = 0
         if todo:
             self._ensure_pools()
@@ -344,13 +362,14 @@ class Renderer:
             )
             progress = _Progress(frames, done=frames - sum(e - s for _, s, e in todo))
             try:
-                timings, retries = self._run_chunks(specs, context, manifest, progress)
+                timings, cpu, retries = self._run_chunks(specs, context, manifest, progress)
             finally:
                 progress.close()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         media = _encode(job, config, manifest, frames)
         timings["encode_join"] = time.perf_counter() - t0
-        timings["features"] = features_s
+        cpu["encode_join"] = time.process_time() - c0
+        timings["features"] = cpu["features"] = features_s
         if not config.keep_shards:
             shutil.rmtree(job.work_dir / "shards", ignore_errors=True)
             shutil.rmtree(job.work_dir / "segments", ignore_errors=True)
@@ -366,7 +385,8 @@ class Renderer:
             wall_s=wall,
             fps=frames / wall,
             stages=StageTimes(
-                _per_frame(timings, rendered=sum(e - s for _, s, e in todo), total=frames)
+                _per_frame(timings, rendered=sum(e - s for _, s, e in todo), total=frames),
+                _per_frame(cpu, rendered=sum(e - s for _, s, e in todo), total=frames),
             ),
             retries=retries,
             actors=tuple(self.actor_infos),
@@ -397,14 +417,17 @@ class Renderer:
         context: JobContext,
         manifest: Manifest,
         progress: _Progress,
-    ) -> tuple[dict[str, float], int]:
-        """Run every chunk through both pools with bounded in-flight work, retries, timeouts."""
+    ) -> tuple[dict[str, float], dict[str, float], int]:
+        """Run every chunk through both pools with bounded in-flight work, retries, timeouts.
+
+        Returns wall and CPU seconds per stage (summed over chunks) and the retry count."""
         ray, pool = self._ray, self.pool
         retry: deque[tuple[ChunkSpec, int]] = deque()
         inflight: dict[object, _Task] = {}
         load_inf = [0] * len(self._inference)
         load_comp = [0] * len(self._compositors)
         timings: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         retries = 0
         limit = pool.in_flight()
         context_ref = ray.put(context)
@@ -460,6 +483,8 @@ class Renderer:
                 manifest.record(result.shard)
                 for k, v in result.timings_s.items():
                     timings[k] = timings.get(k, 0.0) + v
+                for k, v in result.cpu_s.items():
+                    cpu[k] = cpu.get(k, 0.0) + v
                 progress.update(result.shard.rows)
             now = time.monotonic()
             for task in list(inflight.values()):
@@ -476,7 +501,7 @@ class Renderer:
                 )  # fmt: skip
                 ray.kill(actors[index], no_restart=False)
                 task.submitted = now  # its failure arrives through ray.wait
-        return timings, retries
+        return timings, cpu, retries
 
 
 def check_job_paths(audio: str | Path, output: str | Path, overwrite: bool) -> tuple[Path, Path]:

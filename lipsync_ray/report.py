@@ -37,9 +37,11 @@ class ActorInfo:
 
 @dataclass(frozen=True)
 class StageTimes:
-    """Milliseconds per output frame for each stage (see ``STAGES``)."""
+    """Milliseconds per output frame for each stage (see ``STAGES``): wall time, and CPU time
+    (all threads of the process that ran the stage; both summed over actors)."""
 
     ms_per_frame: dict[str, float] = field(default_factory=dict)
+    cpu_ms_per_frame: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,12 @@ class RunReport:
 
     def summary(self) -> str:
         """A few human-readable lines: the key figures."""
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stages.ms_per_frame.items())
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stages.cpu_ms_per_frame.items())
         return (
             f"{self.frames} frames in {self.wall_s:.1f} s = {self.fps:.1f} FPS "
             f"({self.chunks_rendered} chunks rendered, {self.chunks_reused} reused, "
             f"{self.retries} retries)\n"
             f"providers: {', '.join(self.providers) or '-'}\n"
-            f"ms/frame: {stages}\n"
+            f"CPU ms/frame: {stages}\n"
             f"output: {self.output}\nreport: {Path(self.work_dir) / 'report.json'}"
         )
