@@ -20,7 +20,7 @@ import numpy as np
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.composite import composite_frame, prediction_to_uint8
+from lipsync_ray.composite import BlendOptions, blend_frame, crossfade_frame, prediction_to_uint8
 from lipsync_ray.encode import EncodeOptions, encode_segment
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 from lipsync_ray.report import ActorInfo
@@ -53,6 +53,9 @@ class ChunkSpec:
     avatar_indices: np.ndarray  # int64 (C,): avatar frame of each output frame
     # float32 (C + 16, 512): feature rows start-8 .. stop+8, zero where they run off the audio
     feature_rows: np.ndarray
+    # float32 (C,) silence passthrough: 1 generated, 0 original avatar frame (no inference),
+    # in between a cross-fade; None: every frame generated.
+    weights: np.ndarray | None = None
 
     @property
     def frames(self) -> int:
@@ -81,6 +84,8 @@ class JobContext:
     fingerprint: str
     codec: ShardCodec
     segments: bool  # also encode the chunk's H.264 segment
+    blend: BlendOptions = field(default_factory=BlendOptions)
+    seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class ChunkResult:
     segment: ShardInfo | None
     timings_s: dict[str, float] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    generated: int = 0  # frames that went through the generator
+    seam_scores: tuple[float, ...] = ()  # seams.measure_seam scores of sampled frames
 
 
 class _StageClock:
@@ -159,10 +166,15 @@ class InferenceActor:
         visual = self.avatar.read_visual_inputs(spec.avatar_indices)
         audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
         clock.lap("model_input")
-        out = np.empty((spec.frames, 320, 320, 3), dtype=np.uint8)
-        for b in range(0, spec.frames, self.batch_size):
-            e = min(b + self.batch_size, spec.frames)
-            out[b:e] = prediction_to_uint8(self.session.run(visual[b:e], audio[b:e]))
+        out = np.zeros((spec.frames, 320, 320, 3), dtype=np.uint8)
+        rows = np.arange(spec.frames) if spec.weights is None else np.flatnonzero(spec.weights > 0)
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b : b + self.batch_size]
+            if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
+                lo, hi = batch[0], batch[-1] + 1
+                out[lo:hi] = prediction_to_uint8(self.session.run(visual[lo:hi], audio[lo:hi]))
+            else:
+                out[batch] = prediction_to_uint8(self.session.run(visual[batch], audio[batch]))
         clock.lap("inference")
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
@@ -193,10 +205,19 @@ class CompositorActor:
         crops = self.avatar.read_crops(idx)
         boxes = self.avatar.boxes(idx)
         clock.lap("decode")
-        out = [
-            composite_frame(frames[i], boxes[i], crops[i], predictions.images[i])
-            for i in range(spec.frames)
-        ]
+        out, seams = [], []
+        weights = spec.weights
+        generated = 0
+        for i in range(spec.frames):
+            w = 1.0 if weights is None else float(weights[i])
+            if w <= 0.0:
+                out.append(frames[i])  # silence passthrough: the avatar frame itself
+                continue
+            frame = blend_frame(frames[i], boxes[i], crops[i], predictions.images[i], job.blend)
+            if job.seam_every and generated % job.seam_every == 0:
+                seams.append(_seam(frame, boxes[i]))
+            generated += 1
+            out.append(frame if w >= 1.0 else crossfade_frame(frame, frames[i], w))
         clock.lap("composite")
         work_dir = Path(job.work_dir)
         shard = write_shard(
@@ -230,4 +251,17 @@ class CompositorActor:
             segment=segment,
             timings_s={**predictions.timings_s, **clock.wall},
             cpu_s={**predictions.cpu_s, **clock.cpu},
+            generated=generated,
+            seam_scores=tuple(s for s in seams if s is not None),
         )
+
+
+def _seam(frame: np.ndarray, box) -> float | None:
+    """The seam score of one pasted frame; None where the box leaves no room to measure."""
+    from lipsync_ray.errors import InputError
+    from lipsync_ray.seams import measure_seam
+
+    try:
+        return float(measure_seam(frame, box).score)
+    except InputError:
+        return None

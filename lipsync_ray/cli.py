@@ -124,16 +124,53 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     )
     g.add_argument("--start-frame", type=int, default=0, help="first avatar frame (default 0)")
     g.add_argument(
+        "--blend",
+        choices=["feather", "hard"],
+        default="feather",
+        help="paste: feathered edge (default) or the reference hard paste",
+    )
+    g.add_argument(
+        "--feather",
+        type=float,
+        default=0.1,
+        help="feather ramp as a fraction of the box side (default 0.1)",
+    )
+    g.add_argument(
+        "--silence-passthrough",
+        action="store_true",
+        help="silent stretches keep the original avatar frame (no inference)",
+    )
+    g.add_argument(
+        "--silence-threshold-db",
+        type=float,
+        default=-45.0,
+        help="RMS level per frame below which audio counts as silent (default -45)",
+    )
+    g.add_argument(
+        "--silence-min-s",
+        type=float,
+        default=0.4,
+        help="shortest silence that passes through, seconds (default 0.4)",
+    )
+    g.add_argument(
+        "--silence-fade-frames",
+        type=int,
+        default=4,
+        help="cross-fade frames inside a silent stretch (default 4)",
+    )
+    g.add_argument(
         "--overwrite", action="store_true", help="replace the output / restart the work dir"
     )
 
 
 def config_from_args(args: argparse.Namespace):
     """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
+    from lipsync_ray.composite import BlendOptions
     from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
     from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.inference import Provider, SessionOptions
     from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.vad import SilenceOptions
 
     names = {"tensorrt": Provider.TENSORRT, "cuda": Provider.CUDA, "cpu": Provider.CPU}
     try:
@@ -172,6 +209,12 @@ def config_from_args(args: argparse.Namespace):
         keep_shards=args.keep_shards,
         start_frame=args.start_frame,
         overwrite=args.overwrite,
+        blend=BlendOptions(args.blend, args.feather),
+        silence=SilenceOptions(
+            args.silence_threshold_db, args.silence_min_s, args.silence_fade_frames
+        )
+        if args.silence_passthrough
+        else None,
     )
 
 

@@ -11,10 +11,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from lipsync_ray.composite import BlendOptions
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import SessionOptions
 from lipsync_ray.shards import ShardCodec
+from lipsync_ray.vad import SilenceOptions
 
 __all__ = ["EncodeMode", "PoolConfig", "RenderConfig"]
 
@@ -83,6 +85,10 @@ class RenderConfig:
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     encode_mode: EncodeMode = EncodeMode.SEGMENTS
     shard_codec: ShardCodec = ShardCodec.JPEG
+    # How the generated crop is pasted back: feathered edge (default) or the reference hard paste.
+    blend: BlendOptions = field(default_factory=BlendOptions)
+    # Silent stretches keep the original avatar frame (no inference); None: off.
+    silence: SilenceOptions | None = None
     # Where shards, manifest and report go; None: "<output>.work/".
     work_dir: str | None = None
     # Keep the shards after a successful encode (manifest and report are always kept).

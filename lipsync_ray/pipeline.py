@@ -32,7 +32,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ from lipsync_ray.errors import InputError, LipsyncError, RenderError
 from lipsync_ray.inference import EncoderSession, Provider, check_model_file
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes
 from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
+from lipsync_ray.vad import passthrough_weights
 
 __all__ = ["Renderer", "plan_chunks", "render"]
 
@@ -276,13 +277,17 @@ class Renderer:
             features=None if features is None else Path(features),
         )
 
-    def _decode(self, job: _Job) -> np.ndarray:
-        """Precomputed features [N, 512], or the mel spectrogram [80, T] of the job's audio.
+    def _decode(self, job: _Job) -> tuple[np.ndarray, np.ndarray | None]:
+        """Precomputed features [N, 512] or the mel spectrogram [80, T] of the job's audio,
+        and the 16 kHz samples when silence passthrough needs them.
 
         Decoding validates the audio, so a bad file fails here, before any actor starts."""
+        samples = None
+        if job.features is None or self.config.silence is not None:
+            samples = audio_mod.load_audio(job.audio)
         if job.features is not None:
-            return audio_mod.load_features(job.features)
-        return audio_mod.mel_spectrogram(audio_mod.load_audio(job.audio))
+            return audio_mod.load_features(job.features), samples
+        return audio_mod.mel_spectrogram(samples), samples
 
     def _features(self, job: _Job, decoded: np.ndarray) -> np.ndarray:
         if job.features is not None:
@@ -307,6 +312,8 @@ class Renderer:
             "shard_codec": config.shard_codec.value,
             "encode_mode": config.encode_mode.value,
             "encode": [config.encode.crf, config.encode.preset, config.encode.codec.value],
+            "blend": [config.blend.mode.value, config.blend.feather],
+            "silence": None if config.silence is None else asdict(config.silence),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -324,10 +331,20 @@ class Renderer:
         config = self.config
         job = self._job(audio, output, start_frame, work_dir, features)
         t0 = time.perf_counter()
-        decoded = self._decode(job)
+        decoded, samples = self._decode(job)
         self._start_pools()  # actors boot while the driver runs the audio encoder
         feats = self._features(job, decoded)
         del decoded
+        weights = None
+        if config.silence is not None:
+            weights = passthrough_weights(
+                samples, audio_mod.SAMPLE_RATE, len(feats), audio_mod.VIDEO_FPS, config.silence
+            )
+            log.info(
+                "silence passthrough: %d of %d frames keep the avatar frame",
+                int((weights == 0).sum()), len(weights),
+            )  # fmt: skip
+        del samples
         features_s = time.perf_counter() - t0
         frames = len(feats)
         avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
@@ -354,15 +371,24 @@ class Renderer:
         timings: dict[str, float] = {}
         cpu: dict[str, float] = {}
         retries = 0
+        quality = _Quality()
         if todo:
             self._ensure_pools()
-            context = JobContext(str(job.work_dir), fingerprint, config.shard_codec, segments)
-            specs = (
-                ChunkSpec(c, s, e, avatar_idx[s:e], padded_rows(feats, s, e)) for c, s, e in todo
+            context = JobContext(
+                str(job.work_dir), fingerprint, config.shard_codec, segments, config.blend
             )
+            specs = (
+                ChunkSpec(
+                    c, s, e, avatar_idx[s:e], padded_rows(feats, s, e),
+                    None if weights is None else weights[s:e],
+                )
+                for c, s, e in todo
+            )  # fmt: skip
             progress = _Progress(frames, done=frames - sum(e - s for _, s, e in todo))
             try:
-                timings, cpu, retries = self._run_chunks(specs, context, manifest, progress)
+                timings, cpu, retries, quality = self._run_chunks(
+                    specs, context, manifest, progress
+                )
             finally:
                 progress.close()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -389,6 +415,8 @@ class Renderer:
                 _per_frame(cpu, rendered=sum(e - s for _, s, e in todo), total=frames),
             ),
             retries=retries,
+            frames_generated=quality.generated,
+            seam_score=quality.seam(),
             actors=tuple(self.actor_infos),
             providers=tuple(
                 sorted({i.providers[0] for i in self.actor_infos if i.role == "inference"})
@@ -417,10 +445,11 @@ class Renderer:
         context: JobContext,
         manifest: Manifest,
         progress: _Progress,
-    ) -> tuple[dict[str, float], dict[str, float], int]:
+    ) -> tuple[dict[str, float], dict[str, float], int, _Quality]:
         """Run every chunk through both pools with bounded in-flight work, retries, timeouts.
 
-        Returns wall and CPU seconds per stage (summed over chunks) and the retry count."""
+        Returns wall and CPU seconds per stage (summed over chunks), the retry count, and the
+        generated-frame and seam figures."""
         ray, pool = self._ray, self.pool
         retry: deque[tuple[ChunkSpec, int]] = deque()
         inflight: dict[object, _Task] = {}
@@ -429,6 +458,7 @@ class Renderer:
         timings: dict[str, float] = {}
         cpu: dict[str, float] = {}
         retries = 0
+        quality = _Quality()
         limit = pool.in_flight()
         context_ref = ray.put(context)
 
@@ -485,6 +515,8 @@ class Renderer:
                     timings[k] = timings.get(k, 0.0) + v
                 for k, v in result.cpu_s.items():
                     cpu[k] = cpu.get(k, 0.0) + v
+                quality.generated += result.generated
+                quality.seams.extend(result.seam_scores)
                 progress.update(result.shard.rows)
             now = time.monotonic()
             for task in list(inflight.values()):
@@ -501,7 +533,16 @@ class Renderer:
                 )  # fmt: skip
                 ray.kill(actors[index], no_restart=False)
                 task.submitted = now  # its failure arrives through ray.wait
-        return timings, cpu, retries
+        return timings, cpu, retries, quality
+
+
+@dataclass
+class _Quality:
+    generated: int = 0
+    seams: list[float] = field(default_factory=list)
+
+    def seam(self) -> float | None:
+        return float(np.mean(self.seams)) if self.seams else None
 
 
 def check_job_paths(audio: str | Path, output: str | Path, overwrite: bool) -> tuple[Path, Path]:

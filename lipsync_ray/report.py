@@ -58,6 +58,11 @@ class RunReport:
     fps: float  # frames / wall time of the whole render, start-up included
     stages: StageTimes
     retries: int
+    # Frames that went through the generator in this run (silence passthrough and reused
+    # chunks do not), and the mean paste-seam score of sampled frames (lipsync_ray.seams:
+    # ~1 = no visible edge; the hard paste of an untrained model scores ~2).
+    frames_generated: int
+    seam_score: float | None
     actors: tuple[ActorInfo, ...]
     providers: tuple[str, ...]  # distinct providers that ran the generator
     audio_duration_s: float
@@ -83,7 +88,8 @@ class RunReport:
         return (
             f"{self.frames} frames in {self.wall_s:.1f} s = {self.fps:.1f} FPS "
             f"({self.chunks_rendered} chunks rendered, {self.chunks_reused} reused, "
-            f"{self.retries} retries)\n"
+            f"{self.retries} retries, {self.frames_generated} frames generated, seam score "
+            f"{'-' if self.seam_score is None else f'{self.seam_score:.2f}'})\n"
             f"providers: {', '.join(self.providers) or '-'}\n"
             f"CPU ms/frame: {stages}\n"
             f"output: {self.output}\nreport: {Path(self.work_dir) / 'report.json'}"

@@ -13,11 +13,13 @@ import pytest
 
 from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.avatar import Avatar, pingpong_indices
+from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.encode import probe
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec
 from lipsync_ray.synthetic import make_demo_avatar
+from lipsync_ray.vad import SilenceOptions, passthrough_weights
 
 pytestmark = pytest.mark.ray
 
@@ -56,7 +58,9 @@ def _shard_table(work_dir: Path):
 
 def test_identity_render_reproduces_the_avatar(ray_cluster, small_models, inputs, tmp_path):
     out = tmp_path / "out.mp4"
-    config = _config(small_models, shard_codec=ShardCodec.PNG, keep_shards=True)
+    config = _config(
+        small_models, shard_codec=ShardCodec.PNG, keep_shards=True, blend=BlendOptions(Blend.HARD)
+    )
     report = render(inputs["avatar"], inputs["audio"], out, config)
 
     avatar = Avatar.open(inputs["avatar"])
@@ -165,3 +169,37 @@ def test_four_actors_share_a_simulated_gpu(ray_cluster, small_models, inputs, tm
     assert {a.providers[0] for a in inference} == {"CPUExecutionProvider"}  # and they fell back
     assert report.providers == ("CPUExecutionProvider",)
     assert report.settings["pool_resolved"]["gpus_per_actor"] == 0.25
+
+
+def test_silence_passthrough_keeps_avatar_frames(ray_cluster, small_models, inputs, tmp_path):
+    speech = synth_speech(3.2, seed=5)
+    speech[16000 * 1 : 16000 * 2] = 0.0  # one second of digital silence in the middle
+    audio = write_audio(tmp_path / "pause.wav", speech)
+    silence = SilenceOptions(fade_frames=3)
+    config = _config(small_models, model="unet", shard_codec=ShardCodec.RAW, keep_shards=True,
+                     silence=silence)  # fmt: skip
+    report = render(inputs["avatar"], audio, tmp_path / "pause.mp4", config)
+
+    from lipsync_ray.audio import load_audio
+
+    weights = passthrough_weights(load_audio(audio), 16000, report.frames, 25.0, silence)
+    assert (weights == 0).sum() > 10 and (weights == 1).sum() > 10
+    assert report.frames_generated == int((weights > 0).sum()) < report.frames
+
+    avatar = Avatar.open(inputs["avatar"])
+    expected = avatar.read_frames(pingpong_indices(report.frames, avatar.frame_count))
+    _, tables = _shard_table(Path(report.work_dir))
+    got = [np.frombuffer(c, np.uint8).reshape(240, 320, 3)
+           for t in tables for c in t.column("image").to_pylist()]  # fmt: skip
+    for i, w in enumerate(weights):
+        same = np.array_equal(got[i], expected[i])
+        assert same == (w == 0), (i, w)  # silent frames are the avatar frame, exactly
+
+
+def test_feather_reduces_the_seam(ray_cluster, small_models, inputs, tmp_path):
+    scores = {}
+    for mode in (Blend.HARD, Blend.FEATHER):
+        config = _config(small_models, model="unet", blend=BlendOptions(mode))
+        report = render(inputs["avatar"], inputs["audio"], tmp_path / f"{mode.value}.mp4", config)
+        scores[mode] = report.seam_score
+    assert scores[Blend.FEATHER] < 0.8 * scores[Blend.HARD], scores
