@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray with 2 CPUs and one *simulated* GPU (no CUDA needed: Ray only counts it).
+
+    Module-scoped: modules that start their own clusters (multi-node, `ray start` for job
+    submission, which ends with `ray stop`) run with no other cluster alive.
 
     Actors asking for 0.25 GPU are placed on it, get CUDA_VISIBLE_DEVICES set, try CUDA, and
     fall back to the CPU provider, which is exactly the path a CPU-only machine must survive.
