@@ -24,7 +24,14 @@ from lipsync_ray.composite import BlendOptions, blend_frame, crossfade_frame, pr
 from lipsync_ray.encode import EncodeOptions, encode_segment
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 from lipsync_ray.report import ActorInfo
-from lipsync_ray.shards import ShardCodec, ShardInfo, file_sha256, shard_path, write_shard
+from lipsync_ray.shards import (
+    ShardCodec,
+    ShardInfo,
+    file_sha256,
+    iter_shard_frames,
+    shard_path,
+    write_shard,
+)
 
 __all__ = [
     "AUDIO_CONTEXT",
@@ -180,7 +187,8 @@ class InferenceActor:
 
 
 class CompositorActor:
-    """Pastes predictions into avatar frames and writes one shard (and segment) per chunk.
+    """Pastes predictions into avatar frames and writes one shard per chunk; encodes shards
+    into H.264 segments.
 
     One actor serves every render of a :class:`~lipsync_ray.pipeline.Renderer` (same avatar,
     same encoder settings); where to write comes with each chunk in a :class:`JobContext`.
@@ -231,28 +239,44 @@ class CompositorActor:
             work_dir,
         )
         clock.lap("shard_write")
-        segment = None
-        if job.segments:
-            path = segment_path(work_dir, spec.chunk)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            written = encode_segment(out, path, self.encode)
-            segment = ShardInfo(
-                chunk=spec.chunk,
-                start=spec.start,
-                stop=spec.stop,
-                rows=written,
-                sha256=file_sha256(path),
-                bytes=path.stat().st_size,
-                file=str(path.relative_to(work_dir)),
-            )
-            clock.lap("encode")
         return ChunkResult(
             shard=shard,
-            segment=segment,
+            segment=None,
             timings_s={**predictions.timings_s, **clock.wall},
             cpu_s={**predictions.cpu_s, **clock.cpu},
             generated=generated,
             seam_scores=tuple(s for s in seams if s is not None),
+        )
+
+    def encode_chunk(self, spec: ChunkSpec, shard: ChunkResult, job: JobContext) -> ChunkResult:
+        """Encode a written shard into the chunk's video-only H.264 segment.
+
+        The shard is the hand-over between compositing and encoding: the segment is made from
+        the frames as stored (read back from the page cache for raw shards), so what the MP4
+        shows is exactly what the shard records.
+        """
+        clock = _StageClock()
+        work_dir = Path(job.work_dir)
+        frames = list(iter_shard_frames(work_dir / shard.shard.file, range(spec.start, spec.stop)))
+        clock.lap("shard_read")
+        path = segment_path(work_dir, spec.chunk)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = encode_segment(frames, path, self.encode)
+        clock.lap("encode")
+        segment = ShardInfo(
+            chunk=spec.chunk,
+            start=spec.start,
+            stop=spec.stop,
+            rows=written,
+            sha256=file_sha256(path),
+            bytes=path.stat().st_size,
+            file=str(path.relative_to(work_dir)),
+        )
+        return replace(
+            shard,
+            segment=segment,
+            timings_s={**shard.timings_s, **clock.wall},
+            cpu_s={**shard.cpu_s, **clock.cpu},
         )
 
 

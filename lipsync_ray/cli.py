@@ -104,8 +104,9 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument(
         "--shard-codec",
         choices=[c.value for c in ShardCodec],
-        default="jpeg",
-        help="frame storage in shards (default jpeg; png and raw are lossless)",
+        default="raw",
+        help="frame storage in shards: raw (default, lossless BGR, no CPU cost), png "
+        "(lossless, small, slow) or jpeg (quality 95)",
     )
     g.add_argument(
         "--encode-mode",
@@ -547,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--inference-actors", type=int, default=1)
     b.add_argument("--compositors", type=int, default=1)
     b.add_argument("--chunk-frames", type=int, default=64)
-    b.add_argument("--shard-codec", choices=["jpeg", "png", "raw"], default="jpeg")
+    b.add_argument("--shard-codec", choices=["jpeg", "png", "raw"], default="raw")
     b.add_argument("--encode-mode", choices=["segments", "single"], default="segments")
     b.add_argument("--preset", default="veryfast")
     b.add_argument("--crf", type=int, default=20)

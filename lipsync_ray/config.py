@@ -84,7 +84,7 @@ class RenderConfig:
     session: SessionOptions = field(default_factory=SessionOptions)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     encode_mode: EncodeMode = EncodeMode.SEGMENTS
-    shard_codec: ShardCodec = ShardCodec.JPEG
+    shard_codec: ShardCodec = ShardCodec.RAW
     # How the generated crop is pasted back: feathered edge (default) or the reference hard paste.
     blend: BlendOptions = field(default_factory=BlendOptions)
     # Silent stretches keep the original avatar frame (no inference); None: off.

@@ -355,11 +355,7 @@ class Renderer:
         segments = config.encode_mode is EncodeMode.SEGMENTS
         _adopt_orphans(manifest, chunks, fingerprint, segments)
         todo = [
-            (c, s, e)
-            for c, s, e in chunks
-            if not (
-                manifest.verified(c, s, e) and (not segments or manifest.verified_segment(c, s, e))
-            )
+            (c, s, e) for c, s, e in chunks if not manifest.complete(c, s, e, segments=segments)
         ]
         for c, _, _ in todo:
             manifest.forget(c)
@@ -467,6 +463,10 @@ class Renderer:
             c = min(range(len(load_comp)), key=load_comp.__getitem__)
             preds = self._inference[i].infer.remote(spec)
             ref = self._compositors[c].composite.remote(spec, preds, context_ref)
+            if context.segments:
+                # The shard is the hand-over: the segment is encoded from it, on the same
+                # compositor (its pages are still in that node's cache).
+                ref = self._compositors[c].encode_chunk.remote(spec, ref, context_ref)
             load_inf[i] += 1
             load_comp[c] += 1
             inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds)
@@ -511,6 +511,10 @@ class Renderer:
                 if result.segment is not None:
                     manifest.record_segment(result.segment)
                 manifest.record(result.shard)
+                if result.segment is not None and not self.config.keep_shards:
+                    # Consumed: the segment now carries the chunk, and the manifest both
+                    # checksums. Disk use stays bounded by the chunks in flight.
+                    manifest.release_shard(result.shard.chunk)
                 for k, v in result.timings_s.items():
                     timings[k] = timings.get(k, 0.0) + v
                 for k, v in result.cpu_s.items():

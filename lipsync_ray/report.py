@@ -17,7 +17,8 @@ STAGES = (
     "decode",  # compositor: read avatar frames and crops
     "composite",  # compositor: paste predictions
     "shard_write",  # compositor: encode images + write Parquet
-    "encode",  # compositor: the chunk's H.264 segment (segments mode)
+    "shard_read",  # compositor: read a shard back for its segment (segments mode)
+    "encode",  # compositor: the chunk's H.264 segment from its shard (segments mode)
     "encode_join",  # driver: join segments by stream copy (or one encoder) + AAC + mux
 )
 

@@ -227,6 +227,9 @@ class Manifest:
     chunk_frames: int
     chunks: dict[int, ShardInfo] = field(default_factory=dict)
     segments: dict[int, ShardInfo] = field(default_factory=dict)  # H.264 segments, same keys
+    # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
+    # when their segment verifies.
+    released: set[int] = field(default_factory=set)
 
     @property
     def path(self) -> Path:
@@ -244,6 +247,7 @@ class Manifest:
                 raise ValueError(f"version {data.get('version')}, expected {MANIFEST_VERSION}")
             chunks = {int(k): ShardInfo(**v) for k, v in data["chunks"].items()}
             segments = {int(k): ShardInfo(**v) for k, v in data.get("segments", {}).items()}
+            released = {int(k) for k in data.get("released", [])}
             return cls(
                 work_dir=work_dir,
                 fingerprint=data["fingerprint"],
@@ -252,6 +256,7 @@ class Manifest:
                 chunk_frames=int(data["chunk_frames"]),
                 chunks=chunks,
                 segments=segments,
+                released=released,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(
@@ -286,8 +291,17 @@ class Manifest:
         else:
             self.record(info)
 
+    def release_shard(self, chunk: int) -> None:
+        """Delete a chunk's shard once its segment is recorded; the chunk stays complete."""
+        info = self.chunks.get(chunk)
+        if info is not None:
+            self.released.add(chunk)
+            self.save()  # first the record, then the deletion: a crash between leaves a file
+            (self.work_dir / info.file).unlink(missing_ok=True)
+
     def forget(self, chunk: int) -> None:
         dropped = self.chunks.pop(chunk, None), self.segments.pop(chunk, None)
+        self.released.discard(chunk)
         if any(d is not None for d in dropped):
             self.save()
 
@@ -300,6 +314,7 @@ class Manifest:
             "settings": self.settings,
             "chunks": {f"{k:06d}": asdict(v) for k, v in sorted(self.chunks.items())},
             "segments": {f"{k:06d}": asdict(v) for k, v in sorted(self.segments.items())},
+            "released": sorted(self.released),
         }
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"manifest.json.tmp-{os.getpid()}")
@@ -309,6 +324,15 @@ class Manifest:
     def verified(self, chunk: int, start: int, stop: int) -> bool:
         """True when the chunk's shard is recorded, present, whole and unchanged."""
         return self._verified(self.chunks.get(chunk), start, stop)
+
+    def complete(self, chunk: int, start: int, stop: int, *, segments: bool) -> bool:
+        """Whether a chunk needs no more work: its segment verifies (segments mode) and its
+        shard verifies or was released after the segment was made."""
+        if not segments:
+            return self.verified(chunk, start, stop)
+        if not self.verified_segment(chunk, start, stop):
+            return False
+        return chunk in self.released or self.verified(chunk, start, stop)
 
     def verified_segment(self, chunk: int, start: int, stop: int) -> bool:
         """True when the chunk's H.264 segment is recorded, present, whole and unchanged."""
