@@ -89,6 +89,12 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument(
         "--chunk-timeout", type=float, default=900.0, help="seconds before a chunk counts as hung"
     )
+    g.add_argument(
+        "--placement",
+        choices=["auto", "split"],
+        default="auto",
+        help="auto: Ray decides (one machine); split: compositors on CPU-only nodes",
+    )
     g = p.add_argument_group("session")
     g.add_argument(
         "--providers",
@@ -167,7 +173,7 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
 def config_from_args(args: argparse.Namespace):
     """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
     from lipsync_ray.composite import BlendOptions
-    from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+    from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
     from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.inference import Provider, SessionOptions
     from lipsync_ray.shards import ShardCodec
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace):
             chunk_frames=args.chunk_frames,
             max_retries=args.max_retries,
             chunk_timeout_s=args.chunk_timeout,
+            placement=Placement(args.placement),
         ),
         session=SessionOptions(
             providers=providers,

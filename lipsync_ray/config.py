@@ -18,7 +18,14 @@ from lipsync_ray.inference import SessionOptions
 from lipsync_ray.shards import ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
-__all__ = ["EncodeMode", "PoolConfig", "RenderConfig"]
+__all__ = ["EncodeMode", "Placement", "PoolConfig", "RenderConfig"]
+
+
+class Placement(enum.Enum):
+    """Where the actor pools go on a multi-node cluster."""
+
+    AUTO = "auto"  # Ray decides (right for one machine)
+    SPLIT = "split"  # compositors on CPU-only nodes, inference actors on GPU nodes
 
 
 class EncodeMode(enum.Enum):
@@ -53,6 +60,7 @@ class PoolConfig:
     max_retries: int = 3
     # A chunk with no result within this many seconds is cancelled and retried.
     chunk_timeout_s: float = 900.0
+    placement: Placement = Placement.AUTO
 
     def in_flight(self) -> int:
         return self.max_chunks_in_flight or 2 * self.inference_actors + 1

@@ -48,7 +48,7 @@ from lipsync_ray.actors import (
     segment_path,
 )
 from lipsync_ray.avatar import Avatar, pingpong_indices
-from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
 from lipsync_ray.encode import concat_segments, encode_video, probe
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
 from lipsync_ray.inference import EncoderSession, Provider, check_model_file
@@ -229,11 +229,15 @@ class Renderer:
             ).remote(model, avatar, config.session, pool.cpus_per_inference_actor, pool.batch_size)
             for _ in range(pool.inference_actors)
         ]
+        placements = _compositor_placements(ray, pool)
         self._compositors = [
             compositor_cls.options(
-                num_cpus=pool.cpus_per_compositor, max_restarts=3, max_task_retries=0
+                num_cpus=pool.cpus_per_compositor,
+                max_restarts=3,
+                max_task_retries=0,
+                **placements[k % len(placements)],
             ).remote(avatar, config.encode, pool.cpus_per_compositor)
-            for _ in range(pool.compositors)
+            for k in range(pool.compositors)
         ]
         self._ready = [a.describe.remote() for a in self._inference + self._compositors]
 
@@ -576,6 +580,31 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
             frames = total if stage in ("features", "encode_join") else rendered
             out[stage] = 1000.0 * timings[stage] / max(frames, 1)
     return out
+
+
+def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
+    """Scheduling options for compositors, cycled over the pool.
+
+    ``Placement.SPLIT`` pins compositors (softly: Ray may still move a restarted one) to the
+    alive nodes that have CPUs and no GPU, round-robin, so GPU nodes keep their CPUs for the
+    inference actors feeding the GPUs. With no CPU-only node it says so and lets Ray decide.
+    """
+    if pool.placement is not Placement.SPLIT:
+        return [{}]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpu_nodes = [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get("GPU")
+    ]
+    if not cpu_nodes:
+        log.warning("placement 'split': the cluster has no CPU-only node; Ray places compositors")
+        return [{}]
+    return [
+        {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+        for node in sorted(cpu_nodes)
+    ]
 
 
 def _gather(ray, refs, timeout_s: float):
