@@ -198,7 +198,7 @@ class Renderer:
             import ray
 
             if not ray.is_initialized():
-                _init_ray(ray, self.config.address)
+                init_ray(ray, self.config.address)
                 self._owns_ray = True
             self._ray = ray
             resources = ray.cluster_resources()
@@ -697,7 +697,7 @@ def _adopt_orphans(manifest: Manifest, chunks, fingerprint: str, segments: bool)
                 manifest.adopt(seg, chunk, start, stop, segment=True)
 
 
-def _init_ray(ray, address: str | None) -> None:
+def init_ray(ray, address: str | None) -> None:
     """Join a cluster (``address``, or RAY_ADDRESS as set inside `ray job submit`), or start an
     embedded one whose dashboard stays on 127.0.0.1. Token authentication is Ray's default for
     ``ray.init()`` since 2.60; ``ray start`` needs RAY_AUTH_MODE=token (see the README)."""
