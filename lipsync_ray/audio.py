@@ -23,6 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.logging
 import numpy as np
 
 from lipsync_ray.errors import InputError, ModelError
@@ -85,6 +86,48 @@ _OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
 
 
 # --------------------------------------------------------------------------- decode / encode
+
+
+class DecoderErrorLog:
+    """Collects FFmpeg's error-level log lines while a stream decodes (video or audio).
+
+    Decoders conceal damaged data (a corrupt H.264 macroblock, an FFV1 slice or FLAC frame
+    whose CRC does not match) and still return frames, so a corrupt file decodes
+    "successfully": the only sign is the log. Lines from every thread are captured (frame
+    threading decodes elsewhere) and can arrive late, so only those of this stream's decoder
+    or demuxer (``names``) count. FFmpeg's log level is restored on exit.
+    """
+
+    def __init__(self, path: Path, names: set[str], what: str = "file") -> None:
+        self.path, self.names, self.what = path, names, what
+
+    def __enter__(self) -> DecoderErrorLog:
+        self._level = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
+        self._capture = av.logging.Capture(local=False)
+        self.logs = self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._capture.__exit__(*exc)
+        av.logging.set_level(self._level)
+
+    def errors(self) -> list[str]:
+        return [
+            m.strip()
+            for level, name, m in self.logs
+            if level <= av.logging.ERROR and name in self.names
+        ]
+
+    def check(self, decoded: int, unit: str = "frame") -> None:
+        """Raise ``InputError`` if the decoder has reported an error so far."""
+        errors = self.errors()
+        if errors:
+            raise InputError(
+                f"{self.what} is corrupt: the decoder reported {errors[0]!r} by {unit} {decoded} "
+                "(damaged data is concealed, not fixed); re-encode or re-export the source",
+                path=self.path,
+            )
 
 
 def _check_file(path: Path) -> None:
@@ -176,13 +219,16 @@ def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
                 rate=sample_rate,
                 options={"rematrix_maxval": "1.0"},
             )
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            # Flush exactly once: a second flush of the filter graph raises EOF.
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
             codec_name = stream.codec_context.name
+            names = {codec_name, *container.format.name.split(",")}
+            with DecoderErrorLog(path, names) as log:
+                for frame in container.decode(stream):
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+                # Flush exactly once: a second flush of the filter graph raises EOF.
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            decoder_errors = log.errors()
     except InputError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as exc:
@@ -208,6 +254,12 @@ def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
                 f"(from its header), got {decoded_s:.3f} s decodable",
                 path=path,
             )
+    if decoder_errors:  # after the truncation check, whose message is more precise
+        raise InputError(
+            f"audio file is corrupt: the {codec_name} decoder reported {decoder_errors[0]!r} "
+            "(damaged data is concealed, not fixed); re-encode or re-export the source",
+            path=path,
+        )
     if not np.all(np.isfinite(samples)):
         raise InputError("expected finite audio samples, got NaN or infinity", path=path)
     if samples.size < MIN_AUDIO_SAMPLES * sample_rate / SAMPLE_RATE:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ __all__ = [
     "GeneratorSession",
     "Provider",
     "SessionOptions",
+    "check_encoder_model",
+    "check_generator_model",
     "check_model_file",
 ]
 
@@ -96,6 +99,31 @@ def check_model_file(path: str | Path) -> Path:
         ModelError: missing or unreadable file, not an ONNX model, or an external-data location
             that is absolute, climbs out with ``..`` or is a symlink pointing outside.
     """
+    return _load_checked(path)[0]
+
+
+def check_generator_model(path: str | Path) -> Path:
+    """:func:`check_model_file`, then the generator's inputs and output as the graph declares
+    them: the same rules :class:`GeneratorSession` applies, without opening a session (cheap
+    enough to validate a render before any actor starts).
+
+    Raises:
+        ModelError: as :func:`check_model_file`, or inputs/outputs the generator cannot have.
+    """
+    path, model = _load_checked(path)
+    _generator_io(*_graph_ports(model), path)
+    return path
+
+
+def check_encoder_model(path: str | Path) -> Path:
+    """:func:`check_model_file`, then the audio encoder's input (and output, when declared)."""
+    path, model = _load_checked(path)
+    _encoder_io(*_graph_ports(model), path)
+    return path
+
+
+def _load_checked(path: str | Path):
+    """Load a model's graph (not its external data) and check its external-data locations."""
     import onnx
 
     path = Path(path)
@@ -106,34 +134,54 @@ def check_model_file(path: str | Path) -> Path:
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise ModelError(f"not a readable ONNX model: {exc}", path=path) from exc
     base = path.parent.resolve()
-    for tensor in _all_tensors(model.graph):
+    for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        name = tensor.name or "(unnamed attribute tensor)"
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base / location).resolve()
+        target = (base / location).resolve()  # resolves symlinks too
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelError(
-                f"external data of tensor {tensor.name!r} must stay inside the model's "
+                f"external data of tensor {name!r} must stay inside the model's "
                 f"directory, got location {location!r}",
                 path=path,
             )
         if not target.is_file():
             raise ModelError(
-                f"external data file {location!r} of tensor {tensor.name!r} is missing", path=path
+                f"external data file {location!r} of tensor {name!r} is missing", path=path
             )
-    return path
+    return path, model
 
 
-def _all_tensors(graph):
+def _all_tensors(model):
+    """Every TensorProto that can hold data: initializers, sparse initializers, and the tensor
+    attributes of every node (unnamed ``Constant`` values included), in subgraphs and local
+    functions too. ONNX Runtime loads external data for all of them."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _graph_tensors(graph):
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
         for attr in node.attribute:
-            if attr.t is not None and attr.t.name:
+            if attr.HasField("t"):
                 yield attr.t
+            yield from attr.tensors
+            sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+            for s in [*sparse, *attr.sparse_tensors]:
+                yield from (s.values, s.indices)
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
             for sub in attr.graphs:
-                yield from _all_tensors(sub)
-            if attr.g is not None and attr.g.node:
-                yield from _all_tensors(attr.g)
+                yield from _graph_tensors(sub)
 
 
 def _provider_entries(options: SessionOptions, available: Sequence[str]) -> list:
@@ -210,8 +258,40 @@ def _open(path: Path, options: SessionOptions, cpus: int):
     return session, used, threads
 
 
-def _dims(value_info) -> list[int | str | None]:
-    return list(value_info.shape)
+@dataclass(frozen=True)
+class _Port:
+    """A model input or output: its name, ONNX Runtime type string (``tensor(float)``) and
+    dims (int, symbolic name or None each; ``None`` for the whole when the rank is unknown)."""
+
+    name: str
+    type: str
+    dims: tuple | None
+
+
+def _session_ports(items) -> list[_Port]:
+    return [_Port(i.name, i.type, tuple(i.shape) if i.shape is not None else None) for i in items]
+
+
+def _graph_ports(model) -> tuple[list[_Port], list[_Port]]:
+    """(inputs, outputs) as the graph declares them; initializers listed as inputs (IR < 4)
+    are not inputs, as in ONNX Runtime."""
+    import onnx
+
+    def port(value_info) -> _Port:
+        if not value_info.type.HasField("tensor_type"):
+            return _Port(value_info.name, "non-tensor", None)
+        tt = value_info.type.tensor_type
+        type_ = f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})"
+        if not tt.HasField("shape"):
+            return _Port(value_info.name, type_, None)
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        )
+        return _Port(value_info.name, type_, dims)
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [port(i) for i in model.graph.input if i.name not in initializers]
+    return inputs, [port(o) for o in model.graph.output]
 
 
 @dataclass
@@ -222,8 +302,81 @@ class _IOSpec:
     fixed_batch: bool
 
 
-def _describe(inputs) -> str:
-    return ", ".join(f"{i.name} {i.type} {_dims(i)}" for i in inputs)
+def _describe(ports: Sequence[_Port]) -> str:
+    return ", ".join(
+        f"{p.name} {p.type} {list(p.dims) if p.dims is not None else '[?]'}" for p in ports
+    )
+
+
+def _generator_io(inputs: Sequence[_Port], outputs: Sequence[_Port], path: Path) -> _IOSpec:
+    """Find the visual and audio inputs by shape and check the generator's I/O contract."""
+    by_channels: dict[object, list[_Port]] = {}
+    for item in inputs:
+        channels = item.dims[1] if item.dims is not None and len(item.dims) == 4 else None
+        by_channels.setdefault(channels, []).append(item)
+    visual = by_channels.get(VISUAL_CHANNELS, [])
+    audio = by_channels.get(AUDIO_CHANNELS, [])
+    if len(inputs) != 2 or len(visual) != 1 or len(audio) != 1:
+        raise ModelError(
+            "generator must have two rank-4 float inputs, one with 6 channels "
+            "[B,6,320,320] (visual) and one with 32 channels [B,32,16,16] (audio); "
+            f"got {_describe(inputs)}",
+            path=path,
+        )
+    for item, expected in ((visual[0], FRAME_SIZE), (audio[0], 16)):
+        dims = list(item.dims or ())
+        if item.type != "tensor(float)":
+            raise ModelError(
+                f"input {item.name!r} must be tensor(float), got {item.type}", path=path
+            )
+        if any(isinstance(d, int) and d != expected for d in dims[2:]):
+            raise ModelError(
+                f"input {item.name!r} must be [B,{dims[1]},{expected},{expected}], got {dims}",
+                path=path,
+            )
+    # An output whose rank the graph does not declare is checked on the first batch instead.
+    if len(outputs) != 1 or (outputs[0].dims is not None and len(outputs[0].dims) != 4):
+        raise ModelError(
+            f"generator must have one output [B,3,320,320], got {_describe(outputs)}",
+            path=path,
+        )
+    out_dims = list(outputs[0].dims or ())
+    if any(
+        isinstance(d, int) and d != e for d, e in zip(out_dims[1:], (3, 320, 320), strict=False)
+    ):
+        raise ModelError(f"generator output must be [B,3,320,320], got {out_dims}", path=path)
+    batch_dims = {visual[0].dims[0], audio[0].dims[0]}
+    fixed = any(isinstance(d, int) for d in batch_dims)
+    if fixed and batch_dims != {1}:
+        raise ModelError(
+            f"a fixed batch axis must be 1 on both inputs, got {sorted(map(str, batch_dims))}",
+            path=path,
+        )
+    return _IOSpec(visual[0].name, audio[0].name, outputs[0].name, fixed)
+
+
+def _encoder_io(
+    inputs: Sequence[_Port], outputs: Sequence[_Port], path: Path
+) -> tuple[str, str, bool]:
+    """(input name, output name, fixed batch) of an audio encoder, after checking its I/O."""
+    if len(inputs) != 1 or inputs[0].dims is None or list(inputs[0].dims[1:]) != list(MEL_SHAPE):
+        raise ModelError(
+            f"audio encoder must have one input [B,1,80,16], got {_describe(inputs)}", path=path
+        )
+    if inputs[0].type != "tensor(float)":
+        raise ModelError(
+            f"audio encoder input must be tensor(float), got {inputs[0].type}", path=path
+        )
+    if len(outputs) != 1:
+        raise ModelError(
+            f"audio encoder must have one output [B,512], got {_describe(outputs)}", path=path
+        )
+    rest = list(outputs[0].dims[1:]) if outputs[0].dims is not None else []
+    if rest and all(isinstance(d, int) for d in rest) and math.prod(rest) != FEATURE_DIM:
+        raise ModelError(
+            f"audio encoder output must be [B,512], got {list(outputs[0].dims)}", path=path
+        )
+    return inputs[0].name, outputs[0].name, isinstance(inputs[0].dims[0], int)
 
 
 class GeneratorSession:
@@ -241,57 +394,12 @@ class GeneratorSession:
     ) -> None:
         self.path = check_model_file(path)
         self._session, self.providers, self.threads = _open(self.path, options, cpus)
-        self._io = self._find_io()
+        self._io = _generator_io(
+            _session_ports(self._session.get_inputs()),
+            _session_ports(self._session.get_outputs()),
+            self.path,
+        )
         self.fixed_batch = self._io.fixed_batch
-
-    def _find_io(self) -> _IOSpec:
-        inputs = self._session.get_inputs()
-        outputs = self._session.get_outputs()
-        by_channels: dict[object, list] = {}
-        for item in inputs:
-            dims = _dims(item)
-            channels = dims[1] if len(dims) == 4 else None
-            by_channels.setdefault(channels, []).append(item)
-        visual = by_channels.get(VISUAL_CHANNELS, [])
-        audio = by_channels.get(AUDIO_CHANNELS, [])
-        if len(inputs) != 2 or len(visual) != 1 or len(audio) != 1:
-            raise ModelError(
-                "generator must have two rank-4 float inputs, one with 6 channels "
-                "[B,6,320,320] (visual) and one with 32 channels [B,32,16,16] (audio); "
-                f"got {_describe(inputs)}",
-                path=self.path,
-            )
-        for item, expected in ((visual[0], FRAME_SIZE), (audio[0], 16)):
-            dims = _dims(item)
-            if item.type != "tensor(float)":
-                raise ModelError(
-                    f"input {item.name!r} must be tensor(float), got {item.type}", path=self.path
-                )
-            if any(isinstance(d, int) and d != expected for d in dims[2:]):
-                raise ModelError(
-                    f"input {item.name!r} must be [B,{dims[1]},{expected},{expected}], got {dims}",
-                    path=self.path,
-                )
-        if len(outputs) != 1 or len(_dims(outputs[0])) != 4:
-            raise ModelError(
-                f"generator must have one output [B,3,320,320], got {_describe(outputs)}",
-                path=self.path,
-            )
-        out_dims = _dims(outputs[0])
-        if any(
-            isinstance(d, int) and d != e for d, e in zip(out_dims[1:], (3, 320, 320), strict=False)
-        ):
-            raise ModelError(
-                f"generator output must be [B,3,320,320], got {out_dims}", path=self.path
-            )
-        batch_dims = {_dims(visual[0])[0], _dims(audio[0])[0]}
-        fixed = any(isinstance(d, int) for d in batch_dims)
-        if fixed and batch_dims != {1}:
-            raise ModelError(
-                f"a fixed batch axis must be 1 on both inputs, got {sorted(map(str, batch_dims))}",
-                path=self.path,
-            )
-        return _IOSpec(visual[0].name, audio[0].name, outputs[0].name, fixed)
 
     @property
     def input_names(self) -> tuple[str, str]:
@@ -365,20 +473,11 @@ class EncoderSession:
     def __post_init__(self) -> None:
         self.path = check_model_file(self.path)
         self._session, self.providers, self.threads = _open(self.path, self.options, self.cpus)
-        inputs = self._session.get_inputs()
-        outputs = self._session.get_outputs()
-        if len(inputs) != 1 or _dims(inputs[0])[1:] != list(MEL_SHAPE):
-            raise ModelError(
-                f"audio encoder must have one input [B,1,80,16], got {_describe(inputs)}",
-                path=self.path,
-            )
-        if inputs[0].type != "tensor(float)":
-            raise ModelError(
-                f"audio encoder input must be tensor(float), got {inputs[0].type}", path=self.path
-            )
-        self._input = inputs[0].name
-        self._output = outputs[0].name
-        self.fixed_batch = isinstance(_dims(inputs[0])[0], int)
+        self._input, self._output, self.fixed_batch = _encoder_io(
+            _session_ports(self._session.get_inputs()),
+            _session_ports(self._session.get_outputs()),
+            self.path,
+        )
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """Encode mel windows float32 (B, 1, 80, 16) into features float32 (B, 512)."""

@@ -28,6 +28,7 @@ import av
 import cv2
 import numpy as np
 
+from lipsync_ray.audio import DecoderErrorLog
 from lipsync_ray.avatar import BundleWriter, check_target, validate_boxes
 from lipsync_ray.errors import InputError
 from lipsync_ray.face import DETECTORS, BoxOptions, FaceDetection, boxes_from_detections
@@ -207,7 +208,8 @@ class _Frames:
         stream = self._stream
         tb = float(stream.time_base) if stream.time_base else None
         try:
-            with self._container:
+            names = {stream.codec_context.name, *self._container.format.name.split(",")}
+            with self._container, DecoderErrorLog(self.path, names, "video") as errors:
                 for frame in self._container.decode(stream):
                     if frame.pts is not None and tb is not None:
                         t = frame.pts * tb
@@ -216,7 +218,9 @@ class _Frames:
                     dur = frame.duration * tb if frame.duration and tb else None
                     image = frame.to_ndarray(format="bgr24")
                     self.decoded += 1
+                    errors.check(self.decoded)
                     yield t, image, dur
+                errors.check(self.decoded)
         except av.FFmpegError as exc:
             raise InputError(
                 f"video is corrupt or truncated after {self.decoded} frames: {exc}",
