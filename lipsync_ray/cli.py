@@ -106,6 +106,19 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     )
     g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
     g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16", "auto"],
+        default="fp32",
+        help="generator precision; int8/fp16/auto are checked by a quality gate (default fp32)",
+    )
+    g.add_argument(
+        "--precision-threshold",
+        type=float,
+        default=35.0,
+        help="gate: face-region PSNR against FP32 on held-out frames, dB (default 35)",
+    )
+    g.add_argument("--precision-cache", help="where reduced models are cached (default: avatar)")
     g = p.add_argument_group("output")
     g.add_argument(
         "--shard-codec",
@@ -176,6 +189,7 @@ def config_from_args(args: argparse.Namespace):
     from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
     from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.inference import Provider, SessionOptions
+    from lipsync_ray.precision import Precision
     from lipsync_ray.shards import ShardCodec
     from lipsync_ray.vad import SilenceOptions
 
@@ -217,6 +231,9 @@ def config_from_args(args: argparse.Namespace):
         keep_shards=args.keep_shards,
         start_frame=args.start_frame,
         overwrite=args.overwrite,
+        precision=Precision.parse(args.precision),
+        precision_threshold_db=args.precision_threshold,
+        precision_cache=args.precision_cache,
         blend=BlendOptions(args.blend, args.feather),
         silence=SilenceOptions(
             args.silence_threshold_db, args.silence_min_s, args.silence_fade_frames

@@ -15,6 +15,7 @@ from lipsync_ray.composite import BlendOptions
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import SessionOptions
+from lipsync_ray.precision import Precision
 from lipsync_ray.shards import ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
@@ -97,6 +98,11 @@ class RenderConfig:
     blend: BlendOptions = field(default_factory=BlendOptions)
     # Silent stretches keep the original avatar frame (no inference); None: off.
     silence: SilenceOptions | None = None
+    # Generator precision: fp32, int8 (CPU), fp16 (GPU) or auto (the fastest that passes the
+    # quality gate for the provider). Reduced precisions are always gated (lipsync_ray.precision).
+    precision: Precision = Precision.FP32
+    precision_threshold_db: float = 35.0  # face-region PSNR against FP32 on held-out frames
+    precision_cache: str | None = None  # None: <avatar>/.cache/precision
     # Where shards, manifest and report go; None: "<output>.work/".
     work_dir: str | None = None
     # Keep the shards after a successful encode (manifest and report are always kept).
@@ -167,6 +173,14 @@ def validate(config: RenderConfig) -> None:
         (pool.chunk_timeout_s > 0, f"chunk timeout must be > 0 s, got {pool.chunk_timeout_s}"),
         (config.start_frame >= 0, f"start frame must be >= 0, got {config.start_frame}"),
         (0 <= config.encode.crf <= 51, f"CRF must be in [0, 51], got {config.encode.crf}"),
+        (
+            isinstance(config.precision, Precision),
+            f"precision must be fp32, int8, fp16 or auto, got {config.precision!r}",
+        ),
+        (
+            0 < config.precision_threshold_db < 100,
+            f"precision threshold must be in (0, 100) dB, got {config.precision_threshold_db}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

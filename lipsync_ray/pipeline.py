@@ -51,7 +51,13 @@ from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
 from lipsync_ray.encode import concat_segments, encode_video, probe
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
-from lipsync_ray.inference import EncoderSession, Provider, check_model_file
+from lipsync_ray.inference import (
+    EncoderSession,
+    Provider,
+    check_encoder_model,
+    check_generator_model,
+)
+from lipsync_ray.precision import Precision, PreparedModel, calibration_features, prepare_model
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes
 from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
 from lipsync_ray.vad import passthrough_weights
@@ -125,6 +131,7 @@ class _Task:
     inference: int
     compositor: int
     predictions: object  # ObjectRef[Predictions]
+    system_failures: int = 0  # lost workers or nodes; not counted against max_retries
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,12 @@ class Renderer:
 
     def __init__(self, avatar: str | Path, config: RenderConfig) -> None:
         self.config = config
-        check_model_file(config.model)
+        check_generator_model(config.model)
         if config.audio_encoder:
-            check_model_file(config.audio_encoder)
+            check_encoder_model(config.audio_encoder)
         self.avatar = Avatar.open(avatar)
-        self._model_sha = _sha256(config.model)
+        self._prepared: PreparedModel | None = None
+        self._model_sha = ""
         self._avatar_sha = self._hash_avatar()
         self._encoder: EncoderSession | None = None
         self._ray = None
@@ -217,7 +225,9 @@ class Renderer:
         if 0 < gpus < 1 and config.session.gpu_mem_limit_bytes is None:
             log.info("%.2f GPU per actor: --gpu-mem-limit bounds each actor's CUDA arena", gpus)
         avatar = str(Path(self.avatar.path).resolve())
-        model = str(Path(config.model).resolve())
+        prepared = self._prepare_model(None)
+        model = str(prepared.path.resolve())
+        session = prepared.session_options(config.session)
         inference_cls = ray.remote(InferenceActor)
         compositor_cls = ray.remote(CompositorActor)
         self._inference = [
@@ -226,7 +236,7 @@ class Renderer:
                 num_gpus=gpus,
                 max_restarts=3,
                 max_task_retries=0,
-            ).remote(model, avatar, config.session, pool.cpus_per_inference_actor, pool.batch_size)
+            ).remote(model, avatar, session, pool.cpus_per_inference_actor, pool.batch_size)
             for _ in range(pool.inference_actors)
         ]
         placements = _compositor_placements(ray, pool)
@@ -240,6 +250,61 @@ class Renderer:
             for k in range(pool.compositors)
         ]
         self._ready = [a.describe.remote() for a in self._inference + self._compositors]
+
+    def _prepare_model(self, features: np.ndarray | None) -> PreparedModel:
+        """The generator the actors load: FP32 as given, or a gated INT8/FP16 version (made
+        once per model, avatar and settings, then cached). Runs on the driver, before actors."""
+        if self._prepared is None:
+            config = self.config
+            self._ensure_ray()
+            gpu = bool(self.pool.gpus_per_actor) and any(
+                p is not Provider.CPU for p in config.session.providers
+            )
+            if config.precision is Precision.FP32:
+                path = Path(config.model)
+                self._prepared = PreparedModel(path, Precision.FP32, Precision.FP32, None, False)
+            else:
+                if config.audio_encoder:
+                    features = calibration_features(config.audio_encoder)
+                self._prepared = prepare_model(
+                    config.model,
+                    self.avatar,
+                    config.precision,
+                    provider_is_gpu=gpu,
+                    features=features,
+                    cache_dir=config.precision_cache,
+                    threshold_db=config.precision_threshold_db,
+                    session=config.session if gpu else None,
+                )
+                log.info("generator precision: %s", self._prepared.to_dict())
+            self._model_sha = _sha256(self._prepared.path)
+        return self._prepared
+
+    def _await_actors(self, task: _Task) -> None:
+        """Block until the two actors of a failed chunk answer again (Ray restarts them).
+
+        "Unavailable" means restarting (its node died, or its process): poll. "Died" means
+        its restarts are used up: the render cannot go on."""
+        ray = self._ray
+        errors = ray.exceptions
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        for actor in (self._inference[task.inference], self._compositors[task.compositor]):
+            while True:
+                try:
+                    ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except (errors.ActorUnavailableError, errors.GetTimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise RenderError(
+                            f"{task.spec.describe()}: an actor did not come back within "
+                            f"{ACTOR_START_TIMEOUT_S:.0f} s: {_short(exc)}"
+                        ) from exc
+                    time.sleep(0.5)
+                except errors.RayError as exc:
+                    raise RenderError(
+                        f"{task.spec.describe()}: an actor died and could not be restarted: "
+                        f"{_short(exc)}"
+                    ) from exc
 
     def _ensure_pools(self) -> None:
         """Start the actors if needed and wait until every one has opened its session."""
@@ -309,7 +374,7 @@ class Renderer:
         parts = {
             "avatar": self._avatar_sha,
             "features": hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(),
-            "model": self._model_sha,
+            "model": self._model_sha,  # the file the actors run (FP32, INT8 or FP16)
             "chunk_frames": config.pool.chunk_frames,
             "batch_size": config.pool.batch_size,
             "start_frame": job.start_frame,
@@ -336,6 +401,7 @@ class Renderer:
         job = self._job(audio, output, start_frame, work_dir, features)
         t0 = time.perf_counter()
         decoded, samples = self._decode(job)
+        self._prepare_model(decoded if job.features is not None else None)
         self._start_pools()  # actors boot while the driver runs the audio encoder
         feats = self._features(job, decoded)
         del decoded
@@ -416,6 +482,7 @@ class Renderer:
             ),
             retries=retries,
             frames_generated=quality.generated,
+            precision=self._prepared.to_dict() if self._prepared else {},
             seam_score=quality.seam(),
             actors=tuple(self.actor_infos),
             providers=tuple(
@@ -451,7 +518,7 @@ class Renderer:
         Returns wall and CPU seconds per stage (summed over chunks), the retry count, and the
         generated-frame and seam figures."""
         ray, pool = self._ray, self.pool
-        retry: deque[tuple[ChunkSpec, int]] = deque()
+        retry: deque[tuple[ChunkSpec, int, int]] = deque()
         inflight: dict[object, _Task] = {}
         load_inf = [0] * len(self._inference)
         load_comp = [0] * len(self._compositors)
@@ -462,7 +529,7 @@ class Renderer:
         limit = pool.in_flight()
         context_ref = ray.put(context)
 
-        def submit(spec: ChunkSpec, attempt: int) -> None:
+        def submit(spec: ChunkSpec, attempt: int, system_failures: int = 0) -> None:
             i = min(range(len(load_inf)), key=load_inf.__getitem__)
             c = min(range(len(load_comp)), key=load_comp.__getitem__)
             preds = self._inference[i].infer.remote(spec)
@@ -473,20 +540,38 @@ class Renderer:
                 ref = self._compositors[c].encode_chunk.remote(spec, ref, context_ref)
             load_inf[i] += 1
             load_comp[c] += 1
-            inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds)
+            inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
 
-        def failed(task: _Task, reason: str) -> None:
+        def failed(task: _Task, exc: BaseException) -> None:
             nonlocal retries
+            cause = _root_cause(ray, exc)
+            chunk = task.spec.describe()
+            if isinstance(cause, InputError):
+                # Bad input (a model that outputs NaN, say) fails the same way every time.
+                raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
+            if _is_system_failure(ray, cause):
+                # The machinery failed (a worker or node died), not the chunk: wait for the
+                # actors to come back (bounded by their max_restarts), then run it again.
+                task.system_failures += 1
+                if task.system_failures > SYSTEM_RETRIES:
+                    raise RenderError(
+                        f"{chunk}: its workers died {task.system_failures} times; last: "
+                        f"{_short(cause)}"
+                    )
+                self._await_actors(task)
+                log.warning("%s lost its worker (%s); running it again", chunk, _short(cause))
+                retries += 1
+                retry.append((task.spec, task.attempt, task.system_failures))
+                return
             if task.attempt >= pool.max_retries:
                 raise RenderError(
-                    f"{task.spec.describe()} failed {task.attempt + 1} times; last error: {reason}"
+                    f"{chunk} failed {task.attempt + 1} times; last error: {_short(cause)}"
                 )
             retries += 1
             log.warning(
-                "%s failed (attempt %d), retrying: %s",
-                task.spec.describe(), task.attempt + 1, reason,
-            )  # fmt: skip
-            retry.append((task.spec, task.attempt + 1))
+                "%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, _short(cause)
+            )
+            retry.append((task.spec, task.attempt + 1, task.system_failures))
 
         pending = iter(specs)
         exhausted = False
@@ -510,7 +595,7 @@ class Renderer:
                 try:
                     result: ChunkResult = ray.get(ref)
                 except (ray.exceptions.RayError, LipsyncError) as exc:
-                    failed(task, _short(exc))
+                    failed(task, exc)
                     continue
                 if result.segment is not None:
                     manifest.record_segment(result.segment)
@@ -607,6 +692,33 @@ def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
     ]
 
 
+# A chunk may lose its workers this many times (nodes or processes dying) before the render
+# stops; each loss waits for Ray to restart the actors, bounded by their max_restarts.
+SYSTEM_RETRIES = 8
+
+
+def _root_cause(ray, exc: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers (a task error wraps the actor's own exception)."""
+    seen = 0
+    while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
+def _is_system_failure(ray, exc: BaseException) -> bool:
+    errors = ray.exceptions
+    return isinstance(
+        exc,
+        (
+            errors.RayActorError,
+            errors.ObjectLostError,
+            errors.WorkerCrashedError,
+            errors.NodeDiedError,
+            errors.LocalRayletDiedError,
+        ),
+    )
+
+
 def _gather(ray, refs, timeout_s: float):
     try:
         return ray.get(refs, timeout=timeout_s)
@@ -615,13 +727,11 @@ def _gather(ray, refs, timeout_s: float):
             f"actors did not start within {timeout_s:.0f} s: the cluster may lack the requested "
             "CPUs/GPUs (see `ray status`)"
         ) from exc
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
+    except ray.exceptions.RayError as exc:
+        cause = _root_cause(ray, exc)
         if isinstance(cause, LipsyncError):
             raise cause from None
-        raise RenderError(f"an actor failed to start: {_short(exc)}") from exc
-    except ray.exceptions.RayActorError as exc:
-        raise RenderError(f"an actor failed to start: {_short(exc)}") from exc
+        raise RenderError(f"an actor failed to start: {_short(cause)}") from exc
 
 
 def _short(exc: BaseException) -> str:

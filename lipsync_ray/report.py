@@ -64,6 +64,8 @@ class RunReport:
     # ~1 = no visible edge; the hard paste of an untrained model scores ~2).
     frames_generated: int
     seam_score: float | None
+    # What ran: {"precision", "requested", "path", "gate": {psnr_db, threshold_db, passed...}}
+    precision: dict
     actors: tuple[ActorInfo, ...]
     providers: tuple[str, ...]  # distinct providers that ran the generator
     audio_duration_s: float
@@ -91,7 +93,8 @@ class RunReport:
             f"({self.chunks_rendered} chunks rendered, {self.chunks_reused} reused, "
             f"{self.retries} retries, {self.frames_generated} frames generated, seam score "
             f"{'-' if self.seam_score is None else f'{self.seam_score:.2f}'})\n"
-            f"providers: {', '.join(self.providers) or '-'}\n"
+            f"providers: {', '.join(self.providers) or '-'}; precision: "
+            f"{self.precision.get('precision', 'fp32')}\n"
             f"CPU ms/frame: {stages}\n"
             f"output: {self.output}\nreport: {Path(self.work_dir) / 'report.json'}"
         )
