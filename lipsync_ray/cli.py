@@ -331,6 +331,7 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         input_names=args.input_names,
         fixed_batch=args.fixed_batch,
+        weights=args.weights,
     )
     path = save_model(model, args.output)
     stats = model_stats(model)
@@ -540,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="unet328/identity: visual,audio input names (default input,audio)",
     )
     b.add_argument("--fixed-batch", action="store_true", help="fix the batch axis to 1")
+    b.add_argument(
+        "--weights",
+        choices=["face", "random"],
+        default=None,
+        help="unet328: face (default; reproduces the face, audio-driven changes, "
+        "INT8-friendly) or random (calibrated random weights)",
+    )
     b.set_defaults(func=_cmd_models_build)
     i = msub.add_parser("info", help="parameters, MACs and inputs of a model")
     i.add_argument("model", type=Path)

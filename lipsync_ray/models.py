@@ -21,6 +21,12 @@ calibration batch yields every layer's statistics at once (each layer sees an
 already-normalised input), and the statistics fold into the convolution
 weights and biases of the inference graph, which has no normalisation ops.
 Random weights without this give a constant grey output.
+
+``Weights.FACE`` (the UNet's default) replaces some channels of some convolutions with
+designed rows (``_face_weights``): a linear path carries the ROI from ``inc`` through the
+skip connection to the output, and a smooth audio term and a small share of the random
+network are added to it, so the output looks like the input face and INT8 stays within the
+35 dB gate. ``Weights.RANDOM`` keeps the all-random network (chaotic: INT8 ~15 dB).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lipsync_ray import _face_weights as face
 from lipsync_ray.errors import InputError, ModelError
 
-__all__ = ["Arch", "ModelStats", "Size", "build_model", "model_stats", "save_model"]
+__all__ = ["Arch", "ModelStats", "Size", "Weights", "build_model", "model_stats", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,21 @@ class Size(enum.Enum):
     SMALL = "small"
 
 
+class Weights(enum.Enum):
+    """How the UNet's weights are made (the audio encoder's are always ``RANDOM``).
+
+    RANDOM: He-normal, BatchNorm folded from one calibration pass. Input-sensitive but chaotic
+    (tiny input changes, e.g. INT8 rounding, change the output a lot); the output looks like
+    coloured noise.
+    FACE: like a trained generator: the output reproduces the ROI, shifted smoothly by the
+    audio's change over the window; the rest of the network is random as above but only
+    reaches the output with a small gain (``_face_weights``). Survives INT8.
+    """
+
+    RANDOM = "random"
+    FACE = "face"
+
+
 @dataclass(frozen=True)
 class ModelStats:
     """Cost of a model.
@@ -101,6 +123,8 @@ class ModelStats:
 
 
 WeightBias = tuple[np.ndarray, np.ndarray]  # folded conv weight [Cout, Cin/g, k, k], bias [Cout]
+# A conv as the calibration pass saw it: weight, output std of its random rows, designed rows.
+ConvRecord = tuple[np.ndarray, float, face.Rows]
 
 
 class _Builder:
@@ -111,17 +135,28 @@ class _Builder:
     normalisation whose mean and variance become extra graph outputs.
     Inference mode: convolutions take the folded ``(weight, bias)`` pairs in
     the order they are emitted, so both modes must run the same topology code.
+
+    ``plan`` (calibration mode, ``Weights.FACE``) supplies designed rows per conv; ``sig``
+    tracks which channel of each tensor carries which designed signal.
     """
 
-    def __init__(self, rng: np.random.Generator | None, folded: Sequence[WeightBias] | None = None):
+    def __init__(
+        self,
+        rng: np.random.Generator | None,
+        folded: Sequence[WeightBias] | None = None,
+        plan: face.FacePlan | None = None,
+    ):
         self.rng = rng
         self.folded = folded
+        self.plan = plan
+        self.random_std = face.RANDOM_STD if plan is not None else 1.0
+        self.sig: dict[str, face.Sig] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.channels: dict[str, int] = {}
         self.stat_names: list[str] = []
-        self.convs: list[tuple[np.ndarray, float]] = []  # calibration: (raw weight, output std)
+        self.convs: list[ConvRecord] = []
         self._count = 0
 
     def input(self, name: str, chw: tuple[int, int, int], batch: int | str) -> str:
@@ -135,6 +170,8 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         if inputs and inputs[0] in self.channels:
             self.channels[out] = self.channels[inputs[0]]
+        if inputs and inputs[0] in self.sig:
+            self.sig[out] = self.sig[inputs[0]]
         return out
 
     def const(self, values: Sequence[float] | Sequence[int], dtype: type) -> str:
@@ -153,8 +190,12 @@ class _Builder:
         pad: int = 0,
         groups: int = 1,
         out_std: float = 1.0,
+        design: face.Design | None = None,
     ) -> str:
-        """Conv (+ folded BN). Without ReLU: callers add it, residuals may come first."""
+        """Conv (+ folded BN). Without ReLU: callers add it, residuals may come first.
+
+        ``design`` rows replace the random, normalised ones of those output channels.
+        """
         cin = self.channels[x]
         strides = [stride, stride] if isinstance(stride, int) else list(stride)
         attrs = {
@@ -168,18 +209,36 @@ class _Builder:
             shape = (cout, cin // groups, kernel, kernel)
             he_std = np.float32(np.sqrt(2.0 / (shape[1] * kernel * kernel)))
             weight = self.rng.standard_normal(shape, dtype=np.float32) * he_std
-            self.convs.append((weight, out_std))
+            rows = design.rows if design is not None else {}
+            for c, (row, _) in rows.items():
+                weight[c] = row
+            out_std *= self.random_std
+            self.convs.append((weight, out_std, rows))
             self.initializers.append(numpy_helper.from_array(weight, f"{name}.weight"))
             y = self.op("Conv", [x, f"{name}.weight"], out=name, **attrs)
             out = self._batch_norm(y, name, out_std)
+            if rows:
+                out = self._keep_designed(y, out, cout, rows)
         else:
             weight, bias = self.folded[len(self.convs)]
-            self.convs.append((weight, out_std))
+            self.convs.append((weight, out_std, {}))
             self.initializers.append(numpy_helper.from_array(weight, f"{name}.weight"))
             self.initializers.append(numpy_helper.from_array(bias, f"{name}.bias"))
             out = self.op("Conv", [x, f"{name}.weight", f"{name}.bias"], out=name, **attrs)
         self.channels[out] = cout
+        self.sig[out] = design.sig if design is not None else {}  # not the input's labels
         return out
+
+    def _keep_designed(self, y: str, normed: str, cout: int, rows: face.Rows) -> str:
+        """Calibration: designed channels skip the normalisation and get their own bias."""
+        random = np.ones((1, cout, 1, 1), np.float32)
+        bias = np.zeros((1, cout, 1, 1), np.float32)
+        for c, (_, b) in rows.items():
+            random[0, c], bias[0, c] = 0.0, b
+        kept = self.op("Mul", [normed, self.const(random, np.float32)])
+        designed = self.op("Mul", [y, self.const(1.0 - random, np.float32)])
+        designed = self.op("Add", [designed, self.const(bias, np.float32)])
+        return self.op("Add", [kept, designed])
 
     def _batch_norm(self, y: str, name: str, out_std: float) -> str:
         mean = self.op("ReduceMean", [y], out=f"{name}.mean", axes=[0, 2, 3], keepdims=1)
@@ -203,6 +262,11 @@ class _Builder:
     def concat(self, xs: list[str]) -> str:
         out = self.op("Concat", xs, axis=1)
         self.channels[out] = sum(self.channels[x] for x in xs)
+        sig, offset = {}, 0
+        for x in xs:
+            sig.update({label: offset + c for label, c in self.sig.get(x, {}).items()})
+            offset += self.channels[x]
+        self.sig[out] = sig
         return out
 
     def upsample2x(self, x: str) -> str:
@@ -225,11 +289,23 @@ class _Builder:
 
 def _ir(b: _Builder, x: str, cout: int, stride: int, res: bool, name: str) -> str:
     """MobileNetV2 inverted residual, expand ratio 2."""
-    hidden = b.channels[x] * 2
-    h = b.relu(b.conv(x, hidden, name=f"{name}.expand"))
-    h = b.conv(h, hidden, name=f"{name}.dw", kernel=3, stride=stride, pad=1, groups=hidden)
-    h = b.conv(b.relu(h), cout, name=f"{name}.project")
+    cin = b.channels[x]
+    hidden = cin * 2
+    d = b.plan.ir(name, b.sig.get(x, {}), cin, hidden, cout, res) if b.plan else None
+    h = b.relu(b.conv(x, hidden, name=f"{name}.expand", design=d and d.expand))
+    h = b.conv(
+        h, hidden, name=f"{name}.dw", kernel=3, stride=stride, pad=1, groups=hidden,
+        design=d and d.dw,
+    )  # fmt: skip
+    h = b.conv(b.relu(h), cout, name=f"{name}.project", design=d and d.project)
     return b.add(h, x) if res else h
+
+
+def _plain(b: _Builder, x: str, cout: int, name: str, **attrs) -> str:
+    """Conv + ReLU (the audio branch's full 3x3 convolutions)."""
+    kernel = attrs.get("kernel", 1)
+    d = b.plan.conv(name, b.sig.get(x, {}), b.channels[x], kernel) if b.plan else None
+    return b.relu(b.conv(x, cout, name=name, design=d, **attrs))
 
 
 def _double_ir(b: _Builder, x: str, cout: int, stride: int, name: str) -> str:
@@ -247,11 +323,9 @@ def _unet(b: _Builder, visual: str, audio: str, ladder: tuple[int, ...]) -> str:
 
     a = _ir(b, audio, c1, 1, False, "audio.0")  # 16x16
     a = _ir(b, a, c2, 1, False, "audio.1")
-    a = b.relu(b.conv(a, c3, name="audio.2", kernel=3, pad=1))
+    a = _plain(b, a, c3, "audio.2", kernel=3, pad=1)
     a = _ir(b, a, c3, 1, True, "audio.3")
-    a = b.relu(
-        b.conv(a, c4, name="audio.4", kernel=3, stride=2, pad=3)
-    )  # (16 + 6 - 3) // 2 + 1 = 10
+    a = _plain(b, a, c4, "audio.4", kernel=3, stride=2, pad=3)  # (16 + 6 - 3) // 2 + 1 = 10
     a = _ir(b, a, c4, 1, True, "audio.5")
     a = _ir(b, a, c4, 1, True, "audio.6")
 
@@ -260,7 +334,8 @@ def _unet(b: _Builder, visual: str, audio: str, ladder: tuple[int, ...]) -> str:
     ups = [(x5, c2), (x4, c1), (x3, c0), (x2, c0), (x1, c0 // 2)]
     for i, (skip, cout) in enumerate(ups, start=1):
         x = _double_ir(b, b.concat([b.upsample2x(x), skip]), cout, 1, f"up{i}")
-    logits = b.conv(x, OUTPUT_CHW[0], name="outc", out_std=OUTPUT_LOGIT_STD)
+    d = b.plan.outc(b.sig.get(x, {}), b.channels[x], OUTPUT_CHW[0]) if b.plan else None
+    logits = b.conv(x, OUTPUT_CHW[0], name="outc", out_std=OUTPUT_LOGIT_STD, design=d)
     return b.op("Sigmoid", [logits], out="output")
 
 
@@ -312,7 +387,22 @@ def _smooth_noise(
     return out.astype(np.float32)
 
 
-def _calibration_feeds(arch: Arch, rng: np.random.Generator) -> list[np.ndarray]:
+def _speech_like_features(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 ``[n, 32, 16, 16]`` windows of encoder-like features (16 rows x 512, reshaped).
+
+    Like the stand-in encoder's output (mean ~1.0-1.3, std ~1.4-1.9, smooth over time, a
+    level per feature): normalising on these keeps real features from blowing up the audio
+    branch, which would cost the designed signals their INT8 resolution.
+    """
+    steps = rng.standard_normal((n, 16 + 3, 512))
+    smooth = (steps[:, :-3] + steps[:, 1:-2] + steps[:, 2:-1] + steps[:, 3:]) / 2.0  # std 1
+    level = rng.standard_normal((n, 1, 512))
+    return np.maximum(1.5 * (smooth + level), 0.0).reshape(n, *AUDIO_CHW).astype(np.float32)
+
+
+def _calibration_feeds(
+    arch: Arch, rng: np.random.Generator, weights: Weights = Weights.RANDOM
+) -> list[np.ndarray]:
     n = CALIBRATION_BATCH
     if arch is Arch.AUDIO_ENCODER:
         # Smooth in time and frequency, speech-like range with silence clipped at -4.
@@ -335,18 +425,27 @@ def _calibration_feeds(arch: Arch, rng: np.random.Generator) -> list[np.ndarray]
     masked = roi.copy()
     masked[:, :, MASK_ROWS, MASK_COLS] = 0.0
     # Real features come out of the encoder's final ReLU: non-negative, about half zeros.
-    audio = np.maximum(rng.standard_normal((n, *AUDIO_CHW), dtype=np.float32), 0.0)
+    if weights is Weights.FACE:
+        audio = _speech_like_features(rng, n)
+    else:
+        audio = np.maximum(rng.standard_normal((n, *AUDIO_CHW), dtype=np.float32), 0.0)
     return [np.concatenate([roi, masked], axis=1), audio]
 
 
-def _fold(convs: list[tuple[np.ndarray, float]], stats: list[np.ndarray]) -> list[WeightBias]:
-    """BN(conv(x)) * out_std == conv'(x) with w' = w * s, b' = -mean * s, s = out_std / std."""
+def _fold(convs: list[ConvRecord], stats: list[np.ndarray]) -> list[WeightBias]:
+    """BN(conv(x)) * out_std == conv'(x) with w' = w * s, b' = -mean * s, s = out_std / std.
+
+    Designed rows keep their weights and take their own bias.
+    """
     folded = []
-    for i, (weight, out_std) in enumerate(convs):
+    for i, (weight, out_std, rows) in enumerate(convs):
         mean = stats[2 * i].reshape(-1).astype(np.float64)
         scale = out_std / np.sqrt(stats[2 * i + 1].reshape(-1).astype(np.float64) + BN_EPS)
         w = (weight * scale[:, None, None, None]).astype(np.float32)
-        folded.append((w, (-mean * scale).astype(np.float32)))
+        bias = (-mean * scale).astype(np.float32)
+        for c, (row, b) in rows.items():
+            w[c], bias[c] = row, b
+        folded.append((w, bias))
     return folded
 
 
@@ -397,6 +496,18 @@ def _check_names(arch: Arch, input_names: Sequence[str] | None) -> tuple[str, ..
     return names
 
 
+def _check_weights(arch: Arch, weights: Weights | str | None) -> Weights:
+    default = Weights.FACE if arch is Arch.UNET328 else Weights.RANDOM
+    try:
+        chosen = default if weights is None else Weights(weights)
+    except ValueError:
+        choices = "|".join(w.value for w in Weights)
+        raise InputError(f"weights must be one of {choices}, got {weights!r}") from None
+    if chosen is not default and arch is not Arch.UNET328:
+        raise InputError(f"{arch.value} has random weights only, got weights={chosen.value!r}")
+    return chosen
+
+
 def build_model(
     arch: Arch | str,
     size: Size | str = Size.FULL,
@@ -404,6 +515,7 @@ def build_model(
     seed: int = 0,
     input_names: Sequence[str] | None = None,
     fixed_batch: bool = False,
+    weights: Weights | str | None = None,
 ) -> onnx.ModelProto:
     """Build a stand-in model with the real architecture and seeded, input-sensitive weights.
 
@@ -415,17 +527,21 @@ def build_model(
             (some exports use ``("visual_input", "audio_input")``). Audio encoder: one
             name, default ``("mel",)``.
         fixed_batch: batch axis fixed to 1 instead of the dynamic axis ``"batch"``.
+        weights: UNet only: ``Weights.FACE`` (the default: behaves like a trained generator)
+            or ``Weights.RANDOM``. None: the arch's default (the other archs: RANDOM only).
 
     Returns:
         An opset-17 model that passes ``onnx.checker``, with no BatchNormalization nodes.
 
     Raises:
-        InputError: unknown arch or size, a negative seed, or bad ``input_names``.
+        InputError: unknown arch, size or weights, a negative seed, bad ``input_names``, or
+            ``Weights.FACE`` for an arch other than the UNet.
     """
     try:
         arch, size = Arch(arch), Size(size)
     except ValueError as exc:
         raise InputError(f"expected an Arch and a Size, got {arch!r}, {size!r}: {exc}") from exc
+    weights = _check_weights(arch, weights)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     names = _check_names(arch, input_names)
@@ -441,19 +557,20 @@ def build_model(
         model = b.model(_outputs(arch, batch), "identity")
     else:
         rng = np.random.default_rng(seed)
-        calib = _Builder(rng)
+        plan = face.FacePlan(int(seed)) if weights is Weights.FACE else None
+        calib = _Builder(rng, plan=plan)
         _network(calib, arch, size, names, BATCH_AXIS)
         stat_outputs = [
             helper.make_tensor_value_info(s, TensorProto.FLOAT, None) for s in calib.stat_names
         ]
         calib_model = calib.model(_outputs(arch, BATCH_AXIS) + stat_outputs, "calibration")
-        feeds = _calibration_feeds(arch, rng)
+        feeds = _calibration_feeds(arch, rng, weights)
         stats = _run_calibration(calib_model, list(names), feeds, calib.stat_names)
         infer = _Builder(rng=None, folded=_fold(calib.convs, stats))
         _network(infer, arch, size, names, batch)
         model = infer.model(_outputs(arch, batch), arch.value.replace("-", "_"))
 
-    meta = {"arch": arch.value, "size": size.value, "seed": str(seed)}
+    meta = {"arch": arch.value, "size": size.value, "seed": str(seed), "weights": weights.value}
     for key, value in meta.items():
         model.metadata_props.add(key=f"lipsync_ray.{key}", value=value)
     onnx.checker.check_model(model)

@@ -59,7 +59,9 @@ def astronaut_frame() -> np.ndarray:
 
 def standin_prediction(crop328: np.ndarray, workdir: Path) -> np.ndarray:
     """uint8 (320, 320, 3) BGR patch of the small untrained stand-in UNet."""
-    model = save_model(build_model(Arch.UNET328, Size.SMALL, seed=0), workdir / "unet.onnx")
+    model = save_model(
+        build_model(Arch.UNET328, Size.SMALL, seed=0, weights="random"), workdir / "unet.onnx"
+    )
     session = GeneratorSession(model, SessionOptions(providers=(Provider.CPU,)))
     audio = np.random.default_rng(0).normal(0.0, 1.0, (1, 32, 16, 16)).astype(np.float32)
     return prediction_to_uint8(session.run(model_visual_input(crop328[None]), audio))[0]

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.errors import InputError
-from lipsync_ray.models import Arch, ModelStats, Size, build_model, model_stats, save_model
+from lipsync_ray.models import Arch, ModelStats, Size, Weights, build_model, model_stats, save_model
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -31,6 +31,11 @@ def small_unet() -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
+def small_random_unet() -> onnx.ModelProto:
+    return build_model(Arch.UNET328, Size.SMALL, weights=Weights.RANDOM)
+
+
+@pytest.fixture(scope="module")
 def full_encoder() -> onnx.ModelProto:
     return build_model(Arch.AUDIO_ENCODER, Size.FULL)
 
@@ -41,10 +46,13 @@ def small_encoder() -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def models(full_unet, small_unet, full_encoder, small_encoder) -> dict[str, onnx.ModelProto]:
+def models(
+    full_unet, small_unet, small_random_unet, full_encoder, small_encoder
+) -> dict[str, onnx.ModelProto]:
     return {
         "full_unet": full_unet,
         "small_unet": small_unet,
+        "small_random_unet": small_random_unet,
         "full_encoder": full_encoder,
         "small_encoder": small_encoder,
         "identity": build_model(Arch.IDENTITY),
@@ -145,7 +153,8 @@ def test_model_stats_counts_conv_macs_by_hand():
 
 
 @pytest.mark.parametrize(
-    "name", ["full_unet", "small_unet", "full_encoder", "small_encoder", "identity"]
+    "name",
+    ["full_unet", "small_unet", "small_random_unet", "full_encoder", "small_encoder", "identity"],
 )
 def test_models_are_clean_inference_graphs(models, name):
     model = models[name]
@@ -209,7 +218,7 @@ def test_fixed_batch_other_archs(arch):
 # ---------------------------------------------------------------------------- weights
 
 
-@pytest.mark.parametrize("name", ["small_unet", "full_unet"])
+@pytest.mark.parametrize("name", ["small_unet", "full_unet", "small_random_unet"])
 def test_unet_output_follows_its_inputs(models, name):
     session = _session(models[name])
     v1, v2, a1, a2 = _visual(10, 2), _visual(11, 2), _audio(20, 2), _audio(21, 2)
@@ -221,6 +230,61 @@ def test_unet_output_follows_its_inputs(models, name):
     assert np.mean((base < 0.02) | (base > 0.98)) < 0.05  # not saturated
     assert np.abs(base - other_image).mean() > 0.02
     assert np.abs(base - other_audio).mean() > 0.01
+
+
+def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10.0 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+@pytest.mark.parametrize(
+    ("name", "roi_db", "border_db"),
+    # Measured (seed 0): full ~34 / ~36 dB, small ~19.7 / ~21.6 dB. SMALL's up5 has 2 output
+    # channels, so it keeps luma and red-minus-blue only, and these test images vary each
+    # colour independently. Random weights: about 12 dB.
+    [("full_unet", 30.0, 32.0), ("small_unet", 17.0, 19.0), ("small_random_unet", None, None)],
+)
+def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
+    visual, audio = _visual(30, 2), _audio(31, 2)
+    out = _session(models[name]).run(["output"], {"input": visual, "audio": audio})[0]
+    roi = visual[:, :3]
+    border = np.ones((320, 320), bool)
+    border[5:310, 5:315] = False  # what the masked copy still shows
+    whole, outside = _psnr_db(out, roi), _psnr_db(out[..., border], roi[..., border])
+    if roi_db is None:
+        assert whole < 15.0 and outside < 15.0
+    else:
+        assert whole > roi_db and outside > border_db
+
+
+def test_face_weights_survive_int8(tmp_path, small_unet, small_random_unet):
+    """INT8 passes the 35 dB gate with FACE weights; random weights are too chaotic for it."""
+    from lipsync_ray.precision import Precision, quality_gate, quantize_int8
+
+    rng = np.random.default_rng(40)
+    visual = (_visual(40, 10).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    rows = np.maximum(rng.standard_normal((12, 18, 512)), 0)
+    windows = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 3  # 16 smoothed feature rows
+    audio = windows.reshape(12, 32, 16, 16).astype(np.float32)  # the windows' layout
+    psnr = {}
+    for name, model in (("face", small_unet), ("random", small_random_unet)):
+        fp32 = save_model(model, tmp_path / f"{name}.onnx")
+        int8 = quantize_int8(fp32, tmp_path / f"{name}-int8.onnx", visual[:6], audio[:6])
+        gate = quality_gate(fp32, int8, visual[6:], audio[6:10], precision=Precision.INT8)
+        psnr[name] = gate.psnr_db
+    assert psnr["face"] >= 35.0 and psnr["random"] < 30.0, psnr
+
+
+def test_weights_default_and_metadata(full_encoder, small_unet, small_random_unet):
+    def meta(model):
+        return {p.key: p.value for p in model.metadata_props}["lipsync_ray.weights"]
+
+    assert meta(small_unet) == "face" and meta(small_random_unet) == "random"
+    assert meta(full_encoder) == "random"
+    same = build_model(Arch.UNET328, Size.SMALL, weights="face")
+    assert same.SerializeToString() == small_unet.SerializeToString()
+    other = build_model(Arch.UNET328, Size.SMALL, seed=1)
+    a, b = (numpy_helper.to_array(m.graph.initializer[0]) for m in (small_unet, other))
+    assert not np.array_equal(a, b)
 
 
 def test_encoder_features_follow_the_mel(full_encoder):
@@ -278,6 +342,9 @@ def test_identity_returns_the_roi_exactly(names):
         ({"arch": "vae"}, "expected an Arch"),
         ({"arch": Arch.UNET328, "size": "huge"}, "expected an Arch and a Size"),
         ({"arch": Arch.UNET328, "seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"arch": Arch.UNET328, "weights": "pretty"}, "weights must be one of random|face"),
+        ({"arch": Arch.AUDIO_ENCODER, "weights": Weights.FACE}, "random weights only"),
+        ({"arch": Arch.IDENTITY, "weights": "face"}, "random weights only"),
     ],
 )
 def test_bad_options_raise_input_error(kwargs, match):

@@ -76,7 +76,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("precision-models")
     return {
         "unet": save_model(build_model(Arch.UNET328, Size.SMALL, seed=0), root / "unet.onnx"),
-        "other": save_model(build_model(Arch.UNET328, Size.SMALL, seed=1), root / "other.onnx"),
+        "other": save_model(
+            build_model(Arch.UNET328, Size.SMALL, seed=1, weights="random"), root / "other.onnx"
+        ),
         "encoder": save_model(
             build_model(Arch.AUDIO_ENCODER, Size.SMALL, seed=0), root / "encoder.onnx"
         ),
