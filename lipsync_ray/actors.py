@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # An output frame's audio window spans feature rows [i - 8, i + 8).
 AUDIO_CONTEXT = 8
+# ``describe`` runs in its own thread group, so the driver can ask whether an actor is alive
+# even while a chunk (perhaps a hung one) occupies its main thread.
+CONCURRENCY_GROUPS = {"control": 1}
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ class InferenceActor:
         self.info = _actor_info("inference", self.session.providers, self.session.threads)
         log.info("inference actor ready: %s", self.info)
 
+    @ray.method(concurrency_group="control")
     def describe(self) -> ActorInfo:
         return self.info
 
@@ -203,6 +208,7 @@ class CompositorActor:
         self.encode = replace(encode, threads=threads)
         self.info = _actor_info("compositor", threads=threads)
 
+    @ray.method(concurrency_group="control")
     def describe(self) -> ActorInfo:
         return self.info
 

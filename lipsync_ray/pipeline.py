@@ -40,6 +40,7 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.actors import (
     AUDIO_CONTEXT,
+    CONCURRENCY_GROUPS,
     ChunkResult,
     ChunkSpec,
     CompositorActor,
@@ -132,6 +133,7 @@ class _Task:
     compositor: int
     predictions: object  # ObjectRef[Predictions]
     system_failures: int = 0  # lost workers or nodes; not counted against max_retries
+    timed_out: bool = False  # its actor was restarted because the chunk hung
 
 
 @dataclass(frozen=True)
@@ -228,8 +230,8 @@ class Renderer:
         prepared = self._prepare_model(None)
         model = str(prepared.path.resolve())
         session = prepared.session_options(config.session)
-        inference_cls = ray.remote(InferenceActor)
-        compositor_cls = ray.remote(CompositorActor)
+        inference_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
+        compositor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(CompositorActor)
         self._inference = [
             inference_cls.options(
                 num_cpus=pool.cpus_per_inference_actor,
@@ -550,31 +552,35 @@ class Renderer:
                 # Bad input (a model that outputs NaN, say) fails the same way every time.
                 raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
             if _is_system_failure(ray, cause):
-                # The machinery failed (a worker or node died), not the chunk: wait for the
-                # actors to come back (bounded by their max_restarts), then run it again.
+                # The machinery failed (a worker or node died, or we restarted a hung actor):
+                # wait for the actors to come back (bounded by their max_restarts) first.
+                self._await_actors(task)
+            if _is_system_failure(ray, cause) and not task.timed_out:
+                # Not the chunk's fault: run it again without using its retry budget.
                 task.system_failures += 1
                 if task.system_failures > SYSTEM_RETRIES:
                     raise RenderError(
                         f"{chunk}: its workers died {task.system_failures} times; last: "
                         f"{_short(cause)}"
                     )
-                self._await_actors(task)
                 log.warning("%s lost its worker (%s); running it again", chunk, _short(cause))
                 retries += 1
                 retry.append((task.spec, task.attempt, task.system_failures))
                 return
-            if task.attempt >= pool.max_retries:
-                raise RenderError(
-                    f"{chunk} failed {task.attempt + 1} times; last error: {_short(cause)}"
-                )
-            retries += 1
-            log.warning(
-                "%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, _short(cause)
+            reason = (
+                f"no result within {pool.chunk_timeout_s:g} s (hung)"
+                if task.timed_out
+                else _short(cause)
             )
+            if task.attempt >= pool.max_retries:
+                raise RenderError(f"{chunk} failed {task.attempt + 1} times; last error: {reason}")
+            retries += 1
+            log.warning("%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, reason)
             retry.append((task.spec, task.attempt + 1, task.system_failures))
 
         pending = iter(specs)
         exhausted = False
+        last_progress = time.monotonic()
         while True:
             while len(inflight) < limit:
                 if retry:
@@ -612,9 +618,16 @@ class Renderer:
                 quality.seams.extend(result.seam_scores)
                 progress.update(result.shard.rows)
             now = time.monotonic()
-            for task in list(inflight.values()):
-                if now - task.submitted <= pool.chunk_timeout_s:
-                    continue
+            if ready:
+                last_progress = now
+            # "No progress": no chunk finished within the timeout. The oldest chunk in flight
+            # is the one holding the others up.
+            oldest = min(inflight.values(), key=lambda t: t.submitted, default=None)
+            if (
+                oldest is not None
+                and now - max(oldest.submitted, last_progress) > pool.chunk_timeout_s
+            ):
+                task = oldest
                 # A hung chunk: restart the actor that holds it (Ray cannot interrupt a running
                 # method of a threaded actor); its tasks fail with RayActorError and are retried.
                 done, _ = ray.wait([task.predictions], timeout=0)
@@ -622,9 +635,11 @@ class Renderer:
                 index = task.compositor if done else task.inference
                 log.warning(
                     "%s made no progress for %.0f s; restarting its actor",
-                    task.spec.describe(), now - task.submitted,
+                    task.spec.describe(), now - max(task.submitted, last_progress),
                 )  # fmt: skip
                 ray.kill(actors[index], no_restart=False)
+                last_progress = now  # the restart is an event: the others get a full timeout
+                task.timed_out = True
                 task.submitted = now  # its failure arrives through ray.wait
         return timings, cpu, retries, quality
 
@@ -816,6 +831,9 @@ def init_ray(ray, address: str | None) -> None:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return
     ray.init(
+        # "local": always a new cluster, even when a `ray start` cluster runs on this machine
+        # (ray.init() would otherwise join it); --address auto joins one on purpose.
+        address="local",
         include_dashboard=False,
         dashboard_host="127.0.0.1",
         log_to_driver=False,

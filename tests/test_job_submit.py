@@ -36,7 +36,16 @@ def _free_port() -> int:
 
 def _ray(*args: str, env: dict, timeout: float = 300, check: bool = True):
     exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    result = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    deadline = time.monotonic() + 180
+    while True:
+        result = subprocess.run(
+            [exe, *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        # The head's job agent can come up seconds after the dashboard answers `job list`.
+        busy = "No available agent to submit job" in result.stdout + result.stderr
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     if check and result.returncode != 0:
         raise AssertionError(
             f"ray {' '.join(args[:2])} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
