@@ -102,7 +102,7 @@ def test_identity_round_trip_psnr():
     x1, y1, x2, y2 = box
     err = out[y1:y2, x1:x2].astype(np.float64) - frame[y1:y2, x1:x2]
     psnr = 10 * np.log10(255.0**2 / np.mean(err**2))
-    assert psnr > 30.0, psnr  # measured ~36 dB on this smooth random texture
+    assert psnr > 50.0, psnr  # measured 61.3 dB: only the truncation to uint8 and two resizes
 
 
 def test_prediction_to_uint8_truncates_and_clips():
