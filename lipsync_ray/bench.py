@@ -175,6 +175,8 @@ class RenderBench:
     tree_cpu_ms_per_frame: float  # all processes: driver, raylet, GCS, workers
     peak_pss_mb: float
     peak_rss_mb: float
+    frames_generated: int = 0  # frames that went through the generator (silence skips some)
+    precision: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -202,6 +204,7 @@ def bench_render(
     work_root: str | Path | None = None,
     bare: bool = True,
     batch_size: int | None = None,
+    pause_every_s: float | None = None,
 ) -> RenderBench:
     """Render a generated avatar with ``seconds`` of speech; measure it against bare inference.
 
@@ -212,6 +215,8 @@ def bench_render(
             replaced); None: the defaults.
         bare: measure bare inference first (same threads, batches ``batches``) and render with
             the best batch.
+        pause_every_s: insert one second of silence every this many seconds of speech (to
+            measure silence passthrough); None: continuous speech.
     """
     from lipsync_ray.audio import synth_speech, write_audio
     from lipsync_ray.config import RenderConfig
@@ -225,7 +230,12 @@ def bench_render(
         unet = _resolve_model(model, root)
         encoder = save_model(build_model(Arch.AUDIO_ENCODER, Size.FULL, seed=0), root / "enc.onnx")
         avatar = make_demo_avatar(root / "avatar", seconds=avatar_seconds, size_wh=size_wh)
-        speech = write_audio(root / "speech.wav", synth_speech(seconds, seed=0))
+        samples = synth_speech(seconds, seed=0)
+        if pause_every_s:
+            step = int(pause_every_s * 16_000)
+            for start in range(step, len(samples), step + 16_000):
+                samples[start : start + 16_000] = 0.0
+        speech = write_audio(root / "speech.wav", samples)
         config = config or RenderConfig(model=str(unet), audio_encoder=str(encoder))
         config = replace(config, model=str(unet), audio_encoder=str(encoder), features=None)
         cpus = os.cpu_count() or 1
@@ -262,6 +272,8 @@ def bench_render(
             tree_cpu_ms_per_frame=1000.0 * monitor.cpu_s / frames,
             peak_pss_mb=monitor.peak_pss_bytes / 2**20,
             peak_rss_mb=monitor.peak_rss_bytes / 2**20,
+            frames_generated=report.frames_generated,
+            precision=dict(report.precision),
             settings={**report.settings, "threads": threads, "cpus": cpus},
         )
     finally:

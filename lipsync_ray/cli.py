@@ -400,7 +400,9 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
     from lipsync_ray.bench import bench_render, reference_pipeline
     from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
     from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.precision import Precision
     from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.vad import SilenceOptions
 
     config = RenderConfig(
         model="-",
@@ -414,13 +416,15 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
         encode=EncodeOptions(crf=args.crf, preset=args.preset),
         encode_mode=EncodeMode(args.encode_mode),
         shard_codec=ShardCodec(args.shard_codec),
+        precision=Precision.parse(args.precision),
+        silence=SilenceOptions() if args.silence_passthrough else None,
     )
     runs, batch = [], None
     for i, seconds in enumerate(args.seconds):
         result = bench_render(
             args.model, seconds, config=config, avatar_seconds=args.avatar_seconds,
             size_wh=args.size, batches=args.batch, bare=i == 0 and not args.no_bare,
-            batch_size=batch,
+            batch_size=batch, pause_every_s=args.pause_every,
         )  # fmt: skip
         batch = result.bare_batch
         runs.append(result)
@@ -471,6 +475,8 @@ def _print_render_bench(r, first) -> None:
         print(f"ratio end-to-end / bare inference: {ratio:.3f}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
     print(f"CPU ms/frame by stage: {stages}")
+    print(f"frames generated: {r.frames_generated} of {r.frames}; precision: "
+          f"{r.precision.get('precision', 'fp32')} {r.precision.get('gate') or ''}")  # fmt: skip
     print(f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f}")
     print(
         f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
@@ -584,6 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--encode-mode", choices=["segments", "single"], default="segments")
     b.add_argument("--preset", default="veryfast")
     b.add_argument("--crf", type=int, default=20)
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16", "auto"],
+        default="fp32",
+        help="generator precision (the bare figure stays FP32)",
+    )
+    b.add_argument("--silence-passthrough", action="store_true")
+    b.add_argument(
+        "--pause-every",
+        type=float,
+        default=None,
+        help="insert 1 s of silence every this many seconds of speech",
+    )
     b.add_argument(
         "--reference",
         action="store_true",
