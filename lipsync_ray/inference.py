@@ -227,6 +227,9 @@ def _open(path: Path, options: SessionOptions, cpus: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads sleep instead of spinning: in a render they share the CPUs with the
+    # compositors, and spinning threads burn what compositing needs.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.graph_optimization
