@@ -60,7 +60,13 @@ from lipsync_ray.inference import (
 )
 from lipsync_ray.precision import Precision, PreparedModel, calibration_features, prepare_model
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes
-from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
+from lipsync_ray.shards import (
+    Manifest,
+    file_sha256,
+    iter_shard_frames,
+    shard_metadata,
+    shard_path,
+)
 from lipsync_ray.vad import passthrough_weights
 
 __all__ = ["Renderer", "plan_chunks", "render"]
@@ -86,14 +92,6 @@ def padded_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
     a, b = max(lo, 0), min(hi, len(features))
     rows[a - lo : b - lo] = features[a:b]
     return rows
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Progress:
@@ -199,7 +197,7 @@ class Renderer:
 
     def _hash_avatar(self) -> str:
         root = Path(self.avatar.path)
-        parts = [_sha256(root / "avatar.json")]
+        parts = [file_sha256(root / "avatar.json")]
         parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(root.iterdir()) if p.is_file()]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -279,7 +277,7 @@ class Renderer:
                     session=config.session if gpu else None,
                 )
                 log.info("generator precision: %s", self._prepared.to_dict())
-            self._model_sha = _sha256(self._prepared.path)
+            self._model_sha = file_sha256(self._prepared.path)
         return self._prepared
 
     def _await_actors(self, task: _Task) -> None:
