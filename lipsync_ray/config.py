@@ -66,15 +66,25 @@ class PoolConfig:
     def in_flight(self) -> int:
         return self.max_chunks_in_flight or 2 * self.inference_actors + 1
 
-    def resolved(self, cluster_cpus: float, cluster_gpus: float) -> PoolConfig:
-        """Fill the automatic fields from the cluster's resources."""
+    def resolved(
+        self, cluster_cpus: float, cluster_gpus: float, *, cpu_step: float = 0.25
+    ) -> PoolConfig:
+        """Fill the automatic fields from the cluster's resources.
+
+        The CPUs left after the compositors are split between the inference actors, rounded
+        down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
+        four actors on two CPUs get 0.25 CPU (one thread) each rather than waiting forever
+        for CPUs that do not exist.
+        """
         gpus = self.gpus_per_actor
         if gpus is None:
             gpus = 0.25 if cluster_gpus > 0 else 0.0
         cpus = self.cpus_per_inference_actor
         if cpus is None:
-            spare = cluster_cpus - self.compositors * self.cpus_per_compositor
-            cpus = max(1.0, math.floor(spare / self.inference_actors * 4) / 4)
+            share = (cluster_cpus - self.compositors * self.cpus_per_compositor) / max(
+                self.inference_actors, 1
+            )
+            cpus = round(max(cpu_step, math.floor(share / cpu_step + 1e-9) * cpu_step), 4)
         return replace(self, gpus_per_actor=gpus, cpus_per_inference_actor=cpus)
 
 

@@ -140,18 +140,14 @@ def fit_pool(pool: PoolConfig, cluster_cpus: float, cluster_gpus: float) -> tupl
             f"needs {gpus * pool.inference_actors:g} GPUs, the cluster has {cluster_gpus:g}"
         )
     compositor_cpus = pool.compositors * pool.cpus_per_compositor
-    cpus = pool.cpus_per_inference_actor
-    if cpus is None:
-        share = (cluster_cpus - compositor_cpus) / pool.inference_actors
-        cpus = math.floor(share / CPU_STEP + 1e-9) * CPU_STEP
-        if cpus < CPU_STEP:
-            return pool, (
-                f"compositors take {compositor_cpus:g} of {cluster_cpus:g} CPUs; none left for "
-                f"{pool.inference_actors} inference actor(s)"
-            )
-        cpus = round(cpus, 4)
-    pool = replace(pool, cpus_per_inference_actor=cpus)
-    needed = pool.inference_actors * cpus + compositor_cpus
+    share = (cluster_cpus - compositor_cpus) / pool.inference_actors
+    if pool.cpus_per_inference_actor is None and share < CPU_STEP - 1e-9:
+        return pool, (
+            f"compositors take {compositor_cpus:g} of {cluster_cpus:g} CPUs; none left for "
+            f"{pool.inference_actors} inference actor(s)"
+        )
+    pool = pool.resolved(cluster_cpus, cluster_gpus, cpu_step=CPU_STEP)
+    needed = pool.inference_actors * pool.cpus_per_inference_actor + compositor_cpus
     if needed > cluster_cpus + 1e-9:
         return pool, f"needs {needed:g} CPUs, the cluster has {cluster_cpus:g}"
     return pool, ""
