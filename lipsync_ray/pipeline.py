@@ -603,11 +603,12 @@ class Renderer:
                     continue
                 if result.segment is not None:
                     manifest.record_segment(result.segment)
-                manifest.record(result.shard)
-                if result.segment is not None and not self.config.keep_shards:
-                    # Consumed: the segment now carries the chunk, and the manifest both
-                    # checksums. Disk use stays bounded by the chunks in flight.
-                    manifest.release_shard(result.shard.chunk)
+                # Released once recorded (without --keep-shards): the segment carries the
+                # chunk, and disk use stays bounded by the chunks in flight.
+                manifest.record(
+                    result.shard,
+                    release=result.segment is not None and not self.config.keep_shards,
+                )
                 for k, v in result.timings_s.items():
                     timings[k] = timings.get(k, 0.0) + v
                 for k, v in result.cpu_s.items():

@@ -265,9 +265,15 @@ class Manifest:
                 path=path,
             ) from exc
 
-    def record(self, info: ShardInfo) -> None:
+    def record(self, info: ShardInfo, *, release: bool = False) -> None:
+        """Record a complete shard (and its segment, noted before). With ``release`` the shard
+        file is deleted once the record is saved: its segment now carries the chunk."""
         self.chunks[info.chunk] = info
-        self.save()
+        if release:
+            self.released.add(info.chunk)
+        self.save()  # first the record, then the deletion: a crash between leaves a file
+        if release:
+            (self.work_dir / info.file).unlink(missing_ok=True)
 
     def record_segment(self, info: ShardInfo) -> None:
         """Note a chunk's segment; saved together with the chunk's shard by :meth:`record`."""
@@ -290,14 +296,6 @@ class Manifest:
             self.segments[chunk] = info
         else:
             self.record(info)
-
-    def release_shard(self, chunk: int) -> None:
-        """Delete a chunk's shard once its segment is recorded; the chunk stays complete."""
-        info = self.chunks.get(chunk)
-        if info is not None:
-            self.released.add(chunk)
-            self.save()  # first the record, then the deletion: a crash between leaves a file
-            (self.work_dir / info.file).unlink(missing_ok=True)
 
     def forget(self, chunk: int) -> None:
         dropped = self.chunks.pop(chunk, None), self.segments.pop(chunk, None)
