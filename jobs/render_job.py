@@ -11,33 +11,9 @@ the output's directory on storage every node mounts at the same path.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 
-from lipsync_ray.cli import add_render_args, config_from_args
-from lipsync_ray.errors import LipsyncError
-from lipsync_ray.pipeline import render
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_render_args(parser)
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = render(args.avatar, args.audio, args.output, config_from_args(args))
-    except LipsyncError as exc:
-        if args.debug:
-            raise
-        print(f"render_job: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(report.summary())
-    print(json.dumps({"fps": report.fps, "frames": report.frames, "output": report.output}))
-    return 0
-
+from lipsync_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["render", *sys.argv[1:]]))
