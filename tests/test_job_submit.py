@@ -64,11 +64,18 @@ def head(tmp_path_factory):
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
     )
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
     try:
-        _ray("start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
-             "--disable-usage-stats", env=env)  # fmt: skip
+        # A port found free can be taken by another process before the head binds it (Ray's
+        # own processes draw from the same range): try again with new ports.
+        for attempt in range(3):
+            port, dashboard = _free_port(), _free_port()
+            started = _ray("start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                           "--num-cpus=2", "--disable-usage-stats", env=env,
+                           check=attempt == 2)  # fmt: skip
+            if started.returncode == 0:
+                break
+            _ray("stop", "--force", env=env, check=False, timeout=120)
         url = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
         while _ray("job", "list", "--address", url, env=env, check=False).returncode != 0:
