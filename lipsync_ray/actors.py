@@ -21,7 +21,7 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.composite import BlendOptions, blend_frame, crossfade_frame, prediction_to_uint8
+from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
 from lipsync_ray.encode import EncodeOptions, encode_segment
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 from lipsync_ray.report import ActorInfo
@@ -95,6 +95,9 @@ class JobContext:
     fingerprint: str
     codec: ShardCodec
     segments: bool  # also encode the chunk's H.264 segment
+    # Checksum shards for the manifest; off when each shard is deleted as soon as its segment
+    # is recorded (its checksum would never be read).
+    shard_checksums: bool = True
     blend: BlendOptions = field(default_factory=BlendOptions)
     seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
 
@@ -167,6 +170,9 @@ class InferenceActor:
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
         self.info = _actor_info("inference", self.session.providers, self.session.threads)
+        # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
+        self._visual = np.empty((0, 320, 320, 6), np.uint8)
+        self._images = np.empty((0, 320, 320, 3), np.uint8)
         log.info("inference actor ready: %s", self.info)
 
     @ray.method(concurrency_group="control")
@@ -175,10 +181,16 @@ class InferenceActor:
 
     def infer(self, spec: ChunkSpec) -> Predictions:
         clock = _StageClock()
-        visual = self.avatar.read_visual_inputs(spec.avatar_indices)
+        if len(self._visual) < spec.frames:
+            self._visual = np.empty((spec.frames, 320, 320, 6), np.uint8)
+            self._images = np.empty((spec.frames, 320, 320, 3), np.uint8)
+        visual = self.avatar.read_visual_inputs(spec.avatar_indices, self._visual[: spec.frames])
         audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
         clock.lap("model_input")
-        out = np.zeros((spec.frames, 320, 320, 3), dtype=np.uint8)
+        # Returning copies it into the object store, so the buffer is free again afterwards.
+        out = self._images[: spec.frames]
+        if spec.weights is not None:
+            out[:] = 0  # frames that skip inference
         rows = np.arange(spec.frames) if spec.weights is None else np.flatnonzero(spec.weights > 0)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
@@ -192,11 +204,13 @@ class InferenceActor:
 
 
 class CompositorActor:
-    """Pastes predictions into avatar frames and writes one shard per chunk; encodes shards
-    into H.264 segments.
+    """Pastes predictions into avatar frames, writes one shard per chunk and encodes the
+    chunk's H.264 segment.
 
     One actor serves every render of a :class:`~lipsync_ray.pipeline.Renderer` (same avatar,
     same encoder settings); where to write comes with each chunk in a :class:`JobContext`.
+    The chunk's frames live in one buffer reused from chunk to chunk: a fresh 180 MB array
+    per chunk costs ~45,000 page faults, several ms per frame on a VM.
     """
 
     def __init__(self, avatar: str, encode: EncodeOptions, cpus: float) -> None:
@@ -207,31 +221,41 @@ class CompositorActor:
         self.avatar = Avatar.open(avatar)
         self.encode = replace(encode, threads=threads)
         self.info = _actor_info("compositor", threads=threads)
+        self._buffer = np.empty((0, 0, 0, 3), np.uint8)
 
     @ray.method(concurrency_group="control")
     def describe(self) -> ActorInfo:
         return self.info
 
+    def _frames(self, count: int) -> np.ndarray:
+        """A C-contiguous uint8 (count, H, W, 3) view of the reused chunk buffer."""
+        w, h = self.avatar.size_wh
+        if len(self._buffer) < count or self._buffer.shape[1:3] != (h, w):
+            self._buffer = np.empty((count, h, w, 3), np.uint8)
+        return self._buffer[:count]
+
     def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
+        """Composite the chunk, write its shard and (``job.segments``) its H.264 segment."""
         clock = _StageClock()
         idx = spec.avatar_indices
-        frames = self.avatar.read_frames(idx)
+        frames = self.avatar.read_frames(idx, out=self._frames(spec.frames))
         crops = self.avatar.read_crops(idx)
         boxes = self.avatar.boxes(idx)
         clock.lap("decode")
-        out, seams = [], []
+        seams = []
         weights = spec.weights
         generated = 0
         for i in range(spec.frames):
             w = 1.0 if weights is None else float(weights[i])
             if w <= 0.0:
-                out.append(frames[i])  # silence passthrough: the avatar frame itself
-                continue
-            frame = blend_frame(frames[i], boxes[i], crops[i], predictions.images[i], job.blend)
+                continue  # silence passthrough: the avatar frame itself
+            original = None if w >= 1.0 else frames[i].copy()
+            blend_into(frames[i], boxes[i], crops[i], predictions.images[i], job.blend)
             if job.seam_every and generated % job.seam_every == 0:
-                seams.append(_seam(frame, boxes[i]))
+                seams.append(_seam(frames[i], boxes[i]))
             generated += 1
-            out.append(frame if w >= 1.0 else crossfade_frame(frame, frames[i], w))
+            if original is not None:
+                frames[i] = crossfade_frame(frames[i], original, w)
         clock.lap("composite")
         work_dir = Path(job.work_dir)
         shard = write_shard(
@@ -239,37 +263,45 @@ class CompositorActor:
             spec.chunk,
             np.arange(spec.start, spec.stop),
             idx,
-            out,
+            frames,
             job.codec,
             job.fingerprint,
             work_dir,
+            checksum=job.shard_checksums,
         )
         clock.lap("shard_write")
+        segment = None
+        if job.segments:
+            segment = self._encode_segment(spec, frames, shard, work_dir, job, clock)
         return ChunkResult(
             shard=shard,
-            segment=None,
+            segment=segment,
             timings_s={**predictions.timings_s, **clock.wall},
             cpu_s={**predictions.cpu_s, **clock.cpu},
             generated=generated,
             seam_scores=tuple(s for s in seams if s is not None),
         )
 
-    def encode_chunk(self, spec: ChunkSpec, shard: ChunkResult, job: JobContext) -> ChunkResult:
-        """Encode a written shard into the chunk's video-only H.264 segment.
-
-        The shard is the hand-over between compositing and encoding: the segment is made from
-        the frames as stored (read back from the page cache for raw shards), so what the MP4
-        shows is exactly what the shard records.
-        """
-        clock = _StageClock()
-        work_dir = Path(job.work_dir)
-        frames = list(iter_shard_frames(work_dir / shard.shard.file, range(spec.start, spec.stop)))
-        clock.lap("shard_read")
+    def _encode_segment(
+        self,
+        spec: ChunkSpec,
+        frames: np.ndarray,
+        shard: ShardInfo,
+        work_dir: Path,
+        job: JobContext,
+        clock: _StageClock,
+    ) -> ShardInfo:
+        """Encode the chunk's video-only H.264 segment from the frames as the shard stores
+        them: raw shards hold the buffer's bytes exactly; lossy ones are read back first."""
+        if job.codec is not ShardCodec.RAW:
+            expected = range(spec.start, spec.stop)
+            frames = list(iter_shard_frames(work_dir / shard.file, expected))
+            clock.lap("shard_read")
         path = segment_path(work_dir, spec.chunk)
         path.parent.mkdir(parents=True, exist_ok=True)
         written = encode_segment(frames, path, self.encode)
         clock.lap("encode")
-        segment = ShardInfo(
+        return ShardInfo(
             chunk=spec.chunk,
             start=spec.start,
             stop=spec.stop,
@@ -277,12 +309,6 @@ class CompositorActor:
             sha256=file_sha256(path),
             bytes=path.stat().st_size,
             file=str(path.relative_to(work_dir)),
-        )
-        return replace(
-            shard,
-            segment=segment,
-            timings_s={**shard.timings_s, **clock.wall},
-            cpu_s={**shard.cpu_s, **clock.cpu},
         )
 
 

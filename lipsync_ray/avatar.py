@@ -159,17 +159,26 @@ class Avatar:
         """Crop boxes of the given avatar frames: new int32 (k, 4) array, xyxy pixels."""
         return self.info.boxes[self._check_indices(indices)]
 
-    def read_frames(self, indices: np.ndarray | Iterable[int]) -> np.ndarray:
-        """Full frames: new uint8 (k, H, W, 3) BGR array. Indices may repeat and jump."""
-        return self._gather("frames", indices)
+    def read_frames(
+        self, indices: np.ndarray | Iterable[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Full frames: uint8 (k, H, W, 3) BGR. Indices may repeat and jump.
+
+        ``out``: a C-contiguous uint8 (k, H, W, 3) array to fill and return (a compositor
+        reuses one buffer per chunk: fresh 180 MB arrays cost page faults on every chunk);
+        None: a new array."""
+        return self._gather("frames", indices, out)
 
     def read_crops(self, indices: np.ndarray | Iterable[int]) -> np.ndarray:
         """328x328 face crops: new uint8 (k, 328, 328, 3) BGR array."""
         return self._gather("crops", indices)
 
-    def read_visual_inputs(self, indices: np.ndarray | Iterable[int]) -> np.ndarray:
-        """Generator visual inputs: new uint8 (k, 320, 320, 6) array (ROI BGR, masked ROI BGR)."""
-        return self._gather("visual_inputs", indices)
+    def read_visual_inputs(
+        self, indices: np.ndarray | Iterable[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Generator visual inputs: uint8 (k, 320, 320, 6) (ROI BGR, masked ROI BGR), in
+        ``out`` when given (as :meth:`read_frames`), else a new array."""
+        return self._gather("visual_inputs", indices, out)
 
     def _check_indices(self, indices: np.ndarray | Iterable[int]) -> np.ndarray:
         idx = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))
@@ -194,23 +203,34 @@ class Avatar:
             self._maps[name] = arr
         return arr
 
-    def _gather(self, name: str, indices: np.ndarray | Iterable[int]) -> np.ndarray:
+    def _gather(
+        self, name: str, indices: np.ndarray | Iterable[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
         # Each distinct contiguous run of frames is read from the map once (one sequential
-        # read), then scattered to every output position that uses it (ping-pong repeats).
+        # read), then copied to every output position that uses it (ping-pong repeats).
         idx = self._check_indices(indices)
         arr = self._array(name)
+        shape = (idx.size, *arr.shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=arr.dtype)
+        elif out.shape != shape or out.dtype != arr.dtype or not out.flags.c_contiguous:
+            raise InputError(
+                f"{name}: expected a C-contiguous {arr.dtype} {shape} buffer, got "
+                f"{out.dtype} {out.shape}",
+                path=self.info.path,
+            )
         if idx.size == 0:
-            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+            return out
         first = int(idx[0])
         if np.array_equal(idx, np.arange(first, first + idx.size)):
-            return np.array(arr[first : first + idx.size])
-        out = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
+            np.copyto(out, arr[first : first + idx.size])
+            return out
         uniq, inverse = np.unique(idx, return_inverse=True)
         run_starts = np.concatenate([[0], np.flatnonzero(np.diff(uniq) != 1) + 1, [uniq.size]])
         for a, b in itertools.pairwise(run_starts):
-            block = np.asarray(arr[uniq[a] : uniq[b - 1] + 1])
-            sel = np.flatnonzero((inverse >= a) & (inverse < b))
-            out[sel] = block[inverse[sel] - a]
+            block = arr[uniq[a] : uniq[b - 1] + 1]
+            for j in np.flatnonzero((inverse >= a) & (inverse < b)):
+                out[j] = block[inverse[j] - a]
         return out
 
 

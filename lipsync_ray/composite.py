@@ -12,7 +12,8 @@ with crop box ``(x1, y1, x2, y2)``:
    resize crop328 back to ``(x2 - x1, y2 - y1)`` bicubic, paste into a copy of the frame.
 
 Steps 1-2 never depend on audio: the avatar bundle stores their result once. Every function
-here returns new arrays and never writes to its inputs (Ray hands out read-only arrays).
+here returns new arrays and never writes to its inputs (Ray hands out read-only arrays),
+except ``blend_into``, which writes the frame buffer it is given.
 
 Blending (``blend_frame``): ``Blend.HARD`` is step 4 exactly (``composite_frame``, kept for
 parity with the reference). ``Blend.FEATHER`` mixes the hard paste into the original frame with
@@ -46,6 +47,7 @@ __all__ = [
     "Blend",
     "BlendOptions",
     "blend_frame",
+    "blend_into",
     "composite_frame",
     "crop_face",
     "crossfade_frame",
@@ -137,6 +139,15 @@ def composite_frame(
     Returns:
         A new uint8 (H, W, 3) BGR frame.
     """
+    out = frame.copy()
+    _paste(out, box_xyxy, crop328, pred)
+    return out
+
+
+def _paste(frame: np.ndarray, box_xyxy, crop328: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Step 4 in place: write the resized patched crop into ``frame``'s box.
+
+    Returns the box's previous content (a uint8 copy), which the feathered blend mixes with."""
     x1, y1, x2, y2 = _check_box(box_xyxy, (frame.shape[1], frame.shape[0]))
     if pred.shape != (ROI_SIZE, ROI_SIZE, 3) or pred.dtype != np.uint8:
         raise InputError(
@@ -144,9 +155,9 @@ def composite_frame(
         )
     patched = crop328.copy()
     patched[ROI_OFFSET : ROI_OFFSET + ROI_SIZE, ROI_OFFSET : ROI_OFFSET + ROI_SIZE] = pred
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(patched, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
+    before = frame[y1:y2, x1:x2].copy()
+    frame[y1:y2, x1:x2] = cv2.resize(patched, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    return before
 
 
 # --- blending -----------------------------------------------------------------------------------
@@ -242,19 +253,35 @@ def blend_frame(
     Returns:
         A new uint8 (H, W, 3) BGR frame.
     """
-    hard = composite_frame(frame, box_xyxy, crop328, pred)
+    out = frame.copy()
+    blend_into(out, box_xyxy, crop328, pred, options)
+    return out
+
+
+def blend_into(
+    frame: np.ndarray,
+    box_xyxy,
+    crop328: np.ndarray,
+    pred: np.ndarray,
+    options: BlendOptions = BlendOptions(),
+) -> None:
+    """:func:`blend_frame` in place: ``frame`` (writable uint8 (H, W, 3) BGR, the avatar
+    frame) becomes the blended frame; only its box is read and written.
+
+    A compositor fills a reused chunk buffer with avatar frames and blends into it, which
+    saves a full-frame copy and a fresh allocation per frame."""
+    region = _paste(frame, box_xyxy, crop328, pred)
     if options.mode is Blend.HARD:
-        return hard
+        return
     x1, y1, x2, y2 = (int(v) for v in box_xyxy)
     size_wh = (x2 - x1, y2 - y1)
     mask = feather_mask(size_wh, feather_px(size_wh, options.feather))[..., None]
-    region = frame[y1:y2, x1:x2].astype(np.float32)
-    mixed = hard[y1:y2, x1:x2].astype(np.float32)
-    np.subtract(mixed, region, out=mixed)  # in place: one float32 buffer for the whole mix
+    original = region.astype(np.float32)
+    mixed = frame[y1:y2, x1:x2].astype(np.float32)
+    np.subtract(mixed, original, out=mixed)  # in place: one float32 buffer for the whole mix
     np.multiply(mixed, mask, out=mixed)
-    np.add(mixed, region, out=mixed)
-    hard[y1:y2, x1:x2] = np.rint(mixed, out=mixed)  # in [0, 255]: a convex mix of two images
-    return hard
+    np.add(mixed, original, out=mixed)
+    frame[y1:y2, x1:x2] = np.rint(mixed, out=mixed)  # in [0, 255]: a convex mix of two images
 
 
 def crossfade_frame(generated: np.ndarray, original: np.ndarray, weight: float) -> np.ndarray:

@@ -441,7 +441,12 @@ class Renderer:
         if todo:
             self._ensure_pools()
             context = JobContext(
-                str(job.work_dir), fingerprint, config.shard_codec, segments, config.blend
+                str(job.work_dir),
+                fingerprint,
+                config.shard_codec,
+                segments,
+                shard_checksums=config.keep_shards or not segments,
+                blend=config.blend,
             )
             specs = (
                 ChunkSpec(
@@ -533,11 +538,9 @@ class Renderer:
             i = min(range(len(load_inf)), key=load_inf.__getitem__)
             c = min(range(len(load_comp)), key=load_comp.__getitem__)
             preds = self._inference[i].infer.remote(spec)
+            # One compositor call writes the chunk's shard and encodes its segment from the
+            # same frames: no second task, no re-read.
             ref = self._compositors[c].composite.remote(spec, preds, context_ref)
-            if context.segments:
-                # The shard is the hand-over: the segment is encoded from it, on the same
-                # compositor (its pages are still in that node's cache).
-                ref = self._compositors[c].encode_chunk.remote(spec, ref, context_ref)
             load_inf[i] += 1
             load_comp[c] += 1
             inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)

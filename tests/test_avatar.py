@@ -74,6 +74,28 @@ def test_range_reads_match_source(bundle, indices):
     crops = avatar.read_crops(np.arange(N))
     np.testing.assert_array_equal(avatar.read_crops(idx), crops[idx])
     np.testing.assert_array_equal(avatar.read_visual_inputs(idx), model_visual_input(crops[idx]))
+    # the same reads into caller buffers (compositors reuse one per chunk); stale content gone
+    buf = np.full((len(idx), H, W, 3), 7, np.uint8)
+    assert avatar.read_frames(idx, out=buf) is buf
+    np.testing.assert_array_equal(buf, frames[idx])
+    vis = np.full((len(idx), 320, 320, 6), 7, np.uint8)
+    avatar.read_visual_inputs(idx, out=vis)
+    np.testing.assert_array_equal(vis, model_visual_input(crops[idx]))
+
+
+@pytest.mark.parametrize(
+    "buffer",
+    [
+        np.empty((2, H, W, 3), np.uint8),  # wrong length
+        np.empty((3, H, W, 3), np.float32),  # wrong dtype
+        np.empty((3, H, 2 * W, 3), np.uint8)[:, :, ::2],  # not contiguous
+    ],
+    ids=["length", "dtype", "strided"],
+)
+def test_read_into_a_wrong_buffer_is_refused(bundle, buffer):
+    avatar, _, _ = bundle
+    with pytest.raises(InputError, match="C-contiguous uint8"):
+        avatar.read_frames([0, 1, 2], out=buffer)
 
 
 def test_reads_return_writable_copies_and_boxes_are_read_only(bundle):

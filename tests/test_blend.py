@@ -12,6 +12,7 @@ from lipsync_ray.composite import (
     Blend,
     BlendOptions,
     blend_frame,
+    blend_into,
     composite_frame,
     crop_face,
     crossfade_frame,
@@ -79,6 +80,17 @@ def test_hard_blend_is_the_reference_paste(box):
     expected = frame.copy()
     expected[y1:y2, x1:x2] = cv2.resize(patched, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
     np.testing.assert_array_equal(hard, expected)
+
+
+@pytest.mark.parametrize("mode", list(Blend))
+@pytest.mark.parametrize("box", [(100, 80, 200, 180), (0, 0, 96, 96), (224, 144, 320, 240)])
+def test_blend_into_writes_the_blended_frame_in_place(box, mode):
+    frame, pred = _frame(), _pred()
+    crop = _readonly(crop_face(frame, box))
+    options = BlendOptions(mode)
+    buffer = frame.copy()
+    assert blend_into(buffer, box, crop, pred, options) is None
+    np.testing.assert_array_equal(buffer, blend_frame(frame, box, crop, pred, options))
 
 
 @pytest.mark.parametrize(

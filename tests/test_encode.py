@@ -482,3 +482,33 @@ def test_probe_rejects_audio_only_file(tmp_path: Path) -> None:
         container.mux(stream.encode(None))
     with pytest.raises(InputError, match="expected a video stream, got none"):
         probe(path)
+
+
+@pytest.mark.parametrize("size_wh", [(1280, 720), (322, 182), (64, 2)])
+def test_bgr_to_yuv420p_matches_swscale(size_wh) -> None:
+    """The OpenCV conversion agrees with FFmpeg's swscale (BT.709, limited range) to within
+    rounding: Y within 1 level, Cb/Cr within 2 (swscale's fixed-point chroma filter)."""
+    from av.video.reformatter import ColorRange, Colorspace
+
+    from lipsync_ray.encode import bgr_to_yuv420p
+
+    w, h = size_wh
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
+    for frame in (smooth.astype(np.uint8), rng.integers(0, 256, (h, w, 3), dtype=np.uint8)):
+        want = (
+            av.VideoFrame.from_ndarray(frame, format="bgr24")
+            .reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709,
+                      dst_color_range=ColorRange.MPEG)
+            .to_ndarray()
+        )  # fmt: skip
+        got = bgr_to_yuv420p(frame)
+        assert got.shape == want.shape == (h * 3 // 2, w) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - want)
+        assert diff[:h].max() <= 1 and diff[h:].max() <= 2
+        assert diff.mean() < 0.7
+    # black and white are exact: Y 16 / 235, Cb = Cr = 128
+    for value, luma in ((0, 16), (255, 235)):
+        got = bgr_to_yuv420p(np.full((h, w, 3), value, np.uint8))
+        assert set(np.unique(got[:h])) == {luma} and set(np.unique(got[h:])) == {128}

@@ -140,3 +140,37 @@ def test_write_shard_rejects_mismatched_lengths(tmp_path):
             "fp",
             tmp_path,
         )
+
+
+def test_raw_array_is_written_like_a_list_of_frames(tmp_path):
+    """A (C, H, W, 3) array goes into the image column without a copy; the file reads back
+    exactly like one written from a list of frames."""
+    frames = _frames(6)
+    stacked = np.stack(frames)
+    a = write_shard(
+        tmp_path / "a" / "x.parquet", 0, np.arange(6), np.arange(6), frames, ShardCodec.RAW,
+        "fp", tmp_path,
+    )  # fmt: skip
+    b = write_shard(
+        tmp_path / "b" / "x.parquet", 0, np.arange(6), np.arange(6), stacked, ShardCodec.RAW,
+        "fp", tmp_path,
+    )  # fmt: skip
+    assert a.sha256 == b.sha256 and a.bytes == b.bytes
+    got = list(iter_shard_frames(tmp_path / b.file, range(6)))
+    np.testing.assert_array_equal(np.stack(got), stacked)
+    meta = pq.read_metadata(tmp_path / b.file).row_group(0)
+    columns = [meta.column(i) for i in range(meta.num_columns)]
+    image = next(c for c in columns if c.path_in_schema == "image")
+    assert image.compression == "UNCOMPRESSED" and not image.is_stats_set
+    assert "PLAIN_DICTIONARY" not in image.encodings and "RLE_DICTIONARY" not in image.encodings
+
+
+def test_checksum_can_be_skipped_for_released_shards(tmp_path):
+    info = write_shard(
+        shard_path(tmp_path, 0), 0, np.arange(2), np.arange(2), _frames(2), ShardCodec.RAW,
+        "fp", tmp_path, checksum=False,
+    )  # fmt: skip
+    assert info.sha256 == "" and info.bytes > 0
+    manifest = Manifest(tmp_path, "fp", {}, 2, 2)
+    manifest.record(info)
+    assert not manifest.verified(0, 0, 2)  # an unchecksummed shard is never taken as verified
