@@ -469,15 +469,20 @@ def _print_render_bench(r, first) -> None:
               f"{b.threads} threads)")  # fmt: skip
     bare = r.bare_fps or first.bare_fps
     ratio = r.e2e_fps / bare if bare else 0.0
-    print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall, start-up included), "
-          f"batch {r.bare_batch}")  # fmt: skip
+    print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall: actors, sessions, "
+          f"features, render and join; batch {r.bare_batch}); starting the Ray cluster "
+          f"before it: {r.cluster_start_s:.1f} s")  # fmt: skip
     if bare:
         print(f"ratio end-to-end / bare inference: {ratio:.3f}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
     print(f"CPU ms/frame by stage: {stages}")
     print(f"frames generated: {r.frames_generated} of {r.frames}; precision: "
           f"{r.precision.get('precision', 'fp32')} {r.precision.get('gate') or ''}")  # fmt: skip
-    print(f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f}")
+    print(
+        f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f} ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.process_cpu_ms_per_frame.items())
+        + ")"
+    )
     print(
         f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
     )

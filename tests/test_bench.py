@@ -1,0 +1,32 @@
+"""The render benchmark program: one run measures bare inference and the whole render."""
+
+from __future__ import annotations
+
+import pytest
+
+from lipsync_ray.bench import bench_render
+
+
+@pytest.mark.ray
+def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_path):
+    r = bench_render(
+        "identity", 1.5, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
+        work_root=tmp_path,
+    )  # fmt: skip
+    assert abs(r.frames - 1.5 * 25) <= 2
+    assert [b.batch for b in r.bare] == [1, 2]
+    assert r.bare_fps == max(b.fps for b in r.bare) > 0
+    assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch
+    assert r.e2e_fps == pytest.approx(r.frames / r.wall_s)
+    assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
+    # the cluster was already up (the fixture's): nothing to start, and it is left running
+    assert r.cluster_start_s < 1.0 and ray_cluster.is_initialized()
+    # CPU of every process in the tree, by kind; the actors did the rendering
+    roles = r.process_cpu_ms_per_frame
+    assert {"driver", "ray::InferenceActor", "ray::CompositorActor"} <= set(roles)
+    assert sum(roles.values()) == pytest.approx(r.tree_cpu_ms_per_frame)
+    assert roles["ray::CompositorActor"] > 0 and roles["ray::InferenceActor"] > 0
+    for stage in ("inference", "composite", "shard_write", "encode"):
+        assert r.stage_cpu_ms_per_frame[stage] > 0
+    assert r.peak_pss_mb > 0 and r.peak_rss_mb >= r.peak_pss_mb * 0.5
+    assert list(tmp_path.iterdir()) == []  # the benchmark's files are removed
