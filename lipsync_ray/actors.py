@@ -10,6 +10,7 @@ exception that names the chunk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from lipsync_ray.shards import (
     shard_path,
     write_shard,
 )
+from lipsync_ray.storage import Location, WorkStore, local_copy
 
 __all__ = [
     "AUDIO_CONTEXT",
@@ -97,6 +99,8 @@ class JobContext:
     segments: bool  # also encode the chunk's H.264 segment
     blend: BlendOptions = field(default_factory=BlendOptions)
     seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
+    # A work directory off the local disk: chunks are written in node-local scratch, uploaded.
+    store: WorkStore | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class InferenceActor:
     def __init__(
         self,
         model: str,
-        avatar: str,
+        avatar: str | Location,
         session_options: SessionOptions,
         cpus: float,
         batch_size: int,
@@ -163,7 +167,7 @@ class InferenceActor:
             # Ray gave this actor no GPU: asking ONNX Runtime for CUDA would grab someone
             # else's device (or fail). The CPU provider is the honest choice.
             session_options = replace(session_options, providers=(Provider.CPU,))
-        self.avatar = Avatar.open(avatar)
+        self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
         self.info = _actor_info("inference", self.session.providers, self.session.threads)
@@ -191,6 +195,25 @@ class InferenceActor:
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
 
+def _staged(*, encoded: bool):
+    """For a work directory off the local disk (``job.store``): run the compositor step in
+    this node's scratch directory, then upload what it wrote (see ``WorkStore.publish``)."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, spec: ChunkSpec, arg, job: JobContext) -> ChunkResult:
+            if job.store is None:
+                return method(self, spec, arg, job)
+            scratch = job.store.scratch()
+            result = method(self, spec, arg, replace(job, work_dir=str(scratch)))
+            job.store.publish(scratch, result, encoded=encoded, segments=job.segments)
+            return result
+
+        return run
+
+    return wrap
+
+
 class CompositorActor:
     """Pastes predictions into avatar frames and writes one shard per chunk; encodes shards
     into H.264 segments.
@@ -199,12 +222,12 @@ class CompositorActor:
     same encoder settings); where to write comes with each chunk in a :class:`JobContext`.
     """
 
-    def __init__(self, avatar: str, encode: EncodeOptions, cpus: float) -> None:
+    def __init__(self, avatar: str | Location, encode: EncodeOptions, cpus: float) -> None:
         import cv2
 
         threads = max(1, round(cpus))
         cv2.setNumThreads(threads)
-        self.avatar = Avatar.open(avatar)
+        self.avatar = Avatar.open(local_copy(avatar))
         self.encode = replace(encode, threads=threads)
         self.info = _actor_info("compositor", threads=threads)
 
@@ -212,6 +235,7 @@ class CompositorActor:
     def describe(self) -> ActorInfo:
         return self.info
 
+    @_staged(encoded=False)
     def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
         clock = _StageClock()
         idx = spec.avatar_indices
@@ -254,6 +278,7 @@ class CompositorActor:
             seam_scores=tuple(s for s in seams if s is not None),
         )
 
+    @_staged(encoded=True)
     def encode_chunk(self, spec: ChunkSpec, shard: ChunkResult, job: JobContext) -> ChunkResult:
         """Encode a written shard into the chunk's video-only H.264 segment.
 
