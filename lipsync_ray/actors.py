@@ -10,6 +10,7 @@ exception that names the chunk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from lipsync_ray.shards import (
     shard_path,
     write_shard,
 )
+from lipsync_ray.storage import Location, WorkStore, local_copy
 
 __all__ = [
     "AUDIO_CONTEXT",
@@ -100,6 +102,8 @@ class JobContext:
     shard_checksums: bool = True
     blend: BlendOptions = field(default_factory=BlendOptions)
     seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
+    # A work directory off the local disk: chunks are written in node-local scratch, uploaded.
+    store: WorkStore | None = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class InferenceActor:
     def __init__(
         self,
         model: str,
-        avatar: str,
+        avatar: str | Location,
         session_options: SessionOptions,
         cpus: float,
         batch_size: int,
@@ -166,7 +170,7 @@ class InferenceActor:
             # Ray gave this actor no GPU: asking ONNX Runtime for CUDA would grab someone
             # else's device (or fail). The CPU provider is the honest choice.
             session_options = replace(session_options, providers=(Provider.CPU,))
-        self.avatar = Avatar.open(avatar)
+        self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
         self.info = _actor_info("inference", self.session.providers, self.session.threads)
@@ -203,6 +207,22 @@ class InferenceActor:
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
 
+def _staged(method):
+    """For a work directory off the local disk (``job.store``): run the compositor step in
+    this node's scratch directory, then upload what it wrote (see ``WorkStore.publish``)."""
+
+    @functools.wraps(method)
+    def run(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
+        if job.store is None:
+            return method(self, spec, predictions, job)
+        scratch = job.store.scratch()
+        result = method(self, spec, predictions, replace(job, work_dir=str(scratch)))
+        job.store.publish(scratch, result)
+        return result
+
+    return run
+
+
 class CompositorActor:
     """Pastes predictions into avatar frames, writes one shard per chunk and encodes the
     chunk's H.264 segment.
@@ -213,12 +233,12 @@ class CompositorActor:
     per chunk costs ~45,000 page faults, several ms per frame on a VM.
     """
 
-    def __init__(self, avatar: str, encode: EncodeOptions, cpus: float) -> None:
+    def __init__(self, avatar: str | Location, encode: EncodeOptions, cpus: float) -> None:
         import cv2
 
         threads = max(1, round(cpus))
         cv2.setNumThreads(threads)
-        self.avatar = Avatar.open(avatar)
+        self.avatar = Avatar.open(local_copy(avatar))
         self.encode = replace(encode, threads=threads)
         self.info = _actor_info("compositor", threads=threads)
         self._buffer = np.empty((0, 0, 0, 3), np.uint8)
@@ -234,6 +254,7 @@ class CompositorActor:
             self._buffer = np.empty((count, h, w, 3), np.uint8)
         return self._buffer[:count]
 
+    @_staged
     def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
         """Composite the chunk, write its shard and (``job.segments``) its H.264 segment."""
         clock = _StageClock()

@@ -6,7 +6,8 @@ A jobs file is JSON Lines, one render per line::
     {"audio": "clips/002.mp3", "output": "out/002.mp4", "start_frame": 40}
 
 Keys: ``audio`` and ``output`` (required), ``start_frame``, ``work_dir`` and ``features``
-(optional, override the shared config). Relative paths are relative to the jobs file. Each job
+(optional, override the shared config). Relative paths are relative to the jobs file; URIs
+(``s3://...``, ``file://...``; see :mod:`lipsync_ray.storage`) are taken as they are. Each job
 has its own work directory, manifest, report and resume; a failing job is recorded and the
 others go on.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,7 @@ __all__ = ["BatchJob", "BatchReport", "JobOutcome", "load_jobs", "render_batch"]
 log = logging.getLogger(__name__)
 
 _KEYS = {"audio", "output", "start_frame", "work_dir", "features"}
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ def load_jobs(path: str | Path) -> list[BatchJob]:
             )
 
         def resolve(value):
-            return None if value is None else str(base / value)
+            if value is None or _URI.match(str(value)):
+                return value
+            return str(base / value)
 
         jobs.append(
             BatchJob(
@@ -145,15 +151,19 @@ def render_batch(
     config: RenderConfig,
     *,
     summary_path: str | Path | None = None,
+    filesystem=None,
 ) -> BatchReport:
     """Render every job on one set of actors; a failing job does not stop the others.
+
+    With ``filesystem`` (a ``pyarrow.fs.FileSystem``) the avatar and the jobs' paths are paths
+    inside it; without, each may be a local path or a URI (see :mod:`lipsync_ray.storage`).
 
     Raises only for problems shared by all jobs (the avatar, the models); per-job errors are
     in the returned report.
     """
     t0 = time.perf_counter()
     outcomes = []
-    with Renderer(avatar, config) as renderer:
+    with Renderer(avatar, config, filesystem=filesystem) as renderer:
         for index, job in enumerate(jobs):
             started = time.perf_counter()
             try:
@@ -189,7 +199,7 @@ def render_batch(
                     fps=report.fps,
                     wall_s=report.wall_s,
                     chunks_reused=report.chunks_reused,
-                    report=str(Path(report.work_dir) / "report.json"),
+                    report=posixpath.join(report.work_dir, "report.json"),
                 )
             )
         actors = tuple(renderer.actor_infos)

@@ -46,15 +46,16 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     from lipsync_ray.encode import VideoCodec
     from lipsync_ray.shards import ShardCodec
 
-    p.add_argument("avatar", type=Path, help="avatar bundle directory (from `prepare`)")
+    # str, not Path: a URI (s3://bucket/avatar) must keep its "//".
+    p.add_argument("avatar", help="avatar bundle directory (from `prepare`), a path or a URI")
     if batch:
         p.add_argument("jobs", type=Path, help='JSON Lines: {"audio": ..., "output": ...} per line')
         p.add_argument(
             "--summary", type=Path, help="batch summary JSON (default JOBS.summary.json)"
         )
     else:
-        p.add_argument("audio", type=Path, help="speech audio (WAV, MP3, M4A, FLAC, OGG, ...)")
-        p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write")
+        p.add_argument("audio", help="speech audio (WAV, MP3, M4A, FLAC, OGG, ...), path or URI")
+        p.add_argument("-o", "--output", required=True, help="the MP4 to write, path or URI")
     p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
     src = p.add_mutually_exclusive_group(required=not batch)
     src.add_argument("--audio-encoder", help="audio encoder (ONNX)")
@@ -137,7 +138,9 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (default 20)")
     g.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
     g.add_argument(
-        "--work-dir", default=None, help="shards, manifest, report (default OUT.mp4.work/)"
+        "--work-dir",
+        default=None,
+        help="shards, manifest, report: a path or URI (default OUT.mp4.work/)",
     )
     g.add_argument(
         "--keep-shards", action="store_true", help="keep shards after a successful encode"

@@ -67,6 +67,15 @@ from lipsync_ray.shards import (
     shard_metadata,
     shard_path,
 )
+from lipsync_ray.storage import (
+    Location,
+    RemoteWorkDir,
+    node_dir,
+    relocate,
+    resolve,
+    stage_in,
+    stage_out,
+)
 from lipsync_ray.vad import passthrough_weights
 
 __all__ = ["Renderer", "plan_chunks", "render"]
@@ -143,26 +152,35 @@ class _Job:
     work_dir: Path
     start_frame: int
     features: Path | None
+    # Set where the output or the work directory is off the local disk (lipsync_ray.storage):
+    # ``output`` and ``work_dir`` above are then node-local stand-ins.
+    output_location: Location | None = None
+    remote: RemoteWorkDir | None = None
 
 
 class Renderer:
     """Renders many audios onto one avatar with one set of warm actor pools.
 
     Args:
-        avatar: an avatar bundle directory.
+        avatar: an avatar bundle directory: a path, a URI (``s3://...``) or a location.
         config: models, pools and encoding settings (per-render values such as the start frame
             and the work directory can be overridden in :meth:`render`).
+        filesystem: a ``pyarrow.fs`` filesystem in which the avatar and every render's paths
+            are taken (see :mod:`lipsync_ray.storage`); None: local paths and URIs.
 
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
     """
 
-    def __init__(self, avatar: str | Path, config: RenderConfig) -> None:
+    def __init__(
+        self, avatar: str | Path | Location, config: RenderConfig, *, filesystem=None
+    ) -> None:
         self.config = config
+        self.filesystem = filesystem
         check_generator_model(config.model)
         if config.audio_encoder:
             check_encoder_model(config.audio_encoder)
-        self.avatar = Avatar.open(avatar)
+        self.avatar, self._avatar_location = _open_avatar(resolve(avatar, filesystem))
         self._prepared: PreparedModel | None = None
         self._model_sha = ""
         self._avatar_sha = self._hash_avatar()
@@ -224,7 +242,8 @@ class Renderer:
         gpus = pool.gpus_per_actor or 0.0
         if 0 < gpus < 1 and config.session.gpu_mem_limit_bytes is None:
             log.info("%.2f GPU per actor: --gpu-mem-limit bounds each actor's CUDA arena", gpus)
-        avatar = str(Path(self.avatar.path).resolve())
+        # A staged avatar travels as its location: each node stages its own copy.
+        avatar = self._avatar_location or str(Path(self.avatar.path).resolve())
         prepared = self._prepare_model(None)
         model = str(prepared.path.resolve())
         session = prepared.session_options(config.session)
@@ -323,8 +342,8 @@ class Renderer:
         work_dir: str | Path | None,
         features: str | Path | None,
     ) -> _Job:
-        config = self.config
-        output, audio = check_job_paths(audio, output, config.overwrite)
+        config, fs = self.config, self.filesystem
+        output_at, audio_at = check_job_paths(audio, output, config.overwrite, filesystem=fs)
         start = config.start_frame if start_frame is None else start_frame
         period = max(1, 2 * self.avatar.frame_count - 2)
         if not 0 <= start < period:
@@ -334,16 +353,24 @@ class Renderer:
                 path=self.avatar.path,
             )
         if work_dir is None:
-            work_dir = config.work_dir if config.work_dir else f"{output}.work"
+            work_dir = config.work_dir
+        work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(".work")
         features = features if features is not None else config.features
         if features is None and not config.audio_encoder:
             raise InputError("give an audio encoder model or precomputed features")
+        output_local, work_local = output_at.local_path(), work_at.local_path()
+        remote = None
+        if work_local is None:
+            remote = RemoteWorkDir(work_at, keep_shards=config.keep_shards)
+            work_local = remote.mirror
         return _Job(
-            audio=audio,
-            output=output,
-            work_dir=Path(work_dir).resolve(),
+            audio=stage_in(audio_at),
+            output=output_local or node_dir("output", output_at) / output_at.name,
+            work_dir=work_local.resolve(),
             start_frame=start,
-            features=None if features is None else Path(features),
+            features=None if features is None else stage_in(resolve(features, fs)),
+            output_location=None if output_local else output_at,
+            remote=remote,
         )
 
     def _decode(self, job: _Job) -> tuple[np.ndarray, np.ndarray | None]:
@@ -395,10 +422,33 @@ class Renderer:
         work_dir: str | Path | None = None,
         features: str | Path | None = None,
     ) -> RunReport:
-        """Render one MP4; see :func:`render`. Keyword arguments override the config."""
+        """Render one MP4; see :func:`render`. Keyword arguments override the config.
+
+        Paths may be URIs, or paths inside the renderer's ``filesystem``."""
         t_start = time.perf_counter()
-        config = self.config
         job = self._job(audio, output, start_frame, work_dir, features)
+        if job.output_location is None and job.remote is None:
+            return self._render(job, t_start)
+        if job.remote is not None:
+            job.remote.pull()
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            report = self._render(job, t_start)
+        finally:
+            if job.remote is not None:
+                job.remote.publish_manifest()  # a resume from any node keeps finished chunks
+        if job.output_location is not None:
+            stage_out(job.output, job.output_location)
+            job.output.unlink(missing_ok=True)
+        report = relocate(report, job.output_location, job.remote and job.remote.location)
+        if job.remote is not None:
+            job.remote.finish(report)
+        else:
+            report.save(job.work_dir / "report.json")
+        return report
+
+    def _render(self, job: _Job, t_start: float) -> RunReport:
+        config = self.config
         t0 = time.perf_counter()
         decoded, samples = self._decode(job)
         self._prepare_model(decoded if job.features is not None else None)
@@ -422,6 +472,8 @@ class Renderer:
         fingerprint = self._fingerprint(job, feats)
         job.work_dir.mkdir(parents=True, exist_ok=True)
         manifest = _open_manifest(job.work_dir, config, fingerprint, frames)
+        if job.remote is not None:
+            job.remote.attach(manifest)
         segments = config.encode_mode is EncodeMode.SEGMENTS
         _adopt_orphans(manifest, chunks, fingerprint, segments)
         todo = [
@@ -447,6 +499,7 @@ class Renderer:
                 segments,
                 shard_checksums=config.keep_shards or not segments,
                 blend=config.blend,
+                store=job.remote.store if job.remote is not None else None,
             )
             specs = (
                 ChunkSpec(
@@ -463,6 +516,8 @@ class Renderer:
             finally:
                 progress.close()
         t0, c0 = time.perf_counter(), time.process_time()
+        if job.remote is not None:
+            job.remote.fetch(manifest, segments=segments)
         media = _encode(job, config, manifest, frames)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
@@ -655,23 +710,71 @@ class _Quality:
         return float(np.mean(self.seams)) if self.seams else None
 
 
-def check_job_paths(audio: str | Path, output: str | Path, overwrite: bool) -> tuple[Path, Path]:
-    """Cheap checks of a render's own paths, before models or the avatar are opened."""
-    output, audio = Path(output), Path(audio)
-    if not output.parent.is_dir():
-        raise InputError("the output's directory does not exist", path=output.parent)
-    if output.is_dir():
+def check_job_paths(
+    audio: str | Path | Location,
+    output: str | Path | Location,
+    overwrite: bool,
+    *,
+    filesystem=None,
+) -> tuple[Location, Location]:
+    """Cheap checks of a render's own paths, before models or the avatar are opened.
+
+    Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved."""
+    import pyarrow.fs as pafs
+
+    output, audio = resolve(output, filesystem), resolve(audio, filesystem)
+    parent = output.parent()
+    parent_type = parent.info().type
+    if parent_type != pafs.FileType.Directory and not (
+        parent_type == pafs.FileType.NotFound and _object_store(output)
+    ):
+        raise InputError("the output's directory does not exist", path=parent)
+    output_type = output.info().type
+    if output_type == pafs.FileType.Directory:
         raise InputError("the output is a directory", path=output)
-    if output.exists() and not overwrite:
+    if output_type != pafs.FileType.NotFound and not overwrite:
         raise InputError("the output exists; use --overwrite to replace it", path=output)
-    if output.suffix.lower() not in (".mp4", ".m4v", ".mov"):
-        raise InputError(f"the output must be an .mp4 file, got {output.suffix!r}", path=output)
-    if not audio.is_file():
+    suffix = Path(output.name).suffix
+    if suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise InputError(f"the output must be an .mp4 file, got {suffix!r}", path=output)
+    audio_type = audio.info().type
+    if audio_type != pafs.FileType.File:
         what = (
-            "is a directory, expected an audio file" if audio.is_dir() else "audio file not found"
+            "is a directory, expected an audio file"
+            if audio_type == pafs.FileType.Directory
+            else "audio file not found"
         )
         raise InputError(what, path=audio)
     return output, audio
+
+
+def _object_store(location: Location) -> bool:
+    """S3 and GCS have no directories: an output's "directory" appears with its first file."""
+    fs = location.filesystem
+    while hasattr(fs, "base_fs"):  # SubTreeFileSystem
+        fs = fs.base_fs
+    return fs.type_name in ("s3", "gcs")
+
+
+def _open_avatar(location: Location) -> tuple[Avatar, Location | None]:
+    """Open the avatar bundle at ``location``: in place when it is local, else staged into
+    this node's cache (then also returned, for the actors to stage on their nodes). Errors
+    about a staged copy name the file at its source."""
+    local = location.local_path()
+    if local is not None:
+        return Avatar.open(local), None
+    import pyarrow.fs as pafs
+
+    if location.info().type != pafs.FileType.Directory:
+        raise InputError("avatar bundle directory not found", path=location)
+    staged = stage_in(location)
+    try:
+        return Avatar.open(staged), location
+    except InputError as exc:
+        path = exc.path
+        if path is not None and path.startswith(str(staged)):
+            path = str(location) + path[len(str(staged)) :]
+        raise type(exc)(exc.message, path=path) from None
 
 
 def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[str, float]:
@@ -844,7 +947,12 @@ def init_ray(ray, address: str | None) -> None:
 
 
 def render(
-    avatar: str | Path, audio: str | Path, output: str | Path, config: RenderConfig
+    avatar: str | Path | Location,
+    audio: str | Path | Location,
+    output: str | Path | Location,
+    config: RenderConfig,
+    *,
+    filesystem=None,
 ) -> RunReport:
     """Render ``output`` (H.264 + AAC MP4): ``avatar``'s frames with lips following ``audio``.
 
@@ -853,6 +961,10 @@ def render(
         audio: any audio file PyAV decodes; also the MP4's sound track.
         output: the MP4 to write. Nothing is left at this path unless the render succeeds.
         config: models, pools and encoding settings.
+        filesystem: a ``pyarrow.fs.FileSystem`` (a ``SubTreeFileSystem``, say) in which the
+            avatar, audio, output and work directory paths are taken. Without it each may be a
+            local path or a URI (``file://``, ``s3://``, ``gs://``); see
+            :mod:`lipsync_ray.storage` for what must be shared on a multi-node cluster.
 
     Returns:
         The run report, also written to ``<work_dir>/report.json``.
@@ -862,6 +974,6 @@ def render(
         RenderError, EncodeError, ShardError: the render could not finish; the work directory
             keeps every complete chunk, and re-running the same call resumes.
     """
-    check_job_paths(audio, output, config.overwrite)
-    with Renderer(avatar, config) as renderer:
+    check_job_paths(audio, output, config.overwrite, filesystem=filesystem)
+    with Renderer(avatar, config, filesystem=filesystem) as renderer:
         return renderer.render(audio, output)

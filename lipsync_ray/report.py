@@ -96,5 +96,5 @@ class RunReport:
             f"providers: {', '.join(self.providers) or '-'}; precision: "
             f"{self.precision.get('precision', 'fp32')}\n"
             f"CPU ms/frame: {stages}\n"
-            f"output: {self.output}\nreport: {Path(self.work_dir) / 'report.json'}"
+            f"output: {self.output}\nreport: {self.work_dir.rstrip('/')}/report.json"
         )

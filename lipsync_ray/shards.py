@@ -23,7 +23,7 @@ import enum
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -275,6 +275,8 @@ class Manifest:
     # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
     # when their segment verifies.
     released: set[int] = field(default_factory=set)
+    # Called with the manifest's path after every save (a non-local work directory uploads it).
+    on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -363,6 +365,8 @@ class Manifest:
         tmp = self.path.with_name(f"manifest.json.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.path)
+        if self.on_save is not None:
+            self.on_save(self.path)
 
     def verified(self, chunk: int, start: int, stop: int) -> bool:
         """True when the chunk's shard is recorded, present, whole and unchanged."""

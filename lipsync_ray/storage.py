@@ -1,0 +1,401 @@
+"""Where inputs and outputs live: local paths, or ``pyarrow.fs`` URIs and filesystems.
+
+A render's avatar, audio, features, output and work directory may each be a plain path, a URI
+that :meth:`pyarrow.fs.FileSystem.from_uri` understands (``file://``, ``s3://``, ``gs://``,
+``hdfs://``), or a path inside a filesystem the caller gives (a ``SubTreeFileSystem``, say).
+Everything is resolved to a :class:`Location` on the driver, before anything starts.
+
+A location is *local* when its filesystem is the local disk (``LocalFileSystem``, or a
+``SubTreeFileSystem`` over it): it is then used in place, exactly like a plain path, and on a
+multi-node cluster it must be on storage that every node mounts at the same path. Anything else
+is staged through a node-local cache (:data:`CACHE_ROOT`)::
+
+    avatar, audio, features   stage_in: copied once per node and version (memory maps need files)
+    output                    written locally, then stage_out: temp name + move, never partial
+    work directory            RemoteWorkDir: compositors write shards and segments in node-local
+                              scratch and upload them; the driver mirrors the work directory,
+                              keeps the manifest in step and fetches the segments for the join
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from lipsync_ray.errors import InputError
+
+__all__ = [
+    "CACHE_ROOT",
+    "Location",
+    "RemoteWorkDir",
+    "WorkStore",
+    "local_copy",
+    "node_dir",
+    "resolve",
+    "stage_in",
+    "stage_out",
+]
+
+log = logging.getLogger(__name__)
+
+# Node-local: every node (driver and actors) keeps its own staged copies here.
+CACHE_ROOT = Path(tempfile.gettempdir()) / "lipsync-ray-storage"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_BLOCK = 8 << 20  # copy buffer, bytes
+_MANIFEST_EVERY_S = 5.0  # upload the manifest at most this often while chunks finish
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or directory: ``path`` inside ``filesystem``; ``display`` names it in messages
+    (the path or URI as the user wrote it). Picklable, so it can travel to Ray actors."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    display: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return self.display or self.path
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def local_path(self) -> Path | None:
+        """The real local path when the filesystem is the local disk, else None."""
+        fs, path = self.filesystem, self.path
+        while isinstance(fs, pafs.SubTreeFileSystem):
+            path = posixpath.join(fs.base_path, path.lstrip("/"))
+            fs = fs.base_fs
+        return Path(path) if isinstance(fs, pafs.LocalFileSystem) else None
+
+    def info(self) -> pafs.FileInfo:
+        return self.filesystem.get_file_info(self.path)
+
+    def join(self, *parts: str) -> Location:
+        return Location(
+            self.filesystem,
+            posixpath.join(self.path, *parts),
+            _join_display(str(self), "/".join(parts)),
+        )
+
+    def parent(self) -> Location:
+        text = str(self)
+        shown = text.rstrip("/").rsplit("/", 1)[0] if _URI.match(text) else str(Path(text).parent)
+        return Location(self.filesystem, posixpath.dirname(self.path.rstrip("/")), shown)
+
+    def sibling(self, suffix: str) -> Location:
+        """This path with ``suffix`` appended to its name (``out.mp4`` → ``out.mp4.work``)."""
+        return Location(self.filesystem, self.path + suffix, str(self) + suffix)
+
+
+def resolve(spec: str | Path | Location, filesystem: pafs.FileSystem | None = None) -> Location:
+    """Turn a path, a URI or a location into a :class:`Location`.
+
+    Args:
+        spec: a local path (made absolute), a URI such as ``file:///data/a.wav`` or
+            ``s3://bucket/a.wav``, a path inside ``filesystem``, or a location (returned as is).
+        filesystem: when given, ``spec`` is a path inside it (relative to the root of a
+            ``SubTreeFileSystem``; ``..`` may not leave that root).
+
+    Raises:
+        InputError: an unknown scheme, a filesystem pyarrow cannot build, a path that escapes
+            the filesystem's root, or a URI together with a filesystem.
+    """
+    if isinstance(spec, Location):
+        return spec
+    text = str(spec)
+    if filesystem is not None:
+        if _URI.match(text):
+            raise InputError("expected a path inside the given filesystem, got a URI", path=text)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            return Location(filesystem, os.path.abspath(text), text)
+        normal = posixpath.normpath(text.lstrip("/")) if text.strip("/") else ""
+        if normal == ".." or normal.startswith("../"):
+            raise InputError(
+                "expected a path inside the filesystem's root, got one that leaves it",
+                path=text,
+            )
+        return Location(filesystem, "" if normal == "." else normal, text)
+    if _URI.match(text):
+        try:
+            fs, path = pafs.FileSystem.from_uri(text)
+        except Exception as exc:  # ArrowInvalid (unknown scheme), OSError (no client, no JVM)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                "expected a local path or a URI pyarrow.fs understands (file://, s3://, gs://, "
+                f"hdfs://), could not open it: {first}",
+                path=text,
+            ) from None
+        return Location(fs, path, text)
+    return Location(pafs.LocalFileSystem(), os.path.abspath(text), text)
+
+
+def local_copy(spec: str | Path | Location, cache_root: Path | None = None) -> str | Path:
+    """A local path for ``spec``: paths are returned unchanged, locations staged in."""
+    return stage_in(spec, cache_root) if isinstance(spec, Location) else spec
+
+
+def stage_in(location: Location, cache_root: Path | None = None) -> Path:
+    """A local path holding the file or directory tree at ``location``.
+
+    Local locations are used in place (no copy). Others are copied once into
+    ``<cache_root>/<key>/<name>``, where the key hashes the filesystem, the path and the size and
+    modification time of every file, so a changed source is fetched again; the copy is renamed
+    into place whole, so concurrent actors on one node never see half of it. Names starting with
+    ``.`` (caches, temporary files) are not copied.
+
+    Raises:
+        InputError: nothing at ``location``.
+    """
+    local = location.local_path()
+    if local is not None:
+        return local
+    info = location.info()
+    if info.type == pafs.FileType.NotFound:
+        raise InputError("not found", path=str(location))
+    files = _listing(location) if info.type == pafs.FileType.Directory else {"": info}
+    digest = hashlib.sha256(f"{_identity(location.filesystem)}|{location.path}".encode())
+    for rel, f in sorted(files.items()):
+        digest.update(f"|{rel}:{f.size}:{f.mtime_ns}".encode())
+    root = (cache_root or CACHE_ROOT) / "stage"
+    final = root / digest.hexdigest()[:24]
+    target = final / (location.name or "root")
+    if final.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    staged = tmp / target.name
+    try:
+        for rel, f in files.items():
+            _download(location.filesystem, f.path, staged / rel if rel else staged)
+        if info.type == pafs.FileType.Directory:
+            staged.mkdir(exist_ok=True)  # an empty directory stays a directory
+        try:
+            tmp.rename(final)
+        except OSError:  # another process on this node staged it first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("staged %s into %s", location, target)
+    return target
+
+
+def stage_out(local_file: str | Path, location: Location) -> None:
+    """Copy ``local_file`` to ``location`` under a temporary name, then move it into place, so
+    the destination never holds a partial file. A no-op when both are the same file."""
+    local_file = Path(local_file)
+    dest = location.local_path()
+    if dest is not None and dest.resolve() == local_file.resolve():
+        return
+    fs = location.filesystem
+    parent = posixpath.dirname(location.path.rstrip("/"))
+    tmp = posixpath.join(parent, f".{location.name}.partial-{uuid.uuid4().hex[:8]}")
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    try:
+        with open(local_file, "rb") as src, fs.open_output_stream(tmp) as out:
+            shutil.copyfileobj(src, out, _BLOCK)
+        fs.move(tmp, location.path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
+
+
+def node_dir(kind: str, location: Location) -> Path:
+    """``<CACHE_ROOT>/<kind>/<key of location>``: a node-local directory for one location,
+    the same on every node and in every process."""
+    text = f"{_identity(location.filesystem)}|{location.path}"
+    return CACHE_ROOT / kind / hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def delete(location: Location) -> None:
+    """Remove the file or directory tree at ``location``; nothing there is fine."""
+    info = location.info()
+    if info.type == pafs.FileType.Directory:
+        location.filesystem.delete_dir(location.path)
+    elif info.type == pafs.FileType.File:
+        location.filesystem.delete_file(location.path)
+
+
+# ------------------------------------------------------------------------- work directory
+
+
+@dataclass(frozen=True)
+class WorkStore:
+    """A work directory that is not on a local disk, as compositors see it (in a JobContext).
+
+    Compositors write a chunk's files in :meth:`scratch` (node-local, same layout), then
+    :meth:`publish` uploads them and deletes the local copies."""
+
+    location: Location
+    keep_shards: bool
+
+    def scratch(self) -> Path:
+        return node_dir("scratch", self.location)
+
+    def publish(self, scratch: Path, result) -> None:
+        """Upload what the chunk ``result`` (a ChunkResult) wrote in ``scratch``, then delete
+        it there: the shard (unless it is released at once: segments mode without
+        --keep-shards), then the segment, so a segment on the store always has its shard's
+        record or file (the order orphan adoption relies on)."""
+        names = []
+        if result.segment is None or self.keep_shards:
+            names.append(result.shard.file)
+        if result.segment is not None:
+            names.append(result.segment.file)
+        for name in names:
+            stage_out(scratch / name, self.location.join(name))
+        for info in (result.shard, result.segment):
+            if info is not None:
+                (scratch / info.file).unlink(missing_ok=True)
+
+
+class RemoteWorkDir:
+    """The driver's side of a non-local work directory: a node-local mirror that the existing
+    manifest, resume and encode code read and write, kept in step with the store.
+
+    Order of a render: :meth:`pull` (mirror := store), :meth:`attach` (once the manifest is
+    open), chunks upload themselves, :meth:`fetch` (the files the join reads), then
+    :meth:`finish` (output, report, manifest up; shards and segments removed unless kept)."""
+
+    def __init__(self, location: Location, *, keep_shards: bool) -> None:
+        self.store = WorkStore(location, keep_shards)
+        self.mirror = node_dir("mirror", location)
+        self._remote_fingerprint: str | None = None
+        self._manifest_path: Path | None = None
+        self._uploaded = 0.0
+
+    @property
+    def location(self) -> Location:
+        return self.store.location
+
+    def pull(self) -> None:
+        """Make the mirror a copy of the store (files of equal size are kept, and checked by
+        their checksums when the manifest verifies them)."""
+        is_dir = self.location.info().type == pafs.FileType.Directory
+        wanted = _listing(self.location) if is_dir else {}
+        self.mirror.mkdir(parents=True, exist_ok=True)
+        for path in sorted(p for p in self.mirror.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.mirror).as_posix()
+            if rel not in wanted or path.stat().st_size != wanted[rel].size:
+                path.unlink()
+        for rel, f in wanted.items():
+            if not (self.mirror / rel).is_file():
+                _download(self.location.filesystem, f.path, self.mirror / rel)
+        manifest = self.mirror / "manifest.json"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._remote_fingerprint = json.loads(manifest.read_text()).get("fingerprint")
+        log.info("work directory %s mirrored in %s (%d files)", self.location, self.mirror,
+                 len(wanted))  # fmt: skip
+
+    def attach(self, manifest) -> None:
+        """Called once the manifest is open. A manifest of another render means the store's
+        chunk files belong to that render: remove them before any new chunk is uploaded, as
+        the local path removes them. Then publish the manifest as it changes."""
+        if manifest.fingerprint != self._remote_fingerprint:
+            for sub in ("shards", "segments"):
+                delete(self.location.join(sub))
+        self._manifest_path = manifest.path
+        manifest.on_save = self._manifest_saved
+        self.publish_manifest()
+
+    def _manifest_saved(self, path: Path) -> None:
+        if time.monotonic() - self._uploaded >= _MANIFEST_EVERY_S:
+            self.publish_manifest()
+
+    def publish_manifest(self) -> None:
+        if self._manifest_path is not None and self._manifest_path.is_file():
+            stage_out(self._manifest_path, self.location.join("manifest.json"))
+            self._uploaded = time.monotonic()
+
+    def fetch(self, manifest, *, segments: bool) -> None:
+        """Download into the mirror the files the join reads: every segment, or every shard."""
+        records = manifest.segments if segments else manifest.chunks
+        for info in records.values():
+            local = self.mirror / info.file
+            if local.is_file() and local.stat().st_size == info.bytes:
+                continue
+            _download(self.location.filesystem, self.location.join(info.file).path, local)
+
+    def finish(self, report) -> None:
+        """After a successful render (its output already in place): upload the manifest and
+        the report, remove the shards and segments from the store unless they are kept, and
+        drop the mirror."""
+        self.publish_manifest()
+        report.save(self.mirror / "report.json")
+        stage_out(self.mirror / "report.json", self.location.join("report.json"))
+        if not self.store.keep_shards:
+            for sub in ("shards", "segments"):
+                delete(self.location.join(sub))
+        shutil.rmtree(self.mirror, ignore_errors=True)
+
+
+def relocate(report, output: Location | None, work: Location | None):
+    """The report as the user sees it: the output and work directory as given, not the
+    node-local paths they were staged through."""
+    changes: dict = {}
+    if output is not None:
+        changes["output"] = str(output)
+    if work is not None:
+        changes["work_dir"] = str(work)
+        changes["settings"] = {**report.settings, "work_dir": str(work)}
+    return replace(report, **changes) if changes else report
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _join_display(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}" if _URI.match(base) else str(Path(base) / rel)
+
+
+def _identity(fs: pafs.FileSystem) -> str:
+    """A stable name for a filesystem: its type, and the roots of any sub-trees."""
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        return f"{_identity(fs.base_fs)}/{fs.base_path}"
+    if isinstance(fs, pafs.PyFileSystem):
+        return f"{fs.type_name}:{fs.handler!r}"
+    return fs.type_name
+
+
+def _listing(location: Location) -> dict[str, pafs.FileInfo]:
+    """Every file under a directory location, by path relative to it (``/``-separated),
+    leaving out names that start with ``.``."""
+    selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
+    base = location.path.rstrip("/")
+    files = {}
+    for info in location.filesystem.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, base) if base else info.path.lstrip("/")
+        if not any(part.startswith(".") for part in rel.split("/")):
+            files[rel] = info
+    return files
+
+
+def _download(fs: pafs.FileSystem, path: str, local: Path) -> None:
+    """Copy one file to ``local``, atomically (temp name + rename)."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, _BLOCK)
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
