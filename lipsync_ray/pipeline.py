@@ -84,6 +84,12 @@ log = logging.getLogger(__name__)
 
 TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
 ACTOR_START_TIMEOUT_S = 600.0
+# Actor tasks run as soon as their arguments are ready, not in submission order. In order, a
+# task waits for every earlier one's arguments: the `describe` probe of `_await_actors` would
+# queue behind a `composite` whose predictions come from a hung `infer`, and the driver would
+# block there (up to ACTOR_START_TIMEOUT_S) instead of restarting the hung actor. Order between
+# chunks never mattered: `encode_chunk` takes the `composite` result as its argument.
+_UNORDERED = {"allow_out_of_order_execution": True}
 
 
 def plan_chunks(frames: int, chunk_frames: int) -> list[tuple[int, int, int]]:
@@ -255,6 +261,7 @@ class Renderer:
                 num_gpus=gpus,
                 max_restarts=3,
                 max_task_retries=0,
+                **_UNORDERED,
             ).remote(model, avatar, session, pool.cpus_per_inference_actor, pool.batch_size)
             for _ in range(pool.inference_actors)
         ]
@@ -264,6 +271,7 @@ class Renderer:
                 num_cpus=pool.cpus_per_compositor,
                 max_restarts=3,
                 max_task_retries=0,
+                **_UNORDERED,
                 **placements[k % len(placements)],
             ).remote(avatar, config.encode, pool.cpus_per_compositor)
             for k in range(pool.compositors)
@@ -607,12 +615,12 @@ class Renderer:
             if isinstance(cause, InputError):
                 # Bad input (a model that outputs NaN, say) fails the same way every time.
                 raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
-            if _is_system_failure(ray, cause):
-                # The machinery failed (a worker or node died, or we restarted a hung actor):
-                # wait for the actors to come back (bounded by their max_restarts) first.
+            system = _is_system_failure(ray, cause)
+            if system and not task.timed_out:
+                # The machinery failed (a worker or node died): wait for the actors to come
+                # back (bounded by their max_restarts), then run the chunk again without using
+                # its retry budget: not the chunk's fault.
                 self._await_actors(task)
-            if _is_system_failure(ray, cause) and not task.timed_out:
-                # Not the chunk's fault: run it again without using its retry budget.
                 task.system_failures += 1
                 if task.system_failures > SYSTEM_RETRIES:
                     raise RenderError(
@@ -630,6 +638,10 @@ class Renderer:
             )
             if task.attempt >= pool.max_retries:
                 raise RenderError(f"{chunk} failed {task.attempt + 1} times; last error: {reason}")
+            if system:
+                # We restarted its hung actor: retry once the actor answers again. (Checked
+                # after the budget: the last hang names the chunk, not a used-up restart.)
+                self._await_actors(task)
             retries += 1
             log.warning("%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, reason)
             retry.append((task.spec, task.attempt + 1, task.system_failures))
