@@ -100,9 +100,15 @@ class ProcessTreeMonitor:
     between the processes mapping them, so the sum is not inflated) with RSS as a fallback;
     CPU is the last seen user+system time of every process, so processes that exit (Ray
     workers) still count up to their last sample.
+
+    The monitor is an instrument, not part of what it measures: reading PSS walks every page
+    table of every process (several ms for a worker that maps a 1 GB avatar and the object
+    store), so PSS is read every ``pss_every``-th sample only, and the sampling thread's own
+    CPU time is reported as "monitor" and left out of :attr:`cpu_s`. The process tree is
+    listed again on those samples only (a worker that starts between them is first seen there).
     """
 
-    def __init__(self, pid: int | None = None, interval_s: float = 0.2) -> None:
+    def __init__(self, pid: int | None = None, interval_s: float = 0.5, pss_every: int = 4) -> None:
         import psutil
 
         self._psutil = psutil
@@ -113,6 +119,10 @@ class ProcessTreeMonitor:
         self._cpu: dict[int, float] = {}
         self._base: dict[int, float] = {}
         self._role: dict[int, str] = {}
+        self.pss_every = pss_every
+        self._samples = 0
+        self._procs: list = []
+        self.monitor_cpu_s = 0.0  # the sampling thread's own CPU time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -123,21 +133,29 @@ class ProcessTreeMonitor:
             return [self.root]
 
     def _sample(self) -> None:
+        t0 = time.thread_time()
         pss = rss = 0
-        for proc in self._tree():
+        full = self._samples % self.pss_every == 0
+        self._samples += 1
+        if full or not self._procs:  # listing the tree scans every process on the machine
+            self._procs = self._tree()
+        for proc in self._procs:
             try:
                 with proc.oneshot():
                     times = proc.cpu_times()
-                    mem = proc.memory_full_info()
+                    mem = proc.memory_full_info() if full else proc.memory_info()
             except self._psutil.Error:
                 continue
             rss += mem.rss
-            pss += getattr(mem, "pss", mem.rss)
+            pss += getattr(mem, "pss", 0)
             self._cpu[proc.pid] = times.user + times.system
             if proc.pid not in self._role or self._role[proc.pid] == "ray::IDLE":
                 self._role[proc.pid] = self._role_of(proc)
-        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+        if full:
+            self.peak_pss_bytes = max(self.peak_pss_bytes, pss or rss)
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        if threading.current_thread() is self._thread:
+            self.monitor_cpu_s += time.thread_time() - t0
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -155,17 +173,19 @@ class ProcessTreeMonitor:
 
     @property
     def cpu_s(self) -> float:
-        """CPU seconds of the tree since the monitor started."""
-        return sum(v - self._base.get(pid, 0.0) for pid, v in self._cpu.items())
+        """CPU seconds of the tree since the monitor started, the monitor's own left out."""
+        total = sum(v - self._base.get(pid, 0.0) for pid, v in self._cpu.items())
+        return total - self.monitor_cpu_s
 
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds since the monitor started per kind of process: "driver", an actor
         class ("ray::InferenceActor"), "raylet", "gcs_server", or "ray (other)" (agents,
         log monitor)."""
-        out: dict[str, float] = {}
+        out: dict[str, float] = {"monitor": self.monitor_cpu_s}
         for pid, v in self._cpu.items():
             role = self._role.get(pid, "ray (other)")
             out[role] = out.get(role, 0.0) + v - self._base.get(pid, 0.0)
+        out["driver"] = out.get("driver", 0.0) - self.monitor_cpu_s
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def _role_of(self, proc) -> str:

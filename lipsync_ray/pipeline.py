@@ -259,7 +259,7 @@ class Renderer:
             inference_cls.options(
                 num_cpus=pool.cpus_per_inference_actor,
                 num_gpus=gpus,
-                max_restarts=3,
+                max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
                 max_task_retries=0,
                 **_UNORDERED,
             ).remote(model, avatar, session, pool.cpus_per_inference_actor, pool.batch_size)
@@ -269,7 +269,7 @@ class Renderer:
         self._compositors = [
             compositor_cls.options(
                 num_cpus=pool.cpus_per_compositor,
-                max_restarts=3,
+                max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
                 max_task_retries=0,
                 **_UNORDERED,
                 **placements[k % len(placements)],
@@ -618,7 +618,7 @@ class Renderer:
             system = _is_system_failure(ray, cause)
             if system and not task.timed_out:
                 # The machinery failed (a worker or node died): wait for the actors to come
-                # back (bounded by their max_restarts), then run the chunk again without using
+                # back (within ACTOR_START_TIMEOUT_S), then run the chunk again without using
                 # its retry budget: not the chunk's fault.
                 self._await_actors(task)
                 task.system_failures += 1
@@ -825,7 +825,8 @@ def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
 
 
 # A chunk may lose its workers this many times (nodes or processes dying) before the render
-# stops; each loss waits for Ray to restart the actors, bounded by their max_restarts.
+# stops; each loss waits for Ray to restart the actors (they restart without limit: the
+# chunks bound the work, not the actors).
 SYSTEM_RETRIES = 8
 
 
