@@ -233,9 +233,16 @@ class CompositorActor:
     per chunk costs ~45,000 page faults, several ms per frame on a VM.
     """
 
-    def __init__(self, avatar: str | Location, encode: EncodeOptions, cpus: float) -> None:
+    def __init__(
+        self, avatar: str | Location, encode: EncodeOptions, cpus: float, niceness: int = 0
+    ) -> None:
         import cv2
 
+        if niceness > 0:
+            # Compositing yields the CPU to inference: it runs in the gaps the generator's
+            # threads leave instead of preempting one of them mid-operator (the other then
+            # waits at the operator's barrier). Backpressure keeps it from falling behind.
+            os.nice(niceness)
         threads = max(1, round(cpus))
         cv2.setNumThreads(threads)
         self.avatar = Avatar.open(local_copy(avatar))

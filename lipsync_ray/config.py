@@ -51,6 +51,9 @@ class PoolConfig:
     # Compositing actors and their CPUs (each runs single-threaded OpenCV).
     compositors: int = 1
     cpus_per_compositor: float = 0.5
+    # Scheduling niceness of compositor processes (0-19; 0: as the inference actors). Above 0
+    # compositing runs in the gaps inference leaves on shared CPUs.
+    compositor_niceness: int = 0
     # Frames per generator call.
     batch_size: int = 4
     # Output frames per chunk (= per shard).
@@ -171,6 +174,10 @@ def validate(config: RenderConfig) -> None:
             f"CPUs per compositor must be > 0, got {pool.cpus_per_compositor}",
         ),
         (1 <= pool.batch_size <= 256, f"batch size must be in [1, 256], got {pool.batch_size}"),
+        (
+            isinstance(pool.compositor_niceness, int) and 0 <= pool.compositor_niceness <= 19,
+            f"compositor niceness must be in [0, 19], got {pool.compositor_niceness}",
+        ),
         (
             1 <= pool.chunk_frames <= 4096,
             f"chunk frames must be in [1, 4096], got {pool.chunk_frames}",

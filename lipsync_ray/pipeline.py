@@ -273,7 +273,7 @@ class Renderer:
                 max_task_retries=0,
                 **_UNORDERED,
                 **placements[k % len(placements)],
-            ).remote(avatar, config.encode, pool.cpus_per_compositor)
+            ).remote(avatar, config.encode, pool.cpus_per_compositor, pool.compositor_niceness)
             for k in range(pool.compositors)
         ]
         self._ready = [a.describe.remote() for a in self._inference + self._compositors]
