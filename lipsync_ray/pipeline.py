@@ -15,6 +15,10 @@
     render(avatar, audio, output, config)     = a Renderer used once
     render_batch(avatar, jobs, config)        = a Renderer used for every job (lipsync_ray.batch)
 
+Where the parts live: the actor pools and the chunk scheduling loop (retries, hung chunks) in
+:mod:`lipsync_ray.scheduler`; the job's paths, the manifest and the final encode in
+:mod:`lipsync_ray.workdir`.
+
 Chunks are idempotent: a retried or re-run chunk rewrites the same shard atomically, and the
 manifest only records shards whose checksum it has seen, so Ray's at-least-once execution can
 neither duplicate nor drop frames.
@@ -30,28 +34,15 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import (
-    AUDIO_CONTEXT,
-    CONCURRENCY_GROUPS,
-    ChunkResult,
-    ChunkSpec,
-    CompositorActor,
-    InferenceActor,
-    JobContext,
-    segment_path,
-)
-from lipsync_ray.avatar import Avatar, pingpong_indices
-from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
-from lipsync_ray.encode import concat_segments, encode_video, probe
-from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.actors import ChunkSpec, JobContext
+from lipsync_ray.avatar import pingpong_indices
+from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.inference import (
     EncoderSession,
     Provider,
@@ -60,53 +51,31 @@ from lipsync_ray.inference import (
 )
 from lipsync_ray.precision import Precision, PreparedModel, calibration_features, prepare_model
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes
-from lipsync_ray.shards import (
-    Manifest,
-    file_sha256,
-    iter_shard_frames,
-    shard_metadata,
-    shard_path,
+from lipsync_ray.scheduler import (
+    ACTOR_START_TIMEOUT_S,
+    ChunkScheduler,
+    ChunkTotals,
+    gather,
+    padded_rows,
+    plan_chunks,
+    start_actors,
 )
-from lipsync_ray.storage import (
-    Location,
-    RemoteWorkDir,
-    node_dir,
-    relocate,
-    resolve,
-    stage_in,
-    stage_out,
-)
+from lipsync_ray.shards import file_sha256
+from lipsync_ray.storage import Location, relocate, resolve, stage_out
 from lipsync_ray.vad import passthrough_weights
+from lipsync_ray.workdir import (
+    Job,
+    adopt_orphans,
+    check_job_paths,
+    encode_output,
+    make_job,
+    open_avatar,
+    open_manifest,
+)
 
 __all__ = ["Renderer", "plan_chunks", "render"]
 
 log = logging.getLogger(__name__)
-
-TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
-ACTOR_START_TIMEOUT_S = 600.0
-# Actor tasks run as soon as their arguments are ready, not in submission order. In order, a
-# task waits for every earlier one's arguments: the `describe` probe of `_await_actors` would
-# queue behind a `composite` whose predictions come from a hung `infer`, and the driver would
-# block there (up to ACTOR_START_TIMEOUT_S) instead of restarting the hung actor. Order between
-# chunks never mattered: `encode_chunk` takes the `composite` result as its argument.
-_UNORDERED = {"allow_out_of_order_execution": True}
-
-
-def plan_chunks(frames: int, chunk_frames: int) -> list[tuple[int, int, int]]:
-    """Split ``frames`` output frames into ``(chunk, start, stop)`` ranges of ``chunk_frames``."""
-    return [
-        (i, start, min(start + chunk_frames, frames))
-        for i, start in enumerate(range(0, frames, chunk_frames))
-    ]
-
-
-def padded_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Feature rows ``[start - 8, stop + 8)`` with zeros where they run off either end."""
-    lo, hi = start - AUDIO_CONTEXT, stop + AUDIO_CONTEXT
-    rows = np.zeros((hi - lo, features.shape[1]), dtype=np.float32)
-    a, b = max(lo, 0), min(hi, len(features))
-    rows[a - lo : b - lo] = features[a:b]
-    return rows
 
 
 class _Progress:
@@ -137,33 +106,6 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-@dataclass
-class _Task:
-    spec: ChunkSpec
-    attempt: int
-    submitted: float
-    inference: int
-    compositor: int
-    predictions: object  # ObjectRef[Predictions]
-    system_failures: int = 0  # lost workers or nodes; not counted against max_retries
-    timed_out: bool = False  # its actor was restarted because the chunk hung
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One validated render request."""
-
-    audio: Path
-    output: Path
-    work_dir: Path
-    start_frame: int
-    features: Path | None
-    # Set where the output or the work directory is off the local disk (lipsync_ray.storage):
-    # ``output`` and ``work_dir`` above are then node-local stand-ins.
-    output_location: Location | None = None
-    remote: RemoteWorkDir | None = None
-
-
 class Renderer:
     """Renders many audios onto one avatar with one set of warm actor pools.
 
@@ -186,7 +128,7 @@ class Renderer:
         check_generator_model(config.model)
         if config.audio_encoder:
             check_encoder_model(config.audio_encoder)
-        self.avatar, self._avatar_location = _open_avatar(resolve(avatar, filesystem))
+        self.avatar, self._avatar_location = open_avatar(resolve(avatar, filesystem))
         self._prepared: PreparedModel | None = None
         self._model_sha = ""
         self._avatar_sha = self._hash_avatar()
@@ -253,29 +195,9 @@ class Renderer:
         prepared = self._prepare_model(None)
         model = str(prepared.path.resolve())
         session = prepared.session_options(config.session)
-        inference_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
-        compositor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(CompositorActor)
-        self._inference = [
-            inference_cls.options(
-                num_cpus=pool.cpus_per_inference_actor,
-                num_gpus=gpus,
-                max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
-                max_task_retries=0,
-                **_UNORDERED,
-            ).remote(model, avatar, session, pool.cpus_per_inference_actor, pool.batch_size)
-            for _ in range(pool.inference_actors)
-        ]
-        placements = _compositor_placements(ray, pool)
-        self._compositors = [
-            compositor_cls.options(
-                num_cpus=pool.cpus_per_compositor,
-                max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
-                max_task_retries=0,
-                **_UNORDERED,
-                **placements[k % len(placements)],
-            ).remote(avatar, config.encode, pool.cpus_per_compositor, pool.compositor_niceness)
-            for k in range(pool.compositors)
-        ]
+        self._inference, self._compositors = start_actors(
+            ray, pool, model, avatar, session, config.encode
+        )
         self._ready = [a.describe.remote() for a in self._inference + self._compositors]
 
     def _prepare_model(self, features: np.ndarray | None) -> PreparedModel:
@@ -307,81 +229,16 @@ class Renderer:
             self._model_sha = file_sha256(self._prepared.path)
         return self._prepared
 
-    def _await_actors(self, task: _Task) -> None:
-        """Block until the two actors of a failed chunk answer again (Ray restarts them).
-
-        "Unavailable" means restarting (its node died, or its process): poll. "Died" means
-        its restarts are used up: the render cannot go on."""
-        ray = self._ray
-        errors = ray.exceptions
-        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
-        for actor in (self._inference[task.inference], self._compositors[task.compositor]):
-            while True:
-                try:
-                    ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                    break
-                except (errors.ActorUnavailableError, errors.GetTimeoutError) as exc:
-                    if time.monotonic() > deadline:
-                        raise RenderError(
-                            f"{task.spec.describe()}: an actor did not come back within "
-                            f"{ACTOR_START_TIMEOUT_S:.0f} s: {_short(exc)}"
-                        ) from exc
-                    time.sleep(0.5)
-                except errors.RayError as exc:
-                    raise RenderError(
-                        f"{task.spec.describe()}: an actor died and could not be restarted: "
-                        f"{_short(exc)}"
-                    ) from exc
-
     def _ensure_pools(self) -> None:
         """Start the actors if needed and wait until every one has opened its session."""
         self._start_pools()
         if self._ready:
-            self.actor_infos = list(_gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
+            self.actor_infos = list(gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
             self._ready = []
 
     # ---------------------------------------------------------------------------- render
 
-    def _job(
-        self,
-        audio: str | Path,
-        output: str | Path,
-        start_frame: int | None,
-        work_dir: str | Path | None,
-        features: str | Path | None,
-    ) -> _Job:
-        config, fs = self.config, self.filesystem
-        output_at, audio_at = check_job_paths(audio, output, config.overwrite, filesystem=fs)
-        start = config.start_frame if start_frame is None else start_frame
-        period = max(1, 2 * self.avatar.frame_count - 2)
-        if not 0 <= start < period:
-            raise InputError(
-                f"start frame must be in [0, {period}) for an avatar of "
-                f"{self.avatar.frame_count} frames, got {start}",
-                path=self.avatar.path,
-            )
-        if work_dir is None:
-            work_dir = config.work_dir
-        work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(".work")
-        features = features if features is not None else config.features
-        if features is None and not config.audio_encoder:
-            raise InputError("give an audio encoder model or precomputed features")
-        output_local, work_local = output_at.local_path(), work_at.local_path()
-        remote = None
-        if work_local is None:
-            remote = RemoteWorkDir(work_at, keep_shards=config.keep_shards)
-            work_local = remote.mirror
-        return _Job(
-            audio=stage_in(audio_at),
-            output=output_local or node_dir("output", output_at) / output_at.name,
-            work_dir=work_local.resolve(),
-            start_frame=start,
-            features=None if features is None else stage_in(resolve(features, fs)),
-            output_location=None if output_local else output_at,
-            remote=remote,
-        )
-
-    def _decode(self, job: _Job) -> tuple[np.ndarray, np.ndarray | None]:
+    def _decode(self, job: Job) -> tuple[np.ndarray, np.ndarray | None]:
         """Precomputed features [N, 512] or the mel spectrogram [80, T] of the job's audio,
         and the 16 kHz samples when silence passthrough needs them.
 
@@ -393,7 +250,7 @@ class Renderer:
             return audio_mod.load_features(job.features), samples
         return audio_mod.mel_spectrogram(samples), samples
 
-    def _features(self, job: _Job, decoded: np.ndarray) -> np.ndarray:
+    def _features(self, job: Job, decoded: np.ndarray) -> np.ndarray:
         if job.features is not None:
             return decoded
         if self._encoder is None:
@@ -403,7 +260,7 @@ class Renderer:
             self._encoder = EncoderSession(Path(self.config.audio_encoder), options, cpus=2)
         return audio_mod.compute_features(decoded, self._encoder)
 
-    def _fingerprint(self, job: _Job, features: np.ndarray) -> str:
+    def _fingerprint(self, job: Job, features: np.ndarray) -> str:
         """Hash of everything that decides the pixels of the shards and segments."""
         config = self.config
         parts = {
@@ -434,7 +291,16 @@ class Renderer:
 
         Paths may be URIs, or paths inside the renderer's ``filesystem``."""
         t_start = time.perf_counter()
-        job = self._job(audio, output, start_frame, work_dir, features)
+        job = make_job(
+            self.config,
+            self.avatar,
+            audio,
+            output,
+            start_frame=start_frame,
+            work_dir=work_dir,
+            features=features,
+            filesystem=self.filesystem,
+        )
         if job.output_location is None and job.remote is None:
             return self._render(job, t_start)
         if job.remote is not None:
@@ -455,7 +321,7 @@ class Renderer:
             report.save(job.work_dir / "report.json")
         return report
 
-    def _render(self, job: _Job, t_start: float) -> RunReport:
+    def _render(self, job: Job, t_start: float) -> RunReport:
         config = self.config
         t0 = time.perf_counter()
         decoded, samples = self._decode(job)
@@ -479,11 +345,11 @@ class Renderer:
         chunks = plan_chunks(frames, config.pool.chunk_frames)
         fingerprint = self._fingerprint(job, feats)
         job.work_dir.mkdir(parents=True, exist_ok=True)
-        manifest = _open_manifest(job.work_dir, config, fingerprint, frames)
+        manifest = open_manifest(job.work_dir, config, fingerprint, frames)
         if job.remote is not None:
             job.remote.attach(manifest)
         segments = config.encode_mode is EncodeMode.SEGMENTS
-        _adopt_orphans(manifest, chunks, fingerprint, segments)
+        adopt_orphans(manifest, chunks, fingerprint, segments)
         todo = [
             (c, s, e) for c, s, e in chunks if not manifest.complete(c, s, e, segments=segments)
         ]
@@ -494,10 +360,7 @@ class Renderer:
             "%d frames in %d chunks of %d (%d reused); features %.1f s",
             frames, len(chunks), config.pool.chunk_frames, reused, features_s,
         )  # fmt: skip
-        timings: dict[str, float] = {}
-        cpu: dict[str, float] = {}
-        retries = 0
-        quality = _Quality()
+        totals = ChunkTotals()
         if todo:
             self._ensure_pools()
             context = JobContext(
@@ -518,15 +381,22 @@ class Renderer:
             )  # fmt: skip
             progress = _Progress(frames, done=frames - sum(e - s for _, s, e in todo))
             try:
-                timings, cpu, retries, quality = self._run_chunks(
-                    specs, context, manifest, progress
-                )
+                totals = ChunkScheduler(
+                    self._ray,
+                    self._inference,
+                    self._compositors,
+                    self.pool,
+                    manifest,
+                    progress.update,
+                    keep_shards=config.keep_shards,
+                ).run(specs, context)
             finally:
                 progress.close()
+        timings, cpu = totals.timings, totals.cpu
         t0, c0 = time.perf_counter(), time.process_time()
         if job.remote is not None:
             job.remote.fetch(manifest, segments=segments)
-        media = _encode(job, config, manifest, frames)
+        media = encode_output(job, config, manifest, frames)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
         timings["features"] = cpu["features"] = features_s
@@ -548,10 +418,10 @@ class Renderer:
                 _per_frame(timings, rendered=sum(e - s for _, s, e in todo), total=frames),
                 _per_frame(cpu, rendered=sum(e - s for _, s, e in todo), total=frames),
             ),
-            retries=retries,
-            frames_generated=quality.generated,
+            retries=totals.retries,
+            frames_generated=totals.generated,
             precision=self._prepared.to_dict() if self._prepared else {},
-            seam_score=quality.seam(),
+            seam_score=totals.seam(),
             actors=tuple(self.actor_infos),
             providers=tuple(
                 sorted({i.providers[0] for i in self.actor_infos if i.role == "inference"})
@@ -572,222 +442,6 @@ class Renderer:
         report.save(job.work_dir / "report.json")
         return report
 
-    # ------------------------------------------------------------------------ scheduling
-
-    def _run_chunks(
-        self,
-        specs: Iterator[ChunkSpec],
-        context: JobContext,
-        manifest: Manifest,
-        progress: _Progress,
-    ) -> tuple[dict[str, float], dict[str, float], int, _Quality]:
-        """Run every chunk through both pools with bounded in-flight work, retries, timeouts.
-
-        Returns wall and CPU seconds per stage (summed over chunks), the retry count, and the
-        generated-frame and seam figures."""
-        ray, pool = self._ray, self.pool
-        retry: deque[tuple[ChunkSpec, int, int]] = deque()
-        inflight: dict[object, _Task] = {}
-        load_inf = [0] * len(self._inference)
-        load_comp = [0] * len(self._compositors)
-        timings: dict[str, float] = {}
-        cpu: dict[str, float] = {}
-        retries = 0
-        quality = _Quality()
-        limit = pool.in_flight()
-        context_ref = ray.put(context)
-
-        def submit(spec: ChunkSpec, attempt: int, system_failures: int = 0) -> None:
-            i = min(range(len(load_inf)), key=load_inf.__getitem__)
-            c = min(range(len(load_comp)), key=load_comp.__getitem__)
-            preds = self._inference[i].infer.remote(spec)
-            # One compositor call writes the chunk's shard and encodes its segment from the
-            # same frames: no second task, no re-read.
-            ref = self._compositors[c].composite.remote(spec, preds, context_ref)
-            load_inf[i] += 1
-            load_comp[c] += 1
-            inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
-
-        def failed(task: _Task, exc: BaseException) -> None:
-            nonlocal retries
-            cause = _root_cause(ray, exc)
-            chunk = task.spec.describe()
-            if isinstance(cause, InputError):
-                # Bad input (a model that outputs NaN, say) fails the same way every time.
-                raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
-            system = _is_system_failure(ray, cause)
-            if system and not task.timed_out:
-                # The machinery failed (a worker or node died): wait for the actors to come
-                # back (within ACTOR_START_TIMEOUT_S), then run the chunk again without using
-                # its retry budget: not the chunk's fault.
-                self._await_actors(task)
-                task.system_failures += 1
-                if task.system_failures > SYSTEM_RETRIES:
-                    raise RenderError(
-                        f"{chunk}: its workers died {task.system_failures} times; last: "
-                        f"{_short(cause)}"
-                    )
-                log.warning("%s lost its worker (%s); running it again", chunk, _short(cause))
-                retries += 1
-                retry.append((task.spec, task.attempt, task.system_failures))
-                return
-            reason = (
-                f"no result within {pool.chunk_timeout_s:g} s (hung)"
-                if task.timed_out
-                else _short(cause)
-            )
-            if task.attempt >= pool.max_retries:
-                raise RenderError(f"{chunk} failed {task.attempt + 1} times; last error: {reason}")
-            if system:
-                # We restarted its hung actor: retry once the actor answers again. (Checked
-                # after the budget: the last hang names the chunk, not a used-up restart.)
-                self._await_actors(task)
-            retries += 1
-            log.warning("%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, reason)
-            retry.append((task.spec, task.attempt + 1, task.system_failures))
-
-        pending = iter(specs)
-        exhausted = False
-        last_progress = time.monotonic()
-        while True:
-            while len(inflight) < limit:
-                if retry:
-                    submit(*retry.popleft())
-                    continue
-                spec = None if exhausted else next(pending, None)
-                if spec is None:
-                    exhausted = True
-                    break
-                submit(spec, 0)
-            if not inflight:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                task = inflight.pop(ref)
-                load_inf[task.inference] -= 1
-                load_comp[task.compositor] -= 1
-                try:
-                    result: ChunkResult = ray.get(ref)
-                except (ray.exceptions.RayError, LipsyncError) as exc:
-                    failed(task, exc)
-                    continue
-                if result.segment is not None:
-                    manifest.record_segment(result.segment)
-                # Released once recorded (without --keep-shards): the segment carries the
-                # chunk, and disk use stays bounded by the chunks in flight.
-                manifest.record(
-                    result.shard,
-                    release=result.segment is not None and not self.config.keep_shards,
-                )
-                for k, v in result.timings_s.items():
-                    timings[k] = timings.get(k, 0.0) + v
-                for k, v in result.cpu_s.items():
-                    cpu[k] = cpu.get(k, 0.0) + v
-                quality.generated += result.generated
-                quality.seams.extend(result.seam_scores)
-                progress.update(result.shard.rows)
-            now = time.monotonic()
-            if ready:
-                last_progress = now
-            # "No progress": no chunk finished within the timeout. The oldest chunk in flight
-            # is the one holding the others up.
-            oldest = min(inflight.values(), key=lambda t: t.submitted, default=None)
-            if (
-                oldest is not None
-                and now - max(oldest.submitted, last_progress) > pool.chunk_timeout_s
-            ):
-                task = oldest
-                # A hung chunk: restart the actor that holds it (Ray cannot interrupt a running
-                # method of a threaded actor); its tasks fail with RayActorError and are retried.
-                done, _ = ray.wait([task.predictions], timeout=0)
-                actors = self._compositors if done else self._inference
-                index = task.compositor if done else task.inference
-                log.warning(
-                    "%s made no progress for %.0f s; restarting its actor",
-                    task.spec.describe(), now - max(task.submitted, last_progress),
-                )  # fmt: skip
-                ray.kill(actors[index], no_restart=False)
-                last_progress = now  # the restart is an event: the others get a full timeout
-                task.timed_out = True
-                task.submitted = now  # its failure arrives through ray.wait
-        return timings, cpu, retries, quality
-
-
-@dataclass
-class _Quality:
-    generated: int = 0
-    seams: list[float] = field(default_factory=list)
-
-    def seam(self) -> float | None:
-        return float(np.mean(self.seams)) if self.seams else None
-
-
-def check_job_paths(
-    audio: str | Path | Location,
-    output: str | Path | Location,
-    overwrite: bool,
-    *,
-    filesystem=None,
-) -> tuple[Location, Location]:
-    """Cheap checks of a render's own paths, before models or the avatar are opened.
-
-    Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved."""
-    import pyarrow.fs as pafs
-
-    output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    parent = output.parent()
-    parent_type = parent.info().type
-    if parent_type != pafs.FileType.Directory and not (
-        parent_type == pafs.FileType.NotFound and _object_store(output)
-    ):
-        raise InputError("the output's directory does not exist", path=parent)
-    output_type = output.info().type
-    if output_type == pafs.FileType.Directory:
-        raise InputError("the output is a directory", path=output)
-    if output_type != pafs.FileType.NotFound and not overwrite:
-        raise InputError("the output exists; use --overwrite to replace it", path=output)
-    suffix = Path(output.name).suffix
-    if suffix.lower() not in (".mp4", ".m4v", ".mov"):
-        raise InputError(f"the output must be an .mp4 file, got {suffix!r}", path=output)
-    audio_type = audio.info().type
-    if audio_type != pafs.FileType.File:
-        what = (
-            "is a directory, expected an audio file"
-            if audio_type == pafs.FileType.Directory
-            else "audio file not found"
-        )
-        raise InputError(what, path=audio)
-    return output, audio
-
-
-def _object_store(location: Location) -> bool:
-    """S3 and GCS have no directories: an output's "directory" appears with its first file."""
-    fs = location.filesystem
-    while hasattr(fs, "base_fs"):  # SubTreeFileSystem
-        fs = fs.base_fs
-    return fs.type_name in ("s3", "gcs")
-
-
-def _open_avatar(location: Location) -> tuple[Avatar, Location | None]:
-    """Open the avatar bundle at ``location``: in place when it is local, else staged into
-    this node's cache (then also returned, for the actors to stage on their nodes). Errors
-    about a staged copy name the file at its source."""
-    local = location.local_path()
-    if local is not None:
-        return Avatar.open(local), None
-    import pyarrow.fs as pafs
-
-    if location.info().type != pafs.FileType.Directory:
-        raise InputError("avatar bundle directory not found", path=location)
-    staged = stage_in(location)
-    try:
-        return Avatar.open(staged), location
-    except InputError as exc:
-        path = exc.path
-        if path is not None and path.startswith(str(staged)):
-            path = str(location) + path[len(str(staged)) :]
-        raise type(exc)(exc.message, path=path) from None
-
 
 def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[str, float]:
     """Milliseconds per frame: actor stages over rendered frames, driver stages over all."""
@@ -797,147 +451,6 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
             frames = total if stage in ("features", "encode_join") else rendered
             out[stage] = 1000.0 * timings[stage] / max(frames, 1)
     return out
-
-
-def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
-    """Scheduling options for compositors, cycled over the pool.
-
-    ``Placement.SPLIT`` pins compositors (softly: Ray may still move a restarted one) to the
-    alive nodes that have CPUs and no GPU, round-robin, so GPU nodes keep their CPUs for the
-    inference actors feeding the GPUs. With no CPU-only node it says so and lets Ray decide.
-    """
-    if pool.placement is not Placement.SPLIT:
-        return [{}]
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    cpu_nodes = [
-        n["NodeID"]
-        for n in ray.nodes()
-        if n.get("Alive") and n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get("GPU")
-    ]
-    if not cpu_nodes:
-        log.warning("placement 'split': the cluster has no CPU-only node; Ray places compositors")
-        return [{}]
-    return [
-        {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
-        for node in sorted(cpu_nodes)
-    ]
-
-
-# A chunk may lose its workers this many times (nodes or processes dying) before the render
-# stops; each loss waits for Ray to restart the actors (they restart without limit: the
-# chunks bound the work, not the actors).
-SYSTEM_RETRIES = 8
-
-
-def _root_cause(ray, exc: BaseException) -> BaseException:
-    """The exception behind Ray's wrappers (a task error wraps the actor's own exception)."""
-    seen = 0
-    while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None and seen < 8:
-        exc, seen = exc.cause, seen + 1
-    return exc
-
-
-def _is_system_failure(ray, exc: BaseException) -> bool:
-    errors = ray.exceptions
-    return isinstance(
-        exc,
-        (
-            errors.RayActorError,
-            errors.ObjectLostError,
-            errors.WorkerCrashedError,
-            errors.NodeDiedError,
-            errors.LocalRayletDiedError,
-        ),
-    )
-
-
-def _gather(ray, refs, timeout_s: float):
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as exc:
-        raise RenderError(
-            f"actors did not start within {timeout_s:.0f} s: the cluster may lack the requested "
-            "CPUs/GPUs (see `ray status`)"
-        ) from exc
-    except ray.exceptions.RayError as exc:
-        cause = _root_cause(ray, exc)
-        if isinstance(cause, LipsyncError):
-            raise cause from None
-        raise RenderError(f"an actor failed to start: {_short(cause)}") from exc
-
-
-def _short(exc: BaseException) -> str:
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return text[-1].strip() if text else type(exc).__name__
-
-
-def _encode(job: _Job, config: RenderConfig, manifest: Manifest, frames: int):
-    track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
-    chunks = plan_chunks(frames, config.pool.chunk_frames)
-    if config.encode_mode is EncodeMode.SEGMENTS:
-        segments = [job.work_dir / manifest.segments[c].file for c, _, _ in chunks]
-        return concat_segments(
-            segments, track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
-        )
-
-    def shard_frames() -> Iterator[np.ndarray]:
-        for c, start, stop in chunks:
-            path = job.work_dir / manifest.chunks[c].file
-            yield from iter_shard_frames(path, range(start, stop))
-
-    return encode_video(
-        shard_frames(), track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
-    )
-
-
-def _open_manifest(work_dir: Path, config: RenderConfig, fingerprint: str, frames: int) -> Manifest:
-    existing = Manifest.load(work_dir)
-    if existing is not None and existing.fingerprint != fingerprint:
-        if not config.overwrite:
-            raise InputError(
-                "the work directory belongs to a render of other inputs or settings; use "
-                "--overwrite to start again, or another --work-dir",
-                path=work_dir,
-            )
-        existing = None
-    if existing is None:
-        for sub in ("shards", "segments"):
-            shutil.rmtree(work_dir / sub, ignore_errors=True)
-        existing = Manifest(
-            work_dir, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
-        )
-        existing.save()
-    return existing
-
-
-def _adopt_orphans(manifest: Manifest, chunks, fingerprint: str, segments: bool) -> None:
-    """Record files that were renamed into place but not yet listed (the driver died between
-    a compositor's rename and the manifest update)."""
-    for chunk, start, stop in chunks:
-        path = shard_path(manifest.work_dir, chunk)
-        if chunk not in manifest.chunks and path.exists():
-            try:
-                fp, number, rows = shard_metadata(path)
-            except Exception:  # an unreadable file is simply rendered again
-                continue
-            if fp == fingerprint and number == chunk and rows == stop - start:
-                manifest.adopt(path, chunk, start, stop)
-        seg = segment_path(manifest.work_dir, chunk)
-        if (
-            segments
-            and chunk in manifest.chunks
-            and chunk not in manifest.segments
-            and seg.exists()
-        ):
-            # Same fingerprint (the work dir was wiped otherwise) and renamed into place whole;
-            # the frame count is checked by demuxing.
-            try:
-                ok = probe(seg).video_frames == stop - start
-            except LipsyncError:
-                ok = False
-            if ok:
-                manifest.adopt(seg, chunk, start, stop, segment=True)
 
 
 def init_ray(ray, address: str | None) -> None:

@@ -146,7 +146,7 @@ def _restarts(caplog) -> list[str]:
 
 
 def test_a_chunk_that_keeps_hanging_stops_the_render(ray_cluster, inputs, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="lipsync_ray.pipeline")
+    caplog.set_level(logging.WARNING, logger="lipsync_ray.scheduler")
     config = _config(_generator(tmp_path / "hang.onnx", spin=True), inputs["features"], 1)
     out = tmp_path / "out.mp4"
     with pytest.raises(RenderError) as info:
@@ -187,7 +187,7 @@ def test_a_chunk_that_hangs_once_is_retried_and_the_render_completes(ray_cluster
     assert reference.retries == 0
     model = _generator(tmp_path / "hang.onnx", spin=True)
     hook = _ReplaceModelOnRestart(model, _generator(tmp_path / "roi-copy.onnx", spin=False))
-    logger = logging.getLogger("lipsync_ray.pipeline")
+    logger = logging.getLogger("lipsync_ray.scheduler")
     logger.addHandler(hook)
     try:
         report = render(

@@ -1,0 +1,417 @@
+"""The actor pools, and the scheduling of one render's chunks through them.
+
+::
+
+    start_actors(ray, pool, ...)       InferenceActor and CompositorActor pools (Ray restarts
+                                       them without limit; the chunks bound the retries)
+    plan_chunks(frames, C)             (chunk, start, stop) ranges of C output frames
+    ChunkScheduler(...).run(specs)     InferenceActor ──predictions (ObjectRef)──▶ CompositorActor
+                                         at most `in_flight` chunks submitted at once
+                                         a failed chunk: retried (max_retries), or, when a worker
+                                           or node died, run again once Ray restarts its actors
+                                           (SYSTEM_RETRIES, not counted against max_retries)
+                                         a hung chunk (no progress for chunk_timeout_s): its
+                                           actor is restarted and the chunk retried
+
+The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
+with :func:`start_actors` and hands over the lists, the resolved pool settings, the manifest
+that records finished chunks, and a callback that waits for restarted actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+
+from lipsync_ray.actors import (
+    AUDIO_CONTEXT,
+    CONCURRENCY_GROUPS,
+    ChunkResult,
+    ChunkSpec,
+    CompositorActor,
+    InferenceActor,
+    JobContext,
+)
+from lipsync_ray.config import Placement, PoolConfig
+from lipsync_ray.encode import EncodeOptions
+from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.inference import SessionOptions
+from lipsync_ray.shards import Manifest
+from lipsync_ray.storage import Location
+
+__all__ = ["ChunkScheduler", "ChunkTotals", "padded_rows", "plan_chunks", "start_actors"]
+
+log = logging.getLogger(__name__)
+
+ACTOR_START_TIMEOUT_S = 600.0
+# A chunk may lose its workers this many times (nodes or processes dying) before the render
+# stops; each loss waits for Ray to restart the actors (they restart without limit: the
+# chunks bound the work, not the actors).
+SYSTEM_RETRIES = 8
+# Actor tasks run as soon as their arguments are ready, not in submission order. In order, a
+# task waits for every earlier one's arguments: the `describe` probe of `wait_for_actors` would
+# queue behind a `composite` whose predictions come from a hung `infer`, and the driver would
+# block there (up to ACTOR_START_TIMEOUT_S) instead of restarting the hung actor. Order between
+# chunks never mattered: `encode_chunk` takes the `composite` result as its argument.
+_UNORDERED = {"allow_out_of_order_execution": True}
+
+
+def plan_chunks(frames: int, chunk_frames: int) -> list[tuple[int, int, int]]:
+    """Split ``frames`` output frames into ``(chunk, start, stop)`` ranges of ``chunk_frames``."""
+    return [
+        (i, start, min(start + chunk_frames, frames))
+        for i, start in enumerate(range(0, frames, chunk_frames))
+    ]
+
+
+def padded_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Feature rows ``[start - 8, stop + 8)`` with zeros where they run off either end."""
+    lo, hi = start - AUDIO_CONTEXT, stop + AUDIO_CONTEXT
+    rows = np.zeros((hi - lo, features.shape[1]), dtype=np.float32)
+    a, b = max(lo, 0), min(hi, len(features))
+    rows[a - lo : b - lo] = features[a:b]
+    return rows
+
+
+def start_actors(
+    ray,
+    pool: PoolConfig,
+    model: str,
+    avatar: str | Location,
+    session: SessionOptions,
+    encode: EncodeOptions,
+) -> tuple[list, list]:
+    """Create the inference and compositor pools without waiting for them.
+
+    Returns the two lists of actor handles; each actor opens its session when it starts (wait
+    on their ``describe`` calls, e.g. with :func:`gather`). ``model`` is the generator file to
+    load, ``avatar`` a local path or a location each node stages on its own."""
+    gpus = pool.gpus_per_actor or 0.0
+    inference_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
+    compositor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(CompositorActor)
+    inference = [
+        inference_cls.options(
+            num_cpus=pool.cpus_per_inference_actor,
+            num_gpus=gpus,
+            max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
+            max_task_retries=0,
+            **_UNORDERED,
+        ).remote(model, avatar, session, pool.cpus_per_inference_actor, pool.batch_size)
+        for _ in range(pool.inference_actors)
+    ]
+    placements = _compositor_placements(ray, pool)
+    compositors = [
+        compositor_cls.options(
+            num_cpus=pool.cpus_per_compositor,
+            max_restarts=-1,  # chunks bound the retries (max_retries, SYSTEM_RETRIES)
+            max_task_retries=0,
+            **_UNORDERED,
+            **placements[k % len(placements)],
+        ).remote(avatar, encode, pool.cpus_per_compositor, pool.compositor_niceness)
+        for k in range(pool.compositors)
+    ]
+    return inference, compositors
+
+
+def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
+    """Scheduling options for compositors, cycled over the pool.
+
+    ``Placement.SPLIT`` pins compositors (softly: Ray may still move a restarted one) to the
+    alive nodes that have CPUs and no GPU, round-robin, so GPU nodes keep their CPUs for the
+    inference actors feeding the GPUs. With no CPU-only node it says so and lets Ray decide.
+    """
+    if pool.placement is not Placement.SPLIT:
+        return [{}]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpu_nodes = [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get("GPU")
+    ]
+    if not cpu_nodes:
+        log.warning("placement 'split': the cluster has no CPU-only node; Ray places compositors")
+        return [{}]
+    return [
+        {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+        for node in sorted(cpu_nodes)
+    ]
+
+
+@dataclass
+class ChunkTotals:
+    """What one render's chunks add up to (summed over the chunks that ran)."""
+
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage
+    retries: int = 0  # chunks run again, for any reason
+    generated: int = 0  # frames the generator produced (not passed through)
+    seams: list[float] = field(default_factory=list)
+
+    def seam(self) -> float | None:
+        return float(np.mean(self.seams)) if self.seams else None
+
+
+@dataclass
+class _Task:
+    spec: ChunkSpec
+    attempt: int
+    submitted: float
+    inference: int
+    compositor: int
+    predictions: object  # ObjectRef[Predictions]
+    system_failures: int = 0  # lost workers or nodes; not counted against max_retries
+    timed_out: bool = False  # its actor was restarted because the chunk hung
+
+
+def wait_for_actors(ray, actors: Sequence, what: str) -> None:
+    """Block until ``actors`` answer again (Ray restarts them); ``what`` names the chunk.
+
+    "Unavailable" means restarting (its node died, or its process): poll. "Died" means
+    its restarts are used up: the render cannot go on."""
+    errors = ray.exceptions
+    deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+    for actor in actors:
+        while True:
+            try:
+                ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (errors.ActorUnavailableError, errors.GetTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise RenderError(
+                        f"{what}: an actor did not come back within "
+                        f"{ACTOR_START_TIMEOUT_S:.0f} s: {short(exc)}"
+                    ) from exc
+                time.sleep(0.5)
+            except errors.RayError as exc:
+                raise RenderError(
+                    f"{what}: an actor died and could not be restarted: {short(exc)}"
+                ) from exc
+
+
+class ChunkScheduler:
+    """Runs chunks through both pools with bounded in-flight work, retries and timeouts.
+
+    Args:
+        ray: the ``ray`` module (initialised).
+        inference: the InferenceActor handles; chunks go to the least loaded one.
+        compositors: the CompositorActor handles; likewise.
+        pool: the resolved pool settings (in-flight limit, max_retries, chunk_timeout_s).
+        manifest: records every finished chunk's shard (and segment).
+        on_frames: called with the frame count of each finished chunk (progress).
+        keep_shards: keep each chunk's shard once its segment is recorded (else released).
+        await_actors: ``(actors, what)`` blocks until ``actors`` answer again after a restart;
+            default :func:`wait_for_actors`.
+    """
+
+    def __init__(
+        self,
+        ray,
+        inference: Sequence,
+        compositors: Sequence,
+        pool: PoolConfig,
+        manifest: Manifest,
+        on_frames: Callable[[int], None],
+        *,
+        keep_shards: bool,
+        await_actors: Callable[[Sequence, str], None] | None = None,
+    ) -> None:
+        self.ray, self.pool, self.manifest = ray, pool, manifest
+        self.inference, self.compositors = list(inference), list(compositors)
+        self.on_frames = on_frames
+        self.keep_shards = keep_shards
+        self._await = await_actors or partial(wait_for_actors, ray)
+        self.totals = ChunkTotals()
+        self._retry: deque[tuple[ChunkSpec, int, int]] = deque()
+        self._inflight: dict[object, _Task] = {}
+        self._load_inf = [0] * len(self.inference)
+        self._load_comp = [0] * len(self.compositors)
+        self._context_ref = None
+
+    def run(self, specs: Iterable[ChunkSpec], context: JobContext) -> ChunkTotals:
+        """Run every chunk of ``specs``; returns the stage timings, retries and quality figures.
+
+        Raises:
+            InputError: a chunk failed on bad input (fails the same way every time).
+            RenderError: a chunk failed ``max_retries + 1`` times, lost its workers more than
+                SYSTEM_RETRIES times, or its actors did not come back.
+        """
+        ray, pool, inflight, retry = self.ray, self.pool, self._inflight, self._retry
+        limit = pool.in_flight()
+        self._context_ref = ray.put(context)
+        pending = iter(specs)
+        exhausted = False
+        last_progress = time.monotonic()
+        while True:
+            while len(inflight) < limit:
+                if retry:
+                    self._submit(*retry.popleft())
+                    continue
+                spec = None if exhausted else next(pending, None)
+                if spec is None:
+                    exhausted = True
+                    break
+                self._submit(spec, 0)
+            if not inflight:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                self._finished(ref)
+            now = time.monotonic()
+            if ready:
+                last_progress = now
+            # "No progress": no chunk finished within the timeout. The oldest chunk in flight
+            # is the one holding the others up.
+            oldest = min(inflight.values(), key=lambda t: t.submitted, default=None)
+            if (
+                oldest is not None
+                and now - max(oldest.submitted, last_progress) > pool.chunk_timeout_s
+            ):
+                self._restart_hung(oldest, now, last_progress)
+                last_progress = now  # the restart is an event: the others get a full timeout
+        return self.totals
+
+    def _submit(self, spec: ChunkSpec, attempt: int, system_failures: int = 0) -> None:
+        load_inf, load_comp = self._load_inf, self._load_comp
+        i = min(range(len(load_inf)), key=load_inf.__getitem__)
+        c = min(range(len(load_comp)), key=load_comp.__getitem__)
+        preds = self.inference[i].infer.remote(spec)
+        # One compositor call writes the chunk's shard and encodes its segment from the
+        # same frames: no second task, no re-read.
+        ref = self.compositors[c].composite.remote(spec, preds, self._context_ref)
+        load_inf[i] += 1
+        load_comp[c] += 1
+        self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
+
+    def _finished(self, ref) -> None:
+        """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
+        ray, manifest, totals = self.ray, self.manifest, self.totals
+        task = self._inflight.pop(ref)
+        self._load_inf[task.inference] -= 1
+        self._load_comp[task.compositor] -= 1
+        try:
+            result: ChunkResult = ray.get(ref)
+        except (ray.exceptions.RayError, LipsyncError) as exc:
+            self._failed(task, exc)
+            return
+        if result.segment is not None:
+            manifest.record_segment(result.segment)
+        # Released once recorded (without --keep-shards): the segment carries the
+        # chunk, and disk use stays bounded by the chunks in flight.
+        manifest.record(
+            result.shard,
+            release=result.segment is not None and not self.keep_shards,
+        )
+        for k, v in result.timings_s.items():
+            totals.timings[k] = totals.timings.get(k, 0.0) + v
+        for k, v in result.cpu_s.items():
+            totals.cpu[k] = totals.cpu.get(k, 0.0) + v
+        totals.generated += result.generated
+        totals.seams.extend(result.seam_scores)
+        self.on_frames(result.shard.rows)
+
+    def _failed(self, task: _Task, exc: BaseException) -> None:
+        ray, pool = self.ray, self.pool
+        cause = root_cause(ray, exc)
+        chunk = task.spec.describe()
+        if isinstance(cause, InputError):
+            # Bad input (a model that outputs NaN, say) fails the same way every time.
+            raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
+        system = is_system_failure(ray, cause)
+        if system and not task.timed_out:
+            # The machinery failed (a worker or node died): wait for the actors to come
+            # back (within ACTOR_START_TIMEOUT_S), then run the chunk again without using
+            # its retry budget: not the chunk's fault.
+            self._await_actors(task)
+            task.system_failures += 1
+            if task.system_failures > SYSTEM_RETRIES:
+                raise RenderError(
+                    f"{chunk}: its workers died {task.system_failures} times; last: {short(cause)}"
+                )
+            log.warning("%s lost its worker (%s); running it again", chunk, short(cause))
+            self.totals.retries += 1
+            self._retry.append((task.spec, task.attempt, task.system_failures))
+            return
+        reason = (
+            f"no result within {pool.chunk_timeout_s:g} s (hung)"
+            if task.timed_out
+            else short(cause)
+        )
+        if task.attempt >= pool.max_retries:
+            raise RenderError(f"{chunk} failed {task.attempt + 1} times; last error: {reason}")
+        if system:
+            # We restarted its hung actor: retry once the actor answers again. (Checked
+            # after the budget: the last hang names the chunk, not a used-up restart.)
+            self._await_actors(task)
+        self.totals.retries += 1
+        log.warning("%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, reason)
+        self._retry.append((task.spec, task.attempt + 1, task.system_failures))
+
+    def _await_actors(self, task: _Task) -> None:
+        """Block until the two actors of a failed chunk answer again (Ray restarts them)."""
+        actors = (self.inference[task.inference], self.compositors[task.compositor])
+        self._await(actors, task.spec.describe())
+
+    def _restart_hung(self, task: _Task, now: float, last_progress: float) -> None:
+        # A hung chunk: restart the actor that holds it (Ray cannot interrupt a running
+        # method of a threaded actor); its tasks fail with RayActorError and are retried.
+        done, _ = self.ray.wait([task.predictions], timeout=0)
+        actors = self.compositors if done else self.inference
+        index = task.compositor if done else task.inference
+        log.warning(
+            "%s made no progress for %.0f s; restarting its actor",
+            task.spec.describe(), now - max(task.submitted, last_progress),
+        )  # fmt: skip
+        self.ray.kill(actors[index], no_restart=False)
+        task.timed_out = True
+        task.submitted = now  # its failure arrives through ray.wait
+
+
+def root_cause(ray, exc: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers (a task error wraps the actor's own exception)."""
+    seen = 0
+    while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
+def is_system_failure(ray, exc: BaseException) -> bool:
+    errors = ray.exceptions
+    return isinstance(
+        exc,
+        (
+            errors.RayActorError,
+            errors.ObjectLostError,
+            errors.WorkerCrashedError,
+            errors.NodeDiedError,
+            errors.LocalRayletDiedError,
+        ),
+    )
+
+
+def gather(ray, refs, timeout_s: float):
+    """``ray.get`` of the actors' start-up probes, with errors that say what went wrong."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RenderError(
+            f"actors did not start within {timeout_s:.0f} s: the cluster may lack the requested "
+            "CPUs/GPUs (see `ray status`)"
+        ) from exc
+    except ray.exceptions.RayError as exc:
+        cause = root_cause(ray, exc)
+        if isinstance(cause, LipsyncError):
+            raise cause from None
+        raise RenderError(f"an actor failed to start: {short(cause)}") from exc
+
+
+def short(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text (Ray's carry a whole traceback)."""
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return text[-1].strip() if text else type(exc).__name__

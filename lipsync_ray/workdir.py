@@ -1,0 +1,238 @@
+"""A render's files: its checked paths, the avatar bundle, the work directory, the final encode.
+
+::
+
+    check_job_paths(audio, output)     cheap checks before models or the avatar are opened
+    make_job(config, avatar, ...)      a validated Job: local paths, or node-local stand-ins
+    open_avatar(location)              in place when local, else staged into this node's cache
+    open_manifest(work_dir, ...)       resume a render of the same inputs, or start afresh
+    adopt_orphans(manifest, chunks)    files renamed into place but never listed
+    encode_output(job, ...)            segments joined by stream copy (or one encoder over the
+                                       shards) + the AAC track
+
+The manifest only records shards whose checksum it has seen, and a work directory of another
+fingerprint is wiped (with --overwrite) or refused, so a resume never mixes two renders.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lipsync_ray import audio as audio_mod
+from lipsync_ray.actors import segment_path
+from lipsync_ray.avatar import Avatar
+from lipsync_ray.config import EncodeMode, RenderConfig
+from lipsync_ray.encode import concat_segments, encode_video, probe
+from lipsync_ray.errors import InputError, LipsyncError
+from lipsync_ray.scheduler import plan_chunks
+from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
+from lipsync_ray.storage import Location, RemoteWorkDir, node_dir, resolve, stage_in
+
+__all__ = ["Job", "check_job_paths", "make_job"]
+
+TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated render request."""
+
+    audio: Path
+    output: Path
+    work_dir: Path
+    start_frame: int
+    features: Path | None
+    # Set where the output or the work directory is off the local disk (lipsync_ray.storage):
+    # ``output`` and ``work_dir`` above are then node-local stand-ins.
+    output_location: Location | None = None
+    remote: RemoteWorkDir | None = None
+
+
+def check_job_paths(
+    audio: str | Path | Location,
+    output: str | Path | Location,
+    overwrite: bool,
+    *,
+    filesystem=None,
+) -> tuple[Location, Location]:
+    """Cheap checks of a render's own paths, before models or the avatar are opened.
+
+    Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved."""
+    import pyarrow.fs as pafs
+
+    output, audio = resolve(output, filesystem), resolve(audio, filesystem)
+    parent = output.parent()
+    parent_type = parent.info().type
+    if parent_type != pafs.FileType.Directory and not (
+        parent_type == pafs.FileType.NotFound and _object_store(output)
+    ):
+        raise InputError("the output's directory does not exist", path=parent)
+    output_type = output.info().type
+    if output_type == pafs.FileType.Directory:
+        raise InputError("the output is a directory", path=output)
+    if output_type != pafs.FileType.NotFound and not overwrite:
+        raise InputError("the output exists; use --overwrite to replace it", path=output)
+    suffix = Path(output.name).suffix
+    if suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise InputError(f"the output must be an .mp4 file, got {suffix!r}", path=output)
+    audio_type = audio.info().type
+    if audio_type != pafs.FileType.File:
+        what = (
+            "is a directory, expected an audio file"
+            if audio_type == pafs.FileType.Directory
+            else "audio file not found"
+        )
+        raise InputError(what, path=audio)
+    return output, audio
+
+
+def make_job(
+    config: RenderConfig,
+    avatar: Avatar,
+    audio: str | Path | Location,
+    output: str | Path | Location,
+    *,
+    start_frame: int | None,
+    work_dir: str | Path | None,
+    features: str | Path | None,
+    filesystem=None,
+) -> Job:
+    """Validate one render request against ``config`` and ``avatar`` and stage its inputs.
+
+    ``start_frame``, ``work_dir`` and ``features`` override the config's where not None."""
+    fs = filesystem
+    output_at, audio_at = check_job_paths(audio, output, config.overwrite, filesystem=fs)
+    start = config.start_frame if start_frame is None else start_frame
+    period = max(1, 2 * avatar.frame_count - 2)
+    if not 0 <= start < period:
+        raise InputError(
+            f"start frame must be in [0, {period}) for an avatar of "
+            f"{avatar.frame_count} frames, got {start}",
+            path=avatar.path,
+        )
+    if work_dir is None:
+        work_dir = config.work_dir
+    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(".work")
+    features = features if features is not None else config.features
+    if features is None and not config.audio_encoder:
+        raise InputError("give an audio encoder model or precomputed features")
+    output_local, work_local = output_at.local_path(), work_at.local_path()
+    remote = None
+    if work_local is None:
+        remote = RemoteWorkDir(work_at, keep_shards=config.keep_shards)
+        work_local = remote.mirror
+    return Job(
+        audio=stage_in(audio_at),
+        output=output_local or node_dir("output", output_at) / output_at.name,
+        work_dir=work_local.resolve(),
+        start_frame=start,
+        features=None if features is None else stage_in(resolve(features, fs)),
+        output_location=None if output_local else output_at,
+        remote=remote,
+    )
+
+
+def _object_store(location: Location) -> bool:
+    """S3 and GCS have no directories: an output's "directory" appears with its first file."""
+    fs = location.filesystem
+    while hasattr(fs, "base_fs"):  # SubTreeFileSystem
+        fs = fs.base_fs
+    return fs.type_name in ("s3", "gcs")
+
+
+def open_avatar(location: Location) -> tuple[Avatar, Location | None]:
+    """Open the avatar bundle at ``location``: in place when it is local, else staged into
+    this node's cache (then also returned, for the actors to stage on their nodes). Errors
+    about a staged copy name the file at its source."""
+    local = location.local_path()
+    if local is not None:
+        return Avatar.open(local), None
+    import pyarrow.fs as pafs
+
+    if location.info().type != pafs.FileType.Directory:
+        raise InputError("avatar bundle directory not found", path=location)
+    staged = stage_in(location)
+    try:
+        return Avatar.open(staged), location
+    except InputError as exc:
+        path = exc.path
+        if path is not None and path.startswith(str(staged)):
+            path = str(location) + path[len(str(staged)) :]
+        raise type(exc)(exc.message, path=path) from None
+
+
+def open_manifest(work_dir: Path, config: RenderConfig, fingerprint: str, frames: int) -> Manifest:
+    existing = Manifest.load(work_dir)
+    if existing is not None and existing.fingerprint != fingerprint:
+        if not config.overwrite:
+            raise InputError(
+                "the work directory belongs to a render of other inputs or settings; use "
+                "--overwrite to start again, or another --work-dir",
+                path=work_dir,
+            )
+        existing = None
+    if existing is None:
+        for sub in ("shards", "segments"):
+            shutil.rmtree(work_dir / sub, ignore_errors=True)
+        existing = Manifest(
+            work_dir, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
+        )
+        existing.save()
+    return existing
+
+
+def adopt_orphans(
+    manifest: Manifest, chunks: Iterable[tuple[int, int, int]], fingerprint: str, segments: bool
+) -> None:
+    """Record files that were renamed into place but not yet listed (the driver died between
+    a compositor's rename and the manifest update)."""
+    for chunk, start, stop in chunks:
+        path = shard_path(manifest.work_dir, chunk)
+        if chunk not in manifest.chunks and path.exists():
+            try:
+                fp, number, rows = shard_metadata(path)
+            except Exception:  # an unreadable file is simply rendered again
+                continue
+            if fp == fingerprint and number == chunk and rows == stop - start:
+                manifest.adopt(path, chunk, start, stop)
+        seg = segment_path(manifest.work_dir, chunk)
+        if (
+            segments
+            and chunk in manifest.chunks
+            and chunk not in manifest.segments
+            and seg.exists()
+        ):
+            # Same fingerprint (the work dir was wiped otherwise) and renamed into place whole;
+            # the frame count is checked by demuxing.
+            try:
+                ok = probe(seg).video_frames == stop - start
+            except LipsyncError:
+                ok = False
+            if ok:
+                manifest.adopt(seg, chunk, start, stop, segment=True)
+
+
+def encode_output(job: Job, config: RenderConfig, manifest: Manifest, frames: int):
+    """Write ``job.output`` from the manifest's segments (stream copy) or shards (one encoder),
+    with the job's audio as the AAC track; returns the encoder's media summary."""
+    track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
+    chunks = plan_chunks(frames, config.pool.chunk_frames)
+    if config.encode_mode is EncodeMode.SEGMENTS:
+        segments = [job.work_dir / manifest.segments[c].file for c, _, _ in chunks]
+        return concat_segments(
+            segments, track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
+        )
+
+    def shard_frames() -> Iterator[np.ndarray]:
+        for c, start, stop in chunks:
+            path = job.work_dir / manifest.chunks[c].file
+            yield from iter_shard_frames(path, range(start, stop))
+
+    return encode_video(
+        shard_frames(), track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
+    )
