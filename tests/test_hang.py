@@ -14,7 +14,7 @@ the frames of chunk 1 (frames 32-63) see, so exactly that chunk hangs, inside th
   completes, counts the retry, and its frames equal those of a clean render.
 
 Regression: the driver used to block for ``ACTOR_START_TIMEOUT_S`` (600 s) in
-``_await_actors`` after a restart, because the compositor's ``describe`` probe was queued
+``wait_for_actors`` after a restart, because the compositor's ``describe`` probe was queued
 behind a ``composite`` whose predictions came from the hung ``infer`` (in-order actor tasks).
 """
 
