@@ -482,6 +482,8 @@ def reference_pipeline_for(run, reference_pipeline, args) -> dict:
 def _print_render_bench(r, first) -> None:
     print(f"== {r.model} model, {r.seconds:g} s of audio, {r.frames} frames at "
           f"{r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
+    if r.bare:
+        print(f"bare inference after {r.settings['bare_warmup_s']:g} s of untimed warm-up:")
     for b in r.bare:
         print(f"bare inference batch {b.batch}: {b.fps:.2f} FPS ({b.ms_per_frame:.1f} ms/frame, "
               f"{b.threads} threads)")  # fmt: skip

@@ -11,7 +11,7 @@ from lipsync_ray.bench import bench_render
 def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_path):
     r = bench_render(
         "identity", 1.5, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
-        work_root=tmp_path,
+        work_root=tmp_path, bare_warmup_s=0.5,
     )  # fmt: skip
     assert abs(r.frames - 1.5 * 25) <= 2
     assert [b.batch for b in r.bare] == [1, 2]
