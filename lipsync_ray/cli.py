@@ -496,6 +496,10 @@ def _print_render_bench(r, first) -> None:
     print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall: actors, sessions, "
           f"features, render and join; batch {r.bare_batch}); starting the Ray cluster "
           f"before it: {r.cluster_start_s:.1f} s")  # fmt: skip
+    if r.precision_prepare_s:
+        print(f"{r.precision.get('precision')} generator quantised and gated before the render "
+              f"(once per model, avatar and settings; the render loads it from the cache): "
+              f"{r.precision_prepare_s:.1f} s")  # fmt: skip
     if bare:
         print(f"ratio end-to-end / bare inference: {ratio:.3f}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())

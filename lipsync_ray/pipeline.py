@@ -41,7 +41,7 @@ import numpy as np
 
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.actors import ChunkSpec, JobContext
-from lipsync_ray.avatar import pingpong_indices
+from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.inference import (
     EncoderSession,
@@ -104,6 +104,34 @@ class _Progress:
     def close(self) -> None:
         if self.tty:
             sys.stderr.write("\n")
+
+
+def prepare_generator(
+    config: RenderConfig,
+    pool: PoolConfig,
+    avatar: Avatar | str | Path,
+    features: np.ndarray | None = None,
+) -> PreparedModel:
+    """The generator a render with ``config`` and the resolved ``pool`` loads: FP32 as given,
+    or the gated INT8/FP16 version from :func:`~lipsync_ray.precision.prepare_model` (made
+    once, then cached). ``features`` calibrate when there is no audio encoder to make them."""
+    if config.precision is Precision.FP32:
+        return PreparedModel(Path(config.model), Precision.FP32, Precision.FP32, None, False)
+    gpu = bool(pool.gpus_per_actor) and any(p is not Provider.CPU for p in config.session.providers)
+    if config.audio_encoder:
+        features = calibration_features(config.audio_encoder)
+    prepared = prepare_model(
+        config.model,
+        avatar,
+        config.precision,
+        provider_is_gpu=gpu,
+        features=features,
+        cache_dir=config.precision_cache,
+        threshold_db=config.precision_threshold_db,
+        session=config.session if gpu else None,
+    )
+    log.info("generator precision: %s", prepared.to_dict())
+    return prepared
 
 
 class Renderer:
@@ -206,26 +234,7 @@ class Renderer:
         if self._prepared is None:
             config = self.config
             self._ensure_ray()
-            gpu = bool(self.pool.gpus_per_actor) and any(
-                p is not Provider.CPU for p in config.session.providers
-            )
-            if config.precision is Precision.FP32:
-                path = Path(config.model)
-                self._prepared = PreparedModel(path, Precision.FP32, Precision.FP32, None, False)
-            else:
-                if config.audio_encoder:
-                    features = calibration_features(config.audio_encoder)
-                self._prepared = prepare_model(
-                    config.model,
-                    self.avatar,
-                    config.precision,
-                    provider_is_gpu=gpu,
-                    features=features,
-                    cache_dir=config.precision_cache,
-                    threshold_db=config.precision_threshold_db,
-                    session=config.session if gpu else None,
-                )
-                log.info("generator precision: %s", self._prepared.to_dict())
+            self._prepared = prepare_generator(config, self.pool, self.avatar, features)
             self._model_sha = file_sha256(self._prepared.path)
         return self._prepared
 

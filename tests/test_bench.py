@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lipsync_ray.bench import bench_render
+from lipsync_ray.config import RenderConfig
+from lipsync_ray.precision import Precision
 
 
 @pytest.mark.ray
@@ -31,3 +33,16 @@ def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_p
         assert r.stage_cpu_ms_per_frame[stage] > 0
     assert r.peak_pss_mb > 0 and r.peak_rss_mb >= r.peak_pss_mb * 0.5
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are removed
+
+
+@pytest.mark.ray
+def test_bench_render_prepares_reduced_precision_before_timing(ray_cluster, tmp_path):
+    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
+    r = bench_render(
+        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, work_root=tmp_path,
+        bare=False,
+    )  # fmt: skip
+    assert r.precision_prepare_s > 0
+    # the timed render found the gated INT8 model in the cache instead of quantising again
+    assert r.precision["precision"] == "int8" and r.precision["cached"] is True
+    assert r.precision["gate"]["passed"] and r.frames_generated == r.frames
