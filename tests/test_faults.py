@@ -35,11 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from roi_models import save_roi_generator
 
 from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
@@ -433,26 +433,14 @@ def test_lossless_frames_do_not_depend_on_chunking_or_actors(
 def _nan_for_negative_audio(path: Path) -> Path:
     """out = visual[:, :3] + 0 * sqrt(min(audio window)): the ROI where every audio value of
     the frame's window is >= 0, NaN where one is negative. Per frame, not per batch."""
-    visual = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 6, 320, 320])
-    audio = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["b", 32, 16, 16])
-    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["b", 3, 320, 320])
-    inits = [
-        numpy_helper.from_array(np.array([0], np.int64), "starts"),
-        numpy_helper.from_array(np.array([3], np.int64), "ends"),
-        numpy_helper.from_array(np.array([1], np.int64), "axes"),
-        numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
-    ]
     nodes = [
-        helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["roi"]),
         helper.make_node("ReduceMin", ["audio"], ["low"], axes=[1, 2, 3], keepdims=1),
         helper.make_node("Sqrt", ["low"], ["root"]),
         helper.make_node("Mul", ["root", "zero"], ["nan_or_zero"]),
         helper.make_node("Add", ["roi", "nan_or_zero"], ["output"]),
     ]
-    graph = helper.make_graph(nodes, "g", [visual, audio], [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.save(model, path)
-    return path
+    zero = numpy_helper.from_array(np.array([0.0], np.float32), "zero")
+    return save_roi_generator(path, "nan", nodes, [zero])
 
 
 def test_a_chunk_that_keeps_failing_stops_the_render(ray_cluster, inputs, tmp_path):

@@ -27,10 +27,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from roi_models import save_roi_generator
 
 from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
@@ -50,18 +50,11 @@ HANG = re.compile(r"chunk 1 \(frames 32-63\) made no progress")
 def _generator(path: Path, *, spin: bool) -> Path:
     """out = visual[:, :3] (B, 3, 320, 320); with ``spin``, after a Loop of
     ``int64(max(audio) * 1e9)`` scalar additions whose result is multiplied by 0."""
-    visual = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 6, 320, 320])
-    audio = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["b", 32, 16, 16])
-    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["b", 3, 320, 320])
     inits = [
-        numpy_helper.from_array(np.array([0], np.int64), "starts"),
-        numpy_helper.from_array(np.array([3], np.int64), "ends"),
-        numpy_helper.from_array(np.array([1], np.int64), "axes"),
         numpy_helper.from_array(np.array(1e9, np.float32), "big"),
         numpy_helper.from_array(np.array(True), "true"),
         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
     ]
-    nodes = [helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["roi"])]
     if spin:
         body = helper.make_graph(
             [
@@ -80,7 +73,7 @@ def _generator(path: Path, *, spin: bool) -> Path:
             ],
             [numpy_helper.from_array(np.array(1.0, np.float32), "one")],
         )
-        nodes += [
+        nodes = [
             helper.make_node("ReduceMax", ["audio"], ["peak"], keepdims=0),
             helper.make_node("Mul", ["peak", "big"], ["trips_f"]),
             helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
@@ -89,12 +82,8 @@ def _generator(path: Path, *, spin: bool) -> Path:
             helper.make_node("Add", ["roi", "nothing"], ["output"]),
         ]
     else:
-        nodes.append(helper.make_node("Identity", ["roi"], ["output"]))
-    graph = helper.make_graph(nodes, "hang" if spin else "roi", [visual, audio], [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+        nodes = [helper.make_node("Identity", ["roi"], ["output"])]
+    return save_roi_generator(path, "hang" if spin else "roi", nodes, inits)
 
 
 @pytest.fixture(scope="module")
