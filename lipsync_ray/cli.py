@@ -115,6 +115,11 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
     g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
     g.add_argument(
+        "--no-io-binding",
+        action="store_true",
+        help="run the generator with plain session.run instead of an IO binding",
+    )
+    g.add_argument(
         "--precision",
         choices=["fp32", "int8", "fp16", "auto"],
         default="fp32",
@@ -234,6 +239,7 @@ def config_from_args(args: argparse.Namespace):
             else int(args.gpu_mem_limit * 2**30),
             trt_fp16=args.fp16,
             trt_cache_dir=args.trt_cache,
+            io_binding=not args.no_io_binding,
         ),
         encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
         encode_mode=EncodeMode(args.encode_mode),

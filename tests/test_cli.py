@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from lipsync_ray.cli import main
+from lipsync_ray.cli import build_parser, config_from_args, main
 
 COMMANDS = [
     [],
@@ -102,3 +102,22 @@ def test_bad_option_value_is_exit_2(tmp_path, capsys):
     rc = main(_render_args(tmp_path, audio=str(tmp_path / "a.wav"), **{"--batch-size": "0"}))
     assert rc == 2
     assert "batch size must be in [1, 256], got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], {"io_binding": True, "trt_fp16": False, "gpu_mem_limit_bytes": None}),
+        (["--no-io-binding"], {"io_binding": False}),
+        (
+            ["--fp16", "--gpu-mem-limit", "5.5"],
+            {"trt_fp16": True, "gpu_mem_limit_bytes": 5905580032},
+        ),
+    ],
+)
+def test_session_options_from_the_command_line(tmp_path, extra, expected):
+    out = str(tmp_path / "o.mp4")
+    argv = ["render", "avatar", "a.wav", "-o", out, "--model", "m.onnx", "--audio-encoder", "e"]
+    args = build_parser().parse_args([*argv, *extra])
+    session = config_from_args(args).session
+    assert {k: getattr(session, k) for k in expected} == expected

@@ -7,6 +7,7 @@ compares against an exact expectation.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from lipsync_ray.inference import (
     SessionOptions,
     check_model_file,
 )
+from lipsync_ray.models import Arch, Size, build_model, save_model
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 
@@ -240,3 +242,52 @@ def test_check_model_file_accepts_inside_external_data(tmp_path):
     np.testing.assert_allclose(
         session.run(visual, audio)[0, 0], visual[0, ..., 0] / 255.0, atol=1e-7
     )
+
+
+def _reshaped(path: Path, source: str) -> Path:
+    """out = reshape(source, [B, -1, 320, 320]) with the shape computed at run time, so the
+    output's channel count is unknown until then; ``source`` is "roi" (right) or "input"
+    (6 channels: wrong)."""
+    visual = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 6, 320, 320])
+    audio = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["b", 32, 16, 16])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, None)
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([3], np.int64), "three"),
+        numpy_helper.from_array(np.array([-1, 320, 320], np.int64), "rest"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["input", "zero", "three", "one"], ["roi"]),
+        helper.make_node("Shape", [source], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["b"]),
+        helper.make_node("Concat", ["b", "rest"], ["shape"], axis=0),
+        helper.make_node("Reshape", [source, "shape"], ["output"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [visual, audio], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, path)
+    return path
+
+
+def test_io_binding_gives_the_plain_run_bit_for_bit(tmp_path):
+    path = save_model(build_model(Arch.UNET328, Size.SMALL, seed=1), tmp_path / "unet.onnx")
+    bound = GeneratorSession(path, CPU)
+    plain = GeneratorSession(path, replace(CPU, io_binding=False))
+    visual, audio = _batch(3, seed=2)
+    out = bound.run(visual, audio)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, plain.run(visual, audio))
+    assert np.ptp(out) > 0.01  # a real output, not an untouched buffer
+
+
+def test_io_binding_with_an_output_shape_known_only_at_run_time(tmp_path):
+    session = GeneratorSession(_reshaped(tmp_path / "m.onnx", "roi"), CPU)
+    assert not session._out_declared
+    visual, audio = _batch(2)
+    np.testing.assert_allclose(
+        session.run(visual, audio), visual[..., :3].transpose(0, 3, 1, 2) / 255.0, atol=1e-7
+    )
+    wrong = GeneratorSession(_reshaped(tmp_path / "w.onnx", "input"), CPU)
+    with pytest.raises(ModelError, match=r"output must be \(B, 3, 320, 320\), got \(2, 6, 320"):
+        wrong.run(visual, audio)
