@@ -24,7 +24,7 @@ from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
 from lipsync_ray.encode import EncodeOptions, encode_segment
-from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
+from lipsync_ray.inference import GeneratorSession, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
     ShardCodec,
@@ -138,7 +138,9 @@ def segment_path(work_dir: str | Path, chunk: int) -> Path:
     return Path(work_dir) / "segments" / f"chunk-{chunk:06d}.mp4"
 
 
-def _actor_info(role: str, providers=(), threads: int = 1) -> ActorInfo:
+def _actor_info(
+    role: str, providers=(), threads: int = 1, *, gpu_mem_limit_bytes: int | None = None
+) -> ActorInfo:
     import ray
 
     ctx = ray.get_runtime_context()
@@ -150,7 +152,16 @@ def _actor_info(role: str, providers=(), threads: int = 1) -> ActorInfo:
         providers=tuple(providers),
         gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
         threads=threads,
+        gpu_mem_limit_bytes=gpu_mem_limit_bytes,
     )
+
+
+def session_options_here(options: SessionOptions) -> SessionOptions:
+    """``options`` fitted to the GPUs Ray gave the calling worker (see ``with_gpu_share``)."""
+    import ray
+
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return with_gpu_share(options, [str(g) for g in ray.get_gpu_ids()], share)
 
 
 class InferenceActor:
@@ -164,16 +175,16 @@ class InferenceActor:
         cpus: float,
         batch_size: int,
     ) -> None:
-        import ray
-
-        if not ray.get_gpu_ids():
-            # Ray gave this actor no GPU: asking ONNX Runtime for CUDA would grab someone
-            # else's device (or fail). The CPU provider is the honest choice.
-            session_options = replace(session_options, providers=(Provider.CPU,))
+        session_options = session_options_here(session_options)
         self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
-        self.info = _actor_info("inference", self.session.providers, self.session.threads)
+        self.info = _actor_info(
+            "inference",
+            self.session.providers,
+            self.session.threads,
+            gpu_mem_limit_bytes=session_options.gpu_mem_limit_bytes,
+        )
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
         self._visual = np.empty((0, 320, 320, 6), np.uint8)
         self._images = np.empty((0, 320, 320, 3), np.uint8)

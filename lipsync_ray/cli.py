@@ -110,7 +110,11 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         help="ONNX Runtime providers in order of preference (default tensorrt,cuda,cpu)",
     )
     g.add_argument(
-        "--gpu-mem-limit", type=float, default=None, help="CUDA arena limit per actor, GiB"
+        "--gpu-mem-limit",
+        type=float,
+        default=None,
+        help="CUDA arena limit per actor, GiB (default: 85%% of a fractional actor's share of "
+        "the card, from nvidia-smi)",
     )
     g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
     g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")

@@ -20,9 +20,11 @@ import enum
 import logging
 import math
 import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +70,9 @@ class SessionOptions:
     # CUDA device ordinal, relative to the devices visible to this process (Ray sets
     # CUDA_VISIBLE_DEVICES for an actor, so 0 is "the GPU Ray gave me").
     device_id: int = 0
-    # Upper bound of the CUDA memory arena in bytes (None: no limit). With fractional GPUs set
-    # it to about the fraction times the card's memory, so co-located actors cannot starve.
+    # Upper bound of the CUDA memory arena in bytes. None: an actor with a fractional GPU
+    # limits it to CUDA_ARENA_SHARE of its share of the card (see with_gpu_share), so
+    # co-located actors cannot starve each other; a whole GPU is not limited.
     gpu_mem_limit_bytes: int | None = None
     # Intra-op threads for the CPU provider (0: one per CPU given to the caller).
     intra_op_threads: int = 0
@@ -186,6 +189,54 @@ def _node_tensors(nodes):
                 yield from _graph_tensors(attr.g)
             for sub in attr.graphs:
                 yield from _graph_tensors(sub)
+
+
+# The part of an actor's share of the card its CUDA arena may take; the rest is headroom for
+# what lives outside the arena (the CUDA context, cuDNN and TensorRT workspaces).
+CUDA_ARENA_SHARE = 0.85
+
+
+def device_memory_bytes(device: str | int) -> int | None:
+    """Total memory of the GPU with this physical index (as Ray reports GPU ids), from
+    ``nvidia-smi``; None when it cannot be found out."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    query = [exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", str(device)]
+    try:
+        result = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+        return int(float(result.stdout.split()[0]) * 2**20)  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def with_gpu_share(
+    options: SessionOptions,
+    gpu_ids: Sequence[str],
+    share: float,
+    *,
+    memory_of=device_memory_bytes,
+) -> SessionOptions:
+    """The session options of an actor to which Ray gave ``share`` of the GPUs ``gpu_ids``.
+
+    No GPU: the CPU provider only (asking ONNX Runtime for CUDA would take a device Ray gave
+    someone else, or fail). A fraction of one GPU and no explicit arena limit: the limit is
+    ``CUDA_ARENA_SHARE`` of that fraction of the card's memory (``memory_of(gpu id)``; when
+    that is unknown, the arena stays unlimited and a warning says so).
+    """
+    if not gpu_ids:
+        return replace(options, providers=(Provider.CPU,))
+    if options.gpu_mem_limit_bytes is not None or share >= 1.0:
+        return options
+    device = gpu_ids[min(options.device_id, len(gpu_ids) - 1)]
+    total = memory_of(device)
+    if total is None:
+        _warn_once(
+            f"GPU {device}: its memory size is unknown (no nvidia-smi), so the CUDA arena of "
+            f"actors holding {share:g} of it is not limited; set --gpu-mem-limit"
+        )
+        return options
+    return replace(options, gpu_mem_limit_bytes=int(total * share * CUDA_ARENA_SHARE))
 
 
 def _provider_entries(options: SessionOptions, available: Sequence[str]) -> list:

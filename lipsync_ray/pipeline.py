@@ -215,9 +215,6 @@ class Renderer:
         if self._inference:
             return
         pool, config = self.pool, self.config
-        gpus = pool.gpus_per_actor or 0.0
-        if 0 < gpus < 1 and config.session.gpu_mem_limit_bytes is None:
-            log.info("%.2f GPU per actor: --gpu-mem-limit bounds each actor's CUDA arena", gpus)
         # A staged avatar travels as its location: each node stages its own copy.
         avatar = self._avatar_location or str(Path(self.avatar.path).resolve())
         prepared = self._prepare_model(None)
@@ -244,6 +241,10 @@ class Renderer:
         if self._ready:
             self.actor_infos = list(gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
             self._ready = []
+            for info in self.actor_infos:
+                if info.gpu_mem_limit_bytes:
+                    log.info("%s on GPU %s: CUDA arena limited to %.1f GiB", info.name,
+                             ",".join(info.gpu_ids), info.gpu_mem_limit_bytes / 2**30)  # fmt: skip
 
     # ---------------------------------------------------------------------------- render
 

@@ -17,11 +17,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import (
+    DEFAULT_PROVIDERS,
     EncoderSession,
     GeneratorSession,
     Provider,
     SessionOptions,
     check_model_file,
+    device_memory_bytes,
+    with_gpu_share,
 )
 from lipsync_ray.models import Arch, Size, build_model, save_model
 
@@ -291,3 +294,49 @@ def test_io_binding_with_an_output_shape_known_only_at_run_time(tmp_path):
     wrong = GeneratorSession(_reshaped(tmp_path / "w.onnx", "input"), CPU)
     with pytest.raises(ModelError, match=r"output must be \(B, 3, 320, 320\), got \(2, 6, 320"):
         wrong.run(visual, audio)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("options", "gpu_ids", "share", "expected"),
+    [
+        (SessionOptions(), [], 0.0, {"providers": (Provider.CPU,), "limit": None}),
+        (SessionOptions(), ["3"], 0.25, {"providers": DEFAULT_PROVIDERS, "limit": 5.1 * GIB}),
+        (SessionOptions(), ["0"], 0.5, {"providers": DEFAULT_PROVIDERS, "limit": 10.2 * GIB}),
+        (SessionOptions(), ["0"], 1.0, {"providers": DEFAULT_PROVIDERS, "limit": None}),
+        (SessionOptions(gpu_mem_limit_bytes=GIB), ["0"], 0.25, {"limit": GIB}),
+        (SessionOptions(), ["7"], 0.25, {"limit": None}),  # memory unknown: no limit, a warning
+    ],
+    ids=["no-gpu", "quarter", "half", "whole", "explicit", "unknown"],
+)
+def test_with_gpu_share(options, gpu_ids, share, expected, caplog):
+    cards = {"0": 24 * GIB, "3": 24 * GIB}  # what nvidia-smi would say, by physical id
+    got = with_gpu_share(options, gpu_ids, share, memory_of=cards.get)
+    assert got.providers == expected.get("providers", options.providers)
+    if expected["limit"] is None:
+        assert got.gpu_mem_limit_bytes is None
+    else:
+        assert got.gpu_mem_limit_bytes == pytest.approx(expected["limit"], rel=1e-6)
+    if gpu_ids == ["7"]:
+        assert "GPU 7: its memory size is unknown" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ('echo "24564"', 24564 * 2**20),  # an RTX 4090, in MiB
+        ("echo 'NVIDIA-SMI has failed' >&2; exit 9", None),
+        ("echo '[N/A]'", None),
+        (None, None),  # no nvidia-smi at all
+    ],
+    ids=["4090", "fails", "not-a-number", "absent"],
+)
+def test_device_memory_bytes(tmp_path, monkeypatch, script, expected):
+    if script is not None:
+        exe = tmp_path / "nvidia-smi"
+        exe.write_text(f'#!/bin/sh\n[ "$3" = "-i" ] && [ "$4" = "2" ] || exit 3\n{script}\n')
+        exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert device_memory_bytes("2") == expected

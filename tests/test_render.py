@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from lipsync_ray.actors import session_options_here
 from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.encode import probe
+from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec
 from lipsync_ray.synthetic import make_demo_avatar
@@ -170,6 +173,27 @@ def test_four_actors_share_a_simulated_gpu(ray_cluster, small_models, inputs, tm
     assert {a.providers[0] for a in inference} == {"CPUExecutionProvider"}  # and they fell back
     assert report.providers == ("CPUExecutionProvider",)
     assert report.settings["pool_resolved"]["gpus_per_actor"] == 0.25
+
+
+def test_a_quarter_gpu_worker_limits_its_cuda_arena(ray_cluster, tmp_path):
+    """What an inference actor does first, in a Ray worker holding 0.25 of the simulated GPU,
+    with an nvidia-smi that reports a 24 GiB card (MiB, as the real one prints)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "24576"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+
+    @ray_cluster.remote(num_gpus=0.25, num_cpus=0, runtime_env={"env_vars": env})
+    def fitted(options):
+        return session_options_here(options), ray_cluster.get_gpu_ids()
+
+    options, gpu_ids = ray_cluster.get(fitted.remote(SessionOptions()), timeout=120)
+    assert gpu_ids
+    assert options.gpu_mem_limit_bytes == int(24 * 2**30 * 0.25 * CUDA_ARENA_SHARE)
+    assert options.providers == SessionOptions().providers  # CUDA is still tried first
+    explicit = SessionOptions(gpu_mem_limit_bytes=2**30)
+    assert ray_cluster.get(fitted.remote(explicit), timeout=120)[0] == explicit
 
 
 def test_silence_passthrough_keeps_avatar_frames(ray_cluster, small_models, inputs, tmp_path):
