@@ -452,15 +452,15 @@ class GeneratorSession:
     ) -> None:
         self.path = check_model_file(path)
         self._session, self.providers, self.threads = _open(self.path, options, cpus)
-        self._io_binding = options.io_binding
-        # The output buffer can be made in advance only when the graph declares its shape.
-        dims = self._session.get_outputs()[0].shape
-        self._out_declared = len(dims) == 4 and list(dims[1:]) == [3, FRAME_SIZE, FRAME_SIZE]
         self._io = _generator_io(
             _session_ports(self._session.get_inputs()),
             _session_ports(self._session.get_outputs()),
             self.path,
         )
+        self._io_binding = options.io_binding
+        # The output buffer can be made in advance only when the graph declares its shape.
+        dims = self._session.get_outputs()[0].shape
+        self._out_declared = len(dims) == 4 and list(dims[1:]) == [3, FRAME_SIZE, FRAME_SIZE]
         self.fixed_batch = self._io.fixed_batch
 
     @property
