@@ -315,9 +315,9 @@ def bench_render(
         threads = max(1, round(pool.cpus_per_inference_actor or 1))
         bare_results: tuple[InferenceBench, ...] = ()
         best = None
-        # The models and the avatar just written (~1 GB at 720p) are still dirty in the page
-        # cache: flush them now, or the kernel's writeback steals CPU from what is measured
-        # next (it cost bare inference up to 40 % of its FPS here).
+        # The models and the avatar just written (~0.4 GB for 4 s at 720p) are still dirty in
+        # the page cache: flush them now, or the kernel's writeback steals CPU from what is
+        # measured next (it cost bare inference up to 40 % of its FPS here).
         os.sync()
         if bare:
             bare_results = tuple(
