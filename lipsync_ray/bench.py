@@ -292,7 +292,7 @@ def bench_render(
     from lipsync_ray.audio import synth_speech, write_audio
     from lipsync_ray.config import RenderConfig
     from lipsync_ray.models import Arch, Size, build_model, save_model
-    from lipsync_ray.pipeline import Renderer, prepare_generator
+    from lipsync_ray.pipeline import Renderer, cluster_pool, prepare_generator
     from lipsync_ray.precision import Precision
     from lipsync_ray.synthetic import make_demo_avatar
 
@@ -338,10 +338,8 @@ def bench_render(
         try:
             precision_prepare_s = 0.0
             if config.precision is not Precision.FP32:  # with the pool the Renderer will use
-                resources = ray.cluster_resources()
-                shares = config.pool.resolved(resources.get("CPU", 1.0), resources.get("GPU", 0.0))
                 t0 = time.perf_counter()
-                prepare_generator(config, shares, avatar.path)
+                prepare_generator(config, cluster_pool(config.pool, ray), avatar.path)
                 precision_prepare_s = time.perf_counter() - t0
             with ProcessTreeMonitor() as monitor:
                 t0 = time.perf_counter()

@@ -106,6 +106,12 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def cluster_pool(pool: PoolConfig, ray) -> PoolConfig:
+    """``pool`` with its automatic shares resolved for the connected Ray cluster."""
+    resources = ray.cluster_resources()
+    return pool.resolved(resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+
+
 def prepare_generator(
     config: RenderConfig,
     pool: PoolConfig,
@@ -203,10 +209,7 @@ class Renderer:
                 init_ray(ray, self.config.address)
                 self._owns_ray = True
             self._ray = ray
-            resources = ray.cluster_resources()
-            self.pool = self.config.pool.resolved(
-                resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-            )
+            self.pool = cluster_pool(self.config.pool, ray)
         return self._ray
 
     def _start_pools(self) -> None:
