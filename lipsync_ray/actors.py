@@ -24,7 +24,7 @@ from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
 from lipsync_ray.encode import EncodeOptions, encode_segment
-from lipsync_ray.inference import GeneratorSession, SessionOptions, with_gpu_share
+from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
     ShardCodec,
@@ -183,7 +183,10 @@ class InferenceActor:
             "inference",
             self.session.providers,
             self.session.threads,
-            gpu_mem_limit_bytes=session_options.gpu_mem_limit_bytes,
+            # what bounds the CUDA arena, when the session got a GPU provider at all
+            gpu_mem_limit_bytes=None
+            if self.session.providers[0] == Provider.CPU.value
+            else session_options.gpu_mem_limit_bytes,
         )
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
         self._visual = np.empty((0, 320, 320, 6), np.uint8)

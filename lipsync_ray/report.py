@@ -34,7 +34,7 @@ class ActorInfo:
     providers: tuple[str, ...] = ()  # ONNX Runtime providers actually used, best first
     gpu_ids: tuple[str, ...] = ()  # GPUs Ray assigned to the actor
     threads: int = 1
-    gpu_mem_limit_bytes: int | None = None  # CUDA arena limit of its session (None: none)
+    gpu_mem_limit_bytes: int | None = None  # CUDA arena limit (None: none, or not on a GPU)
 
 
 @dataclass(frozen=True)
