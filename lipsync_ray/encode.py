@@ -726,6 +726,21 @@ def _verify(tmp: Path, output: Path, frames: int, fps: int, *, has_audio: bool) 
     return info
 
 
+def _partial_name(path: Path, tag: str) -> str:
+    return f".{path.stem}.{tag}.partial{path.suffix}"
+
+
+def remove_partials(path: str | Path) -> list[Path]:
+    """Delete the temporary files an encoder killed while writing ``path`` left beside it
+    (a SIGKILL runs no clean-up); returns what was removed. Only for a path that nothing else
+    is writing."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(_partial_name(path, "*")))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
 class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output(path) as tmp`
     """Yield a temp path next to ``path``; rename onto it on success, clean up otherwise.
 
@@ -735,7 +750,7 @@ class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+        self._tmp = path.with_name(_partial_name(path, uuid.uuid4().hex[:8]))
 
     def __enter__(self) -> Path:
         if not self._path.parent.is_dir():

@@ -16,6 +16,7 @@ fingerprint is wiped (with --overwrite) or refused, so a resume never mixes two 
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from lipsync_ray import audio as audio_mod
 from lipsync_ray.actors import segment_path
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.config import EncodeMode, RenderConfig
-from lipsync_ray.encode import concat_segments, encode_video, probe
+from lipsync_ray.encode import concat_segments, encode_video, probe, remove_partials
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.scheduler import plan_chunks
 from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
 from lipsync_ray.storage import Location, RemoteWorkDir, node_dir, resolve, stage_in
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Job", "check_job_paths", "make_job"]
 
@@ -221,6 +224,8 @@ def encode_output(job: Job, config: RenderConfig, manifest: Manifest, frames: in
     """Write ``job.output`` from the manifest's segments (stream copy) or shards (one encoder),
     with the job's audio as the AAC track; returns the encoder's media summary."""
     track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
+    for stale in remove_partials(job.output):  # from a driver killed mid-encode
+        log.info("removed %s, left by an interrupted encode", stale)
     chunks = plan_chunks(frames, config.pool.chunk_frames)
     if config.encode_mode is EncodeMode.SEGMENTS:
         segments = [job.work_dir / manifest.segments[c].file for c, _, _ in chunks]

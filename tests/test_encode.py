@@ -23,6 +23,7 @@ from lipsync_ray.encode import (
     encode_segment,
     encode_video,
     probe,
+    remove_partials,
 )
 from lipsync_ray.errors import EncodeError, InputError
 
@@ -512,3 +513,13 @@ def test_bgr_to_yuv420p_matches_swscale(size_wh) -> None:
     for value, luma in ((0, 16), (255, 235)):
         got = bgr_to_yuv420p(np.full((h, w, 3), value, np.uint8))
         assert set(np.unique(got[:h])) == {luma} and set(np.unique(got[h:])) == {128}
+
+
+def test_remove_partials_takes_only_this_outputs_leftovers(tmp_path: Path) -> None:
+    names = [".out.1a2b3c4d.partial.mp4", ".out.ffff0000.partial.mp4", "out.mp4",
+             ".other.1a2b3c4d.partial.mp4", ".out.1a2b3c4d.partial.mkv"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_partials(tmp_path / "out.mp4")
+    assert [p.name for p in removed] == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])

@@ -407,6 +407,46 @@ def test_driver_killed_then_resumed(ray_cluster, small_models, inputs, reference
     assert _video_frames(out) == reference["count"] == report["frames"]
 
 
+def test_driver_killed_mid_encode_then_resumed(
+    ray_cluster, small_models, inputs, reference, tmp_path
+):
+    """SIGKILL while the final encode writes the MP4 (one encoder, veryslow: a wide window):
+    no file at the output path, and the same command reuses every chunk and finishes."""
+    out = tmp_path / "out.mp4"
+    command = [
+        *_cli(), "render", str(inputs["avatar"]), str(inputs["audio"]), "-o", str(out),
+        "--model", str(small_models["unet"]), "--audio-encoder", str(small_models["encoder"]),
+        "--chunk-frames", str(CHUNK), "--shard-codec", "raw", "--keep-shards",
+        "--encode-mode", "single", "--preset", "veryslow", "--gpus-per-actor", "0",
+        "--cpus-per-actor", "1", "--address", ray_cluster.get_runtime_context().gcs_address,
+    ]  # fmt: skip
+    with (tmp_path / "first.txt").open("w") as log:
+        driver = subprocess.Popen(command, env=_child_env(), stdout=log, stderr=log)
+        descendants: list[psutil.Process] = []
+        try:
+            deadline = time.monotonic() + 240
+            while not list(tmp_path.glob(".out.*.partial.mp4")):  # the encoder's temp file
+                assert driver.poll() is None, (tmp_path / "first.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the final encode never started"
+                time.sleep(0.002)
+            descendants = psutil.Process(driver.pid).children(recursive=True)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            _reap(descendants)
+    assert not out.exists()
+
+    second = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = _report(Path(f"{out}.work"))
+    assert report["chunks_reused"] == report["chunks"], report  # nothing rendered twice
+    _assert_same_frames(_shard_frames(Path(f"{out}.work")), reference["frames"])
+    assert _video_frames(out) == reference["count"] == report["frames"]
+    assert not list(tmp_path.glob(".out.*.partial.mp4"))  # the killed encoder's file is gone
+
+
 # ------------------------------------------------------------------------- determinism
 
 
