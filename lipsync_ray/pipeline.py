@@ -376,12 +376,17 @@ class Renderer:
         totals = ChunkTotals()
         if todo:
             self._ensure_pools()
+            # Released shards (segments mode, shards not kept) are kept as spare files for
+            # the next shards to overwrite: one per compositor and one more.
+            recycle = segments and not config.keep_shards and job.remote is None
+            manifest.spares = self.pool.compositors + 1 if recycle else 0
             context = JobContext(
                 str(job.work_dir),
                 fingerprint,
                 config.shard_codec,
                 segments,
                 shard_checksums=config.keep_shards or not segments,
+                reuse_spares=recycle,
                 blend=config.blend,
                 store=job.remote.store if job.remote is not None else None,
             )

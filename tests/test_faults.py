@@ -45,7 +45,7 @@ from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import LipsyncError
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import ShardCodec
+from lipsync_ray.shards import Manifest, ShardCodec, shard_path, spare_dir
 from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
@@ -483,19 +483,26 @@ def _nan_for_negative_audio(path: Path) -> Path:
     return save_roi_generator(path, "nan", nodes, [zero])
 
 
-def test_a_chunk_that_keeps_failing_stops_the_render(ray_cluster, inputs, tmp_path):
-    # 64 feature rows = 64 frames = chunks of 16. Frame i sees rows [i-8, i+8), so a negative
-    # row 39 poisons exactly frames 32..47: chunk 2 and nothing else.
-    features = np.zeros((64, 512), np.float32)
-    features[39, 100] = -1.0
+def _poisoned_render(
+    tmp_path: Path, frames: int, row: int, **config
+) -> tuple[np.ndarray, RenderConfig]:
+    """Features for ``frames`` frames (chunks of 16) where only the frames that see feature
+    ``row`` (frame i sees rows [i-8, i+8)) make the picky model output NaN."""
+    features = np.zeros((frames, 512), np.float32)
+    features[row, 100] = -1.0
     np.save(tmp_path / "features.npy", features)
-    config = RenderConfig(
+    return features, RenderConfig(
         model=str(_nan_for_negative_audio(tmp_path / "picky.onnx")),
         features=str(tmp_path / "features.npy"),
-        pool=_pool(chunk_frames=16, max_retries=1),
         shard_codec=ShardCodec.RAW,
-        keep_shards=True,
+        **config,
     )
+
+
+def test_a_chunk_that_keeps_failing_stops_the_render(ray_cluster, inputs, tmp_path):
+    # Row 39 poisons exactly frames 32..47: chunk 2 and nothing else.
+    pool = _pool(chunk_frames=16, max_retries=1)
+    features, config = _poisoned_render(tmp_path, 64, 39, pool=pool, keep_shards=True)
     out = tmp_path / "out.mp4"
     with pytest.raises(LipsyncError) as info:
         render(inputs["avatar"], inputs["audio"], out, config)
@@ -509,6 +516,26 @@ def test_a_chunk_that_keeps_failing_stops_the_render(ray_cluster, inputs, tmp_pa
     np.save(tmp_path / "features.npy", np.abs(features))
     report = render(inputs["avatar"], inputs["audio"], tmp_path / "ok.mp4", clean)
     assert report.frames == 64 and (tmp_path / "ok.mp4").exists()
+
+
+def test_released_shards_are_kept_as_bounded_spares(ray_cluster, inputs, tmp_path):
+    """Segments mode without --keep-shards: a recorded chunk's shard is released (its segment
+    carries the chunk) and becomes a spare file for a later shard to overwrite; never more
+    spares than one per compositor and one more, whenever the render stops."""
+    # Row 87 poisons frames 80..95: the last of 6 chunks only.
+    _, config = _poisoned_render(tmp_path, 96, 87, pool=_pool(chunk_frames=16, max_retries=0))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(LipsyncError, match="chunk 5"):
+        render(inputs["avatar"], inputs["audio"], out, config)
+    work = Path(f"{out}.work")
+    manifest = Manifest.load(work)
+    assert {0, 1, 2} <= manifest.released  # chunk 5 went in after chunk 2 was recorded
+    for chunk in manifest.released:
+        assert not shard_path(work, chunk).exists()
+    spares = list(spare_dir(work).glob("*.parquet"))
+    assert len(spares) <= config.pool.compositors + 1, spares
+    for spare in spares:  # each a whole shard of 16 frames, kept only for its pages
+        assert pq.read_metadata(spare).num_rows == 16
 
 
 if __name__ == "__main__":

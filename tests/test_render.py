@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,15 +13,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lipsync_ray.actors import session_options_here
+from lipsync_ray.actors import (
+    ChunkSpec,
+    CompositorActor,
+    JobContext,
+    Predictions,
+    session_options_here,
+)
 from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
-from lipsync_ray.encode import probe
+from lipsync_ray.encode import EncodeOptions, probe
 from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec
+from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames, spare_dir
 from lipsync_ray.synthetic import make_demo_avatar
 from lipsync_ray.vad import SilenceOptions, passthrough_weights
 
@@ -228,3 +235,67 @@ def test_feather_reduces_the_seam(ray_cluster, small_models, inputs, tmp_path):
         report = render(inputs["avatar"], inputs["audio"], tmp_path / f"{mode.value}.mp4", config)
         scores[mode] = report.seam_score
     assert scores[Blend.FEATHER] < 0.8 * scores[Blend.HARD], scores
+
+
+def _composite_chunk(actor, avatar_path: Path, work_dir: Path, chunk: int, reuse: bool):
+    avatar = Avatar.open(avatar_path)
+    n = 8
+    spec = ChunkSpec(chunk, chunk * n, chunk * n + n, np.arange(n), np.zeros((n + 16, 512), "f4"))
+    preds = Predictions(chunk, avatar.read_visual_inputs(np.arange(n))[..., :3].copy(), {}, {}, "t")
+    job = JobContext(str(work_dir), "fp", ShardCodec.RAW, segments=True, reuse_spares=reuse)
+    return actor.composite(spec, preds, job)
+
+
+def test_compositor_writes_its_shard_over_a_spare(ray_cluster, inputs, tmp_path):
+    """With ``reuse_spares`` a compositor overwrites a spare file left by the driver (same
+    inode, so the same cached pages) and the shard holds the same frames."""
+    actor = CompositorActor(str(inputs["avatar"]), EncodeOptions(), cpus=1)
+    plain = _composite_chunk(actor, inputs["avatar"], tmp_path / "plain", 1, reuse=False)
+    spares = spare_dir(tmp_path / "reused")
+    spares.mkdir(parents=True)
+    spare = spares / "chunk-000000.parquet"
+    spare.write_bytes(bytes(plain.shard.bytes + 4096))
+    inode = spare.stat().st_ino
+    reused = _composite_chunk(actor, inputs["avatar"], tmp_path / "reused", 1, reuse=True)
+    shard = tmp_path / "reused" / reused.shard.file
+    assert not spare.exists() and shard.stat().st_ino == inode
+    assert reused.shard.bytes == plain.shard.bytes
+    got = np.stack(list(iter_shard_frames(shard, range(8, 16))))
+    want = np.stack(list(iter_shard_frames(tmp_path / "plain" / plain.shard.file, range(8, 16))))
+    np.testing.assert_array_equal(got, want)
+
+
+_FAULTS_PER_ROUND = """
+import ctypes, resource, sys
+from lipsync_ray.actors import retain_freed_memory
+if sys.argv[1] == "1":
+    assert retain_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 40 << 20  # above glibc's largest automatic mmap threshold (32 MB)
+counts = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(ctypes.c_void_p(block))
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(counts[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_retained_memory_is_not_faulted_in_again(tmp_path):
+    """After ``retain_freed_memory`` a freed 40 MB block is reused without page faults; by
+    default glibc maps it afresh every time (10,240 faults of 4 KiB)."""
+    import subprocess
+
+    def faults(retain: bool) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS_PER_ROUND, "1" if retain else "0"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(run.stdout)
+
+    assert faults(retain=False) > 5000
+    assert faults(retain=True) < 100

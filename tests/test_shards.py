@@ -11,9 +11,12 @@ from lipsync_ray.errors import InputError, ShardError
 from lipsync_ray.shards import (
     Manifest,
     ShardCodec,
+    file_sha256,
     iter_shard_frames,
+    keep_spare,
     shard_metadata,
     shard_path,
+    spare_dir,
     write_shard,
 )
 
@@ -174,3 +177,69 @@ def test_checksum_can_be_skipped_for_released_shards(tmp_path):
     manifest = Manifest(tmp_path, "fp", {}, 2, 2)
     manifest.record(info)
     assert not manifest.verified(0, 0, 2)  # an unchecksummed shard is never taken as verified
+
+
+def _write_raw(work_dir, chunk: int, frames: np.ndarray, **kwargs):
+    n = len(frames)
+    return write_shard(
+        shard_path(work_dir, chunk), chunk, np.arange(chunk * n, chunk * n + n), np.arange(n),
+        frames, ShardCodec.RAW, "fp", work_dir, checksum=True, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spare_bytes",
+    [0, 100, 10_000_000],  # an empty file, one too small to hold the shard, a larger one
+    ids=["empty", "too-small", "larger"],
+)
+def test_shard_written_over_a_spare_file_is_the_same_file(tmp_path, spare_bytes):
+    frames = np.stack(_frames(5))
+    fresh = _write_raw(tmp_path / "fresh", 3, frames)
+    spares = spare_dir(tmp_path / "reuse")
+    spares.mkdir(parents=True)
+    (spares / "chunk-000001.parquet").write_bytes(b"\xab" * spare_bytes)
+    reused = _write_raw(tmp_path / "reuse", 3, frames, reuse_spare=True)
+    assert not any(spares.iterdir())  # the spare became the shard
+    assert (reused.sha256, reused.bytes) == (fresh.sha256, fresh.bytes)
+    got = list(iter_shard_frames(tmp_path / "reuse" / reused.file, range(15, 20)))
+    np.testing.assert_array_equal(np.stack(got), frames)
+
+
+def test_without_a_spare_the_shard_is_a_new_file(tmp_path):
+    frames = np.stack(_frames(3))
+    fresh = _write_raw(tmp_path / "a", 0, frames)
+    reused = _write_raw(tmp_path / "b", 0, frames, reuse_spare=True)  # no spare directory
+    assert reused.sha256 == fresh.sha256
+
+
+def test_released_shards_become_spares_up_to_the_limit(tmp_path):
+    frames = np.stack(_frames(2))
+    manifest = Manifest(tmp_path, "fp", {}, frames=6, chunk_frames=2, spares=1)
+    first, second = (_write_raw(tmp_path, c, frames) for c in (0, 1))
+    first_sha = file_sha256(tmp_path / first.file)
+    manifest.record(first, release=True)
+    manifest.record(second, release=True)
+    assert not (tmp_path / first.file).exists() and not (tmp_path / second.file).exists()
+    kept = list(spare_dir(tmp_path).iterdir())
+    assert len(kept) == 1 and file_sha256(kept[0]) == first_sha  # the second was deleted
+    assert Manifest.load(tmp_path).released == {0, 1}
+    third = _write_raw(tmp_path, 2, frames, reuse_spare=True)
+    assert not any(spare_dir(tmp_path).iterdir())
+    assert [f.shape for f in iter_shard_frames(tmp_path / third.file, range(4, 6))] == [
+        frames[0].shape
+    ] * 2
+
+
+@pytest.mark.parametrize(
+    ("limit", "exists", "kept"),
+    [(0, True, False), (1, False, False), (1, True, True)],
+    ids=["no-spares", "file-gone", "kept"],
+)
+def test_keep_spare(tmp_path, limit, exists, kept):
+    path = shard_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    if exists:
+        path.write_bytes(b"x")
+    assert keep_spare(path, tmp_path, limit) is kept
+    assert (spare_dir(tmp_path) / path.name).exists() is kept
+    assert not spare_dir(tmp_path).exists() or limit > 0  # no directory when spares are off
