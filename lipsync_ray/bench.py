@@ -244,6 +244,11 @@ class RenderBench:
     # avatar and settings and cached, never per render, so it is made before the timed render
     # (which then loads it from the cache) and reported here. 0 for FP32.
     precision_prepare_s: float = 0.0
+    # Bare inference of the reduced-precision generator the render loads (same threads and
+    # batches, measured once it is prepared); the render runs at its best batch, which need not
+    # be FP32's. Empty for FP32 or without ``bare``.
+    bare_reduced: tuple[InferenceBench, ...] = ()
+    render_batch: int = 0  # frames per generator call in the render
     frames_generated: int = 0  # frames that went through the generator (silence skips some)
     precision: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -285,7 +290,11 @@ def bench_render(
             replaced); None: the defaults.
         bare: measure bare inference first (same threads, batches ``batches``, after
             ``bare_warmup_s`` of untimed inference) and render with the best batch; measure
-            the best batch again after the render; the bare FPS is the mean of the two.
+            the best batch again after the render; the bare FPS is the mean of the two. With
+            a reduced precision, its generator is measured too, once prepared, and the render
+            runs at that generator's best batch.
+        batch_size: frames per generator call in the render (None: the best measured batch,
+            else the config's).
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
     """
@@ -324,8 +333,7 @@ def bench_render(
                 bench_inference(unet, batches, threads=threads, warmup_s=bare_warmup_s)
             )
             best = max(bare_results, key=lambda r: r.fps)
-        batch_size = batch_size or (best.batch if best else config.pool.batch_size)
-        config = replace(config, pool=replace(config.pool, batch_size=batch_size))
+        render_batch = batch_size or (best.batch if best else config.pool.batch_size)
         import ray
 
         from lipsync_ray.pipeline import init_ray
@@ -337,10 +345,22 @@ def bench_render(
         cluster_start_s = time.perf_counter() - t0
         try:
             precision_prepare_s = 0.0
+            bare_reduced: tuple[InferenceBench, ...] = ()
             if config.precision is not Precision.FP32:  # with the pool the Renderer will use
                 t0 = time.perf_counter()
-                prepare_generator(config, cluster_pool(config.pool, ray), avatar.path)
+                prepared = prepare_generator(config, cluster_pool(config.pool, ray), avatar.path)
                 precision_prepare_s = time.perf_counter() - t0
+                if bare and prepared.precision is not Precision.FP32:
+                    bare_reduced = tuple(
+                        bench_inference(
+                            prepared.path, batches, threads=threads,
+                            warmup_s=min(bare_warmup_s, 3.0),
+                            options=prepared.session_options(SessionOptions(providers=(Provider.CPU,))),
+                        )
+                    )  # fmt: skip
+                    if not batch_size:
+                        render_batch = max(bare_reduced, key=lambda r: r.fps).batch
+            config = replace(config, pool=replace(config.pool, batch_size=render_batch))
             with ProcessTreeMonitor() as monitor:
                 t0 = time.perf_counter()
                 with Renderer(avatar.path, config) as renderer:
@@ -367,7 +387,7 @@ def bench_render(
             seconds=seconds,
             size_wh=tuple(size_wh),
             bare_fps=bare_fps,
-            bare_batch=batch_size,
+            bare_batch=best.batch if best else render_batch,
             bare=bare_results,
             bare_after=after,
             e2e_fps=e2e,
@@ -381,6 +401,8 @@ def bench_render(
             },
             cluster_start_s=cluster_start_s,
             precision_prepare_s=precision_prepare_s,
+            bare_reduced=bare_reduced,
+            render_batch=render_batch,
             peak_pss_mb=monitor.peak_pss_bytes / 2**20,
             peak_rss_mb=monitor.peak_rss_bytes / 2**20,
             frames_generated=report.frames_generated,

@@ -454,7 +454,7 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
             size_wh=args.size, batches=args.batch, bare=i == 0 and not args.no_bare,
             batch_size=batch, pause_every_s=args.pause_every,
         )  # fmt: skip
-        batch = result.bare_batch
+        batch = result.render_batch
         runs.append(result)
         _print_render_bench(result, runs[0])
     out: dict = {"runs": [r.to_dict() for r in runs]}
@@ -501,10 +501,14 @@ def _print_render_bench(r, first) -> None:
         print(f"bare inference batch {r.bare_after.batch} after the render: "
               f"{r.bare_after.fps:.2f} FPS; bare figure used: {r.bare_fps:.2f} FPS (mean of "
               f"before and after)")  # fmt: skip
+    reduced = r.precision.get("precision", "fp32")
+    for b in r.bare_reduced:
+        print(f"bare {reduced} inference batch {b.batch}: {b.fps:.2f} FPS "
+              f"({b.ms_per_frame:.1f} ms/frame, {b.threads} threads)")  # fmt: skip
     bare = r.bare_fps or first.bare_fps
     ratio = r.e2e_fps / bare if bare else 0.0
     print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall: actors, sessions, "
-          f"features, render and join; batch {r.bare_batch}); starting the Ray cluster "
+          f"features, render and join; batch {r.render_batch}); starting the Ray cluster "
           f"before it: {r.cluster_start_s:.1f} s")  # fmt: skip
     if r.precision_prepare_s:
         print(f"{r.precision.get('precision')} generator quantised and gated before the render "
@@ -512,6 +516,9 @@ def _print_render_bench(r, first) -> None:
               f"{r.precision_prepare_s:.1f} s")  # fmt: skip
     if bare:
         print(f"ratio end-to-end / bare inference: {ratio:.3f}")
+    if r.bare_reduced:
+        best = max(b.fps for b in r.bare_reduced)
+        print(f"end to end / bare {reduced} inference: {r.e2e_fps / best:.3f}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
     print(f"CPU ms/frame by stage: {stages}")
     print(f"frames generated: {r.frames_generated} of {r.frames}; precision: "

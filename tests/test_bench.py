@@ -18,7 +18,8 @@ def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_p
     assert abs(r.frames - 1.5 * 25) <= 2
     assert [b.batch for b in r.bare] == [1, 2]
     best = max(r.bare, key=lambda b: b.fps)
-    assert r.bare_batch == best.batch == r.bare_after.batch
+    assert r.bare_batch == best.batch == r.bare_after.batch == r.render_batch
+    assert r.bare_reduced == ()  # FP32: nothing else to measure
     assert r.bare_fps == pytest.approx((best.fps + r.bare_after.fps) / 2) and r.bare_fps > 0
     assert r.e2e_fps == pytest.approx(r.frames / r.wall_s)
     assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
@@ -46,3 +47,20 @@ def test_bench_render_prepares_reduced_precision_before_timing(ray_cluster, tmp_
     # the timed render found the gated INT8 model in the cache instead of quantising again
     assert r.precision["precision"] == "int8" and r.precision["cached"] is True
     assert r.precision["gate"]["passed"] and r.frames_generated == r.frames
+
+
+@pytest.mark.ray
+def test_bench_render_measures_the_reduced_generator_and_renders_at_its_best_batch(
+    ray_cluster, tmp_path
+):
+    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
+    r = bench_render(
+        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
+        work_root=tmp_path, bare_warmup_s=0.5,
+    )  # fmt: skip
+    assert [b.batch for b in r.bare] == [1, 2] == [b.batch for b in r.bare_reduced]
+    # the ratio's denominator stays FP32 at its own best batch, measured on both sides
+    assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
+    assert r.render_batch == max(r.bare_reduced, key=lambda b: b.fps).batch
+    assert r.render_batch == r.settings["pool_resolved"]["batch_size"]  # what the render ran
+    assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)

@@ -189,10 +189,14 @@ def test_int8_small_unet_has_qdq_nodes_runs_and_keeps_the_output_float(
     int8_weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8]
     assert len(int8_weights) > 20
     producers = {o: n for n in model.graph.node for o in n.output}
+    # Float sigmoid <- DequantizeLinear <- QuantizeLinear <- Conv with INT8 weights: the
+    # output conv is quantised, the sigmoid that makes the output is not.
     last = producers["output"]
-    conv = producers[last.input[0]]
-    assert (last.op_type, conv.op_type) == ("Sigmoid", "Conv")
-    assert producers.get(conv.input[1]) is None  # a float initializer, not a DequantizeLinear
+    chain = [last]
+    while len(chain) < 4:
+        chain.append(producers[chain[-1].input[0]])
+    assert [n.op_type for n in chain] == ["Sigmoid", "DequantizeLinear", "QuantizeLinear", "Conv"]
+    assert producers[chain[-1].input[1]].op_type == "DequantizeLinear"  # INT8 weights
     session = GeneratorSession(out, CPU, cpus=2)
     pred = session.run(visual[:2], audio[:2])
     assert pred.shape == (2, 3, 320, 320) and pred.min() >= 0 and pred.max() <= 1
