@@ -247,8 +247,7 @@ class RenderBench:
     # (which then loads it from the cache) and reported here. 0 for FP32.
     precision_prepare_s: float = 0.0
     # Bare inference of the reduced-precision generator the render loads (same threads and
-    # batches, measured once it is prepared); the render runs at its best batch, which need not
-    # be FP32's. Empty for FP32 or without ``bare``.
+    # batches, measured once it is prepared). Empty for FP32 or without ``bare``.
     bare_reduced: tuple[InferenceBench, ...] = ()
     render_batch: int = 0  # frames per generator call in the render
     frames_generated: int = 0  # frames that went through the generator (silence skips some)
@@ -257,19 +256,6 @@ class RenderBench:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# Bare FPS within this fraction of the best counts as a tie (repeat runs on the benchmark
-# machine differ by 2-3 %).
-BATCH_TIE = 0.03
-
-
-def _render_batch(results: Sequence[InferenceBench]) -> int:
-    """The batch a render runs at: the smallest within ``BATCH_TIE`` of the fastest. Larger
-    batches hold more memory beside the compositors; on 2 CPUs an INT8 render at batch 8
-    ran 1.48x bare FP32 against 1.58x at batch 4, with bare INT8 at 42.5 and 41.8 FPS."""
-    best = max(r.fps for r in results)
-    return min(r.batch for r in results if r.fps >= (1.0 - BATCH_TIE) * best)
 
 
 def _resolve_model(model: str, root: Path) -> Path:
@@ -304,13 +290,14 @@ def bench_render(
         config: a :class:`~lipsync_ray.config.RenderConfig` to start from (model paths are
             replaced); None: the defaults.
         bare: measure bare inference first (same threads, batches ``batches``, after
-            ``bare_warmup_s`` of untimed inference) and render with the best batch; measure
-            the best batch again after the render; the bare FPS is the mean of the two. With
-            a reduced precision, its generator is measured too, once prepared, and the render
-            runs at that generator's best batch. "Best" for the render is the smallest batch
-            within ``BATCH_TIE`` of the fastest; the bare figure is always the fastest.
-        batch_size: frames per generator call in the render (None: the best measured batch,
-            else the config's).
+            ``bare_warmup_s`` of untimed inference); measure the fastest batch again after the
+            render; the bare FPS is the mean of the two. With a reduced precision, its
+            generator is measured too once prepared (reported, not used in the ratio).
+        batch_size: frames per generator call in the render; None: the config's (the
+            pipeline's default, 4). Not the fastest bare batch: on 2 CPUs an INT8 render at
+            batch 8 ran 1.43-1.48x bare FP32 against 1.51-1.58x at batch 4, although bare INT8
+            measured up to 3 % faster at batch 8 (the larger batch's activations compete with
+            the compositor for caches and memory).
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
     """
@@ -349,9 +336,7 @@ def bench_render(
                 bench_inference(unet, batches, threads=threads, warmup_s=bare_warmup_s)
             )
             best = max(bare_results, key=lambda r: r.fps)
-        render_batch = batch_size or (
-            _render_batch(bare_results) if best else config.pool.batch_size
-        )
+        render_batch = batch_size or config.pool.batch_size
         import ray
 
         from lipsync_ray.pipeline import init_ray
@@ -376,8 +361,6 @@ def bench_render(
                             options=prepared.session_options(SessionOptions(providers=(Provider.CPU,))),
                         )
                     )  # fmt: skip
-                    if not batch_size:
-                        render_batch = _render_batch(bare_reduced)
             config = replace(config, pool=replace(config.pool, batch_size=render_batch))
             with ProcessTreeMonitor() as monitor:
                 t0 = time.perf_counter()

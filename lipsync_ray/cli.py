@@ -447,7 +447,7 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
         precision=Precision.parse(args.precision),
         silence=SilenceOptions() if args.silence_passthrough else None,
     )
-    runs, batch = [], None
+    runs, batch = [], args.batch_size
     for i, seconds in enumerate(args.seconds):
         result = bench_render(
             args.model, seconds, config=config, avatar_seconds=args.avatar_seconds,
@@ -632,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--avatar-seconds", type=float, default=4.0)
     b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
     b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
+    b.add_argument(
+        "--batch-size", type=int, default=None,
+        help="frames per generator call in the render (default: the pipeline's, 4)",
+    )  # fmt: skip
     b.add_argument("--no-bare", action="store_true", help="skip bare inference")
     b.add_argument("--inference-actors", type=int, default=1)
     b.add_argument("--compositors", type=int, default=1)
