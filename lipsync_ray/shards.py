@@ -250,8 +250,17 @@ def _write_over_spare(table: pa.Table, tmp: Path, spares: Path, options: dict) -
     if not _claim_spare(spares, tmp):
         return False
     try:
-        if tmp.stat().st_size < table.nbytes + _PARQUET_SLACK_BYTES:
-            os.truncate(tmp, table.nbytes + _PARQUET_SLACK_BYTES)
+        size = table.nbytes + _PARQUET_SLACK_BYTES
+        if tmp.stat().st_size < size:
+            if not hasattr(os, "posix_fallocate"):  # macOS: a hole could end in SIGBUS
+                return False
+            # Allocated, not a hole: a full disk fails here with ENOSPC, not with a SIGBUS
+            # when the memory map first writes to the new pages.
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
         with pa.memory_map(str(tmp), "r+") as sink:
             pq.write_table(table, sink, **options)
             end = sink.tell()
