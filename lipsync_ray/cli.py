@@ -30,6 +30,13 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    values = _positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer >= 1, got {text!r}")
+    return values[0]
+
+
 def _names(text: str) -> tuple[str, str]:
     parts = tuple(p.strip() for p in text.split(","))
     if len(parts) != 2 or not all(parts):
@@ -633,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
     b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
     b.add_argument(
-        "--batch-size", type=int, default=None,
+        "--batch-size", type=_positive_int, default=None,
         help="frames per generator call in the render (default: the pipeline's, 4)",
     )  # fmt: skip
     b.add_argument("--no-bare", action="store_true", help="skip bare inference")

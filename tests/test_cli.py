@@ -121,3 +121,19 @@ def test_session_options_from_the_command_line(tmp_path, extra, expected):
     args = build_parser().parse_args([*argv, *extra])
     session = config_from_args(args).session
     assert {k: getattr(session, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "expected integers >= 1"),
+        ("-2", "expected integers >= 1"),
+        ("four", "expected comma-separated integers"),
+        ("4,8", "expected one integer >= 1"),
+    ],
+)
+def test_bench_render_batch_size_is_checked_before_anything_runs(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", "render", "--batch-size", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
