@@ -49,7 +49,13 @@ from lipsync_ray.inference import (
     check_encoder_model,
     check_generator_model,
 )
-from lipsync_ray.precision import Precision, PreparedModel, calibration_features, prepare_model
+from lipsync_ray.precision import (
+    Precision,
+    PreparedModel,
+    cached_calibration_features,
+    default_cache_dir,
+    prepare_model,
+)
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes
 from lipsync_ray.scheduler import (
     ACTOR_START_TIMEOUT_S,
@@ -124,8 +130,10 @@ def prepare_generator(
     if config.precision is Precision.FP32:
         return PreparedModel(Path(config.model), Precision.FP32, Precision.FP32, None, False)
     gpu = bool(pool.gpus_per_actor) and any(p is not Provider.CPU for p in config.session.providers)
+    avatar = avatar if isinstance(avatar, Avatar) else Avatar.open(avatar)
     if config.audio_encoder:
-        features = calibration_features(config.audio_encoder)
+        cache = config.precision_cache or default_cache_dir(avatar)
+        features = cached_calibration_features(config.audio_encoder, cache)
     prepared = prepare_model(
         config.model,
         avatar,

@@ -166,6 +166,31 @@ def test_face_psnr_matches_opencv_on_the_face_region():
     assert prec.face_psnr(ref, ref.copy()).tolist() == [prec.PSNR_CAP_DB] * 3
 
 
+def test_calibration_features_are_cached_by_encoder_and_recipe(models, tmp_path, monkeypatch):
+    fresh = prec.calibration_features(models["encoder"], seconds=2.0)
+    first = prec.cached_calibration_features(models["encoder"], tmp_path, seconds=2.0)
+    assert first.tobytes() == fresh.tobytes()
+    [kept] = tmp_path.glob("calibration-*.npy")
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran although the features were cached")
+
+    monkeypatch.setattr(prec, "calibration_features", no_encoder)
+    assert prec.cached_calibration_features(models["encoder"], tmp_path, seconds=2.0).tobytes() == (
+        fresh.tobytes()
+    )
+    monkeypatch.undo()
+    other = save_model(
+        build_model(Arch.AUDIO_ENCODER, Size.SMALL, seed=1), tmp_path / "other-encoder.onnx"
+    )
+    prec.cached_calibration_features(other, tmp_path, seconds=2.0)  # another encoder
+    prec.cached_calibration_features(models["encoder"], tmp_path, seconds=1.0)  # another recipe
+    assert len(list(tmp_path.glob("calibration-*.npy"))) == 3
+    kept.write_bytes(b"not an npy file")  # a damaged file is made again
+    again = prec.cached_calibration_features(models["encoder"], tmp_path, seconds=2.0)
+    assert again.tobytes() == fresh.tobytes() == np.load(kept).tobytes()
+
+
 def test_calibration_features_are_reproducible(models):
     a = prec.calibration_features(models["encoder"], seconds=2.0)
     b = prec.calibration_features(models["encoder"], seconds=2.0)
