@@ -349,6 +349,29 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
 
 
+def _kill_driver_when(
+    command: list[str], log_path: Path, ready, what: str, *, poll_s: float
+) -> None:
+    """Run the CLI ``command`` and SIGKILL it as soon as ``ready()``; fails with ``what`` when
+    that takes 240 s, or with the log's tail when the driver exits first."""
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(command, env=_child_env(), stdout=log, stderr=log)
+        descendants: list[psutil.Process] = []
+        try:
+            deadline = time.monotonic() + 240
+            while not ready():
+                assert driver.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, what
+                time.sleep(poll_s)
+            descendants = psutil.Process(driver.pid).children(recursive=True)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            _reap(descendants)  # anything the driver started, should it outlive the driver
+
+
 def test_driver_killed_then_resumed(ray_cluster, small_models, inputs, reference, tmp_path):
     """The CLI joins this module's cluster (``--address``): the same driver code as with an
     embedded Ray, without paying a Ray start-up twice; Ray ends a dead driver's actors."""
@@ -377,22 +400,10 @@ def test_driver_killed_then_resumed(ray_cluster, small_models, inputs, reference
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
     ]
-    with (tmp_path / "first.txt").open("w") as log:
-        driver = subprocess.Popen(command, env=_child_env(), stdout=log, stderr=log)
-        descendants: list[psutil.Process] = []
-        try:
-            deadline = time.monotonic() + 240
-            while len(list(shards.glob("chunk-*.parquet"))) < 3:
-                assert driver.poll() is None, (tmp_path / "first.txt").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no shards appeared"
-                time.sleep(0.02)
-            descendants = psutil.Process(driver.pid).children(recursive=True)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-            _reap(descendants)  # anything the driver started, should it outlive the driver
+    _kill_driver_when(
+        command, tmp_path / "first.txt", lambda: len(list(shards.glob("chunk-*.parquet"))) >= 3,
+        "no shards appeared", poll_s=0.02,
+    )  # fmt: skip
     killed_with = len(list(shards.glob("chunk-*.parquet")))
     assert killed_with < reference["count"] // CHUNK, "the first run finished before the kill"
     assert not out.exists()
@@ -420,22 +431,10 @@ def test_driver_killed_mid_encode_then_resumed(
         "--encode-mode", "single", "--preset", "veryslow", "--gpus-per-actor", "0",
         "--cpus-per-actor", "1", "--address", ray_cluster.get_runtime_context().gcs_address,
     ]  # fmt: skip
-    with (tmp_path / "first.txt").open("w") as log:
-        driver = subprocess.Popen(command, env=_child_env(), stdout=log, stderr=log)
-        descendants: list[psutil.Process] = []
-        try:
-            deadline = time.monotonic() + 240
-            while not list(tmp_path.glob(".out.*.partial.mp4")):  # the encoder's temp file
-                assert driver.poll() is None, (tmp_path / "first.txt").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the final encode never started"
-                time.sleep(0.002)
-            descendants = psutil.Process(driver.pid).children(recursive=True)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-            _reap(descendants)
+    _kill_driver_when(
+        command, tmp_path / "first.txt", lambda: any(tmp_path.glob(".out.*.partial.mp4")),
+        "the final encode never started", poll_s=0.002,  # the encoder's temp file
+    )  # fmt: skip
     assert not out.exists()
 
     second = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
