@@ -24,6 +24,7 @@ from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
 from lipsync_ray.encode import EncodeOptions, encode_segment
+from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
@@ -215,6 +216,12 @@ class InferenceActor:
         self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
+        # The first calls of a fresh session run at about half speed (ONNX Runtime plans its
+        # memory and the process faults its arenas in): pay that here, while the driver
+        # computes the audio features, not in the first chunk.
+        t0 = time.perf_counter()
+        warm_up(self.session, batch_size)
+        log.debug("generator warmed up in %.2f s", time.perf_counter() - t0)
         self.info = _actor_info(
             "inference",
             self.session.providers,
@@ -255,6 +262,20 @@ class InferenceActor:
                 out[batch] = prediction_to_uint8(self.session.run(visual[batch], audio[batch]))
         clock.lap("inference")
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
+
+
+def warm_up(session: GeneratorSession, batch_size: int) -> None:
+    """Run ``session`` once on a batch of zeros (``batch_size`` frames; one for a fixed-batch
+    model). Outputs are discarded; later outputs do not depend on it."""
+    batch = 1 if session.fixed_batch else batch_size
+    visual = np.zeros((batch, 320, 320, 6), np.uint8)
+    audio = np.zeros((batch, 32, 16, 16), np.float32)
+    try:
+        session.run(visual, audio)
+    except ModelError as exc:
+        # A model that fails on real inputs fails on the first chunk too, where the error
+        # names the chunk and its frames; here it only means the warm-up did not happen.
+        log.debug("warm-up failed: %s", exc)
 
 
 def _staged(method):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["ActorInfo", "RunReport", "StageTimes"]
+__all__ = ["ActorInfo", "RunReport", "StageTimes", "Timeline"]
 
 # Stages whose CPU time is measured where they run, summed over actors, per output frame.
 STAGES = (
@@ -46,6 +47,33 @@ class StageTimes:
     cpu_ms_per_frame: dict[str, float] = field(default_factory=dict)
 
 
+class Timeline:
+    """Where a render's wall time goes on the driver, phase by phase.
+
+    :meth:`mark` closes the phase that ran since the previous mark (phases follow each other
+    on the driver's critical path); :meth:`add` records a duration that overlaps them (Ray's
+    start-up runs while the audio encoder does). ``started_at`` is the wall clock (epoch
+    seconds) at which the render began, so a caller timing the whole process can tell what
+    came before it (interpreter start, imports) and after it (shutdown).
+    """
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self._last = time.perf_counter()
+        self._phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._phases[phase] = self._phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self._phases[name] = self._phases.get(name, 0.0) + seconds
+
+    def phases(self) -> dict[str, float]:
+        return {**self._phases, "started_at": self.started_at, "finished_at": time.time()}
+
+
 @dataclass(frozen=True)
 class RunReport:
     """The result of :func:`lipsync_ray.render`; also written to ``<work_dir>/report.json``."""
@@ -74,6 +102,12 @@ class RunReport:
     settings: dict
     ray_address: str = ""
     shards_kept: bool = False
+    # Wall seconds of the driver's phases, in order: "inputs" (paths, models and audio
+    # checked and decoded), "start" (audio features, while Ray, the generator's precision
+    # and the actors start), "actors_ready" (waiting for their sessions), "chunks", "join";
+    # "ray_init" (inside "start") is the embedded cluster's start-up; "started_at" and
+    # "finished_at" are epoch seconds (see Timeline).
+    phases_s: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
