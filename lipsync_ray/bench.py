@@ -1,12 +1,12 @@
 """Benchmarks as programs: every speed claim is a ratio measured in one run on one machine.
 
 - :func:`bench_inference`: bare ONNX Runtime generator FPS per batch size (the denominator).
-- :func:`bench_render`: a whole render of a generated avatar with S seconds of speech, next to
-  the bare FPS of the same model (same threads, best batch) measured in the same run, with
-  per-stage CPU and the peak memory of the whole process tree (driver, raylet, workers).
-- :func:`reference_pipeline`: the single-process pipeline users run today (every frame
-  preloaded in RAM, compositing in a thread pool, JPEG files, then one encode), measured on the
-  same avatar for the non-inference comparison.
+- :func:`bench_render`: ``lipsync-ray render`` of generated footage (a photographed face by
+  default) with S seconds of speech, run as a process and timed from its start to its exit,
+  next to the bare FPS of the same model (same threads, best batch) measured in the same run,
+  with per-stage CPU, the phases of its wall time and the peak memory of the whole process
+  tree (driver, raylet, workers); optionally beside ``lipsync-ray reference``, the
+  single-process script it replaces (:mod:`lipsync_ray.reference`), on the same footage.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,10 +25,11 @@ from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 
 __all__ = [
     "InferenceBench",
+    "ProcessRun",
     "RenderBench",
     "bench_inference",
     "bench_render",
-    "reference_pipeline",
+    "run_process",
 ]
 
 
@@ -185,17 +185,22 @@ class ProcessTreeMonitor:
     def cpu_s(self) -> float:
         """CPU seconds of the tree since the monitor started, the monitor's own left out."""
         total = sum(v - self._base.get(pid, 0.0) for pid, v in self._cpu.items())
-        return total - self.monitor_cpu_s
+        return total - self._own_cpu_s()
+
+    def _own_cpu_s(self) -> float:
+        """The sampling thread's CPU where it is part of the measured tree (its root is this
+        process), else 0."""
+        return self.monitor_cpu_s if self.root.pid == os.getpid() else 0.0
 
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds since the monitor started per kind of process: "driver", an actor
         class ("ray::InferenceActor"), "raylet", "gcs_server", or "ray (other)" (agents,
         log monitor)."""
-        out: dict[str, float] = {"monitor": self.monitor_cpu_s}
+        out: dict[str, float] = {"monitor": self._own_cpu_s()}
         for pid, v in self._cpu.items():
             role = self._role.get(pid, "ray (other)")
             out[role] = out.get(role, 0.0) + v - self._base.get(pid, 0.0)
-        out["driver"] = out.get("driver", 0.0) - self.monitor_cpu_s
+        out["driver"] = out.get("driver", 0.0) - self._own_cpu_s()
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def _role_of(self, proc) -> str:
@@ -213,10 +218,57 @@ class ProcessTreeMonitor:
 
 
 @dataclass(frozen=True)
+class ProcessRun:
+    """One command line run as a user runs it: timed from its start to its exit, with the CPU
+    and memory of its whole process tree (driver, Ray's processes, workers)."""
+
+    argv: tuple[str, ...]
+    wall_s: float  # start to exit
+    cpu_s: float  # the whole tree, the monitor's own left out
+    cpu_by_role_s: dict[str, float]
+    peak_pss_mb: float
+    peak_rss_mb: float
+    started_at: float  # epoch seconds
+    exited_at: float
+    stdout: str
+
+
+def run_process(argv: Sequence[str], *, log_path: Path, env: dict | None = None) -> ProcessRun:
+    """Run ``argv`` to its end under a :class:`ProcessTreeMonitor`; its stderr goes to
+    ``log_path``. Raises RuntimeError (with the log's last lines) when it fails."""
+    import subprocess
+
+    with open(log_path, "wb") as err:
+        started = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=err, env=env)
+        with ProcessTreeMonitor(proc.pid) as monitor:
+            out, _ = proc.communicate()
+            wall = time.perf_counter() - t0
+        exited = time.time()
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{argv[3:5]} exited {proc.returncode}: " + " | ".join(tail))
+    return ProcessRun(
+        argv=tuple(argv),
+        wall_s=wall,
+        cpu_s=monitor.cpu_s,
+        cpu_by_role_s=monitor.cpu_by_role(),
+        peak_pss_mb=monitor.peak_pss_bytes / 2**20,
+        peak_rss_mb=monitor.peak_rss_bytes / 2**20,
+        started_at=started,
+        exited_at=exited,
+        stdout=out.decode(errors="replace"),
+    )
+
+
+@dataclass(frozen=True)
 class RenderBench:
-    """One benchmark run: the render, and the bare inference of the same model beside it."""
+    """One benchmark run: ``lipsync-ray render`` as a process, bare inference of the same model
+    beside it, and (optionally) the single-process reference on the same footage."""
 
     model: str
+    avatar: str  # "photo" (a photographed face, moving, with sensor noise) or "drawn"
     frames: int
     seconds: float
     size_wh: tuple[int, int]
@@ -224,22 +276,26 @@ class RenderBench:
     # measurement before the render (every batch in ``bare``) and one after it at that batch
     # (``bare_after``). Shared cloud CPUs drift (the same bare benchmark measured 6 to 12.6
     # FPS within minutes on the 2-core CI machine), so one measurement on one side of a
-    # 3-minute render would tilt the ratio either way.
+    # render would tilt the ratio either way.
     bare_fps: float
     bare_batch: int
     bare: tuple[InferenceBench, ...]
     bare_after: InferenceBench | None
-    # frames / wall time of the whole render: actors and sessions starting, audio features,
-    # every chunk, the final join. Starting the Ray cluster itself is not part of it (a
-    # `ray start` or job cluster is already up); it is cluster_start_s.
+    # frames / wall time of the whole `lipsync-ray render` process, start to exit: Python's
+    # start and imports, the embedded Ray cluster's start, actors and sessions, features,
+    # every chunk, the join, and the shutdown.
     e2e_fps: float
     ratio: float  # e2e_fps / bare_fps
     wall_s: float
+    # Where the wall time went: "before_render" (interpreter, imports, arguments, model and
+    # avatar checks), the render's own phases (RunReport.phases_s: inputs, start with
+    # ray_init inside it, actors_ready, chunks, join) and "shutdown" (report to exit).
+    phases_s: dict[str, float]
     stage_cpu_ms_per_frame: dict[str, float]
     stage_wall_ms_per_frame: dict[str, float]
     tree_cpu_ms_per_frame: float  # all processes: driver, raylet, GCS, workers
     process_cpu_ms_per_frame: dict[str, float]  # the same, per kind of process
-    cluster_start_s: float  # starting the embedded Ray cluster (before the timed render)
+    cluster_start_s: float  # the embedded cluster's start-up inside the render ("ray_init")
     peak_pss_mb: float
     peak_rss_mb: float
     # Quantising/converting and gating a reduced-precision generator: done once per model,
@@ -252,10 +308,18 @@ class RenderBench:
     render_batch: int = 0  # frames per generator call in the render
     frames_generated: int = 0  # frames that went through the generator (silence skips some)
     precision: dict = field(default_factory=dict)
+    # The single-process reference (lipsync_ray.reference) on the same footage and model, as
+    # a process: {"wall_s", "fps", "cpu_ms_per_frame", "peak_rss_mb", "phases_s", ...}; its
+    # wall over the render's is ``speedup``. Empty without ``reference``.
+    reference: dict = field(default_factory=dict)
+    speedup: float = 0.0
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+AVATARS = ("photo", "drawn")
 
 
 def _resolve_model(model: str, root: Path) -> Path:
@@ -268,11 +332,29 @@ def _resolve_model(model: str, root: Path) -> Path:
     return Path(model)
 
 
+def _make_avatar(kind: str, path: Path, seconds: float, size_wh: tuple[int, int]):
+    from lipsync_ray.errors import InputError
+    from lipsync_ray.synthetic import make_demo_avatar, make_photo_avatar
+
+    if kind == "photo":
+        return make_photo_avatar(path, seconds=seconds, size_wh=size_wh)
+    if kind == "drawn":
+        return make_demo_avatar(path, seconds=seconds, size_wh=size_wh)
+    raise InputError(f"avatar must be one of {', '.join(AVATARS)}, got {kind!r}")
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "lipsync_ray.cli", *args]
+
+
 def bench_render(
     model: str = "full",
     seconds: float = 60.0,
     *,
     config=None,
+    avatar: str = "photo",
     avatar_seconds: float = 4.0,
     size_wh: tuple[int, int] = (1280, 720),
     batches: Sequence[int] = (1, 4, 8),
@@ -281,14 +363,19 @@ def bench_render(
     batch_size: int | None = None,
     pause_every_s: float | None = None,
     bare_warmup_s: float = 10.0,
+    reference: bool = False,
 ) -> RenderBench:
-    """Render a generated avatar with ``seconds`` of speech; measure it against bare inference.
+    """Run ``lipsync-ray render`` on generated footage with ``seconds`` of speech, as a user
+    runs it (a process, timed from start to exit); measure it against bare inference and,
+    with ``reference``, against the single-process reference on the same footage.
 
     Args:
         model: "full", "small", "identity" (stand-ins built here) or an ONNX path.
         seconds: audio length.
         config: a :class:`~lipsync_ray.config.RenderConfig` to start from (model paths are
             replaced); None: the defaults.
+        avatar: "photo" (default: a photographed face moving with sensor noise, what real
+            footage costs the encoder) or "drawn" (the demo's flat drawn face).
         bare: measure bare inference first (same threads, batches ``batches``, after
             ``bare_warmup_s`` of untimed inference); measure the fastest batch again after the
             render; the bare FPS is the mean of the two. With a reduced precision, its
@@ -300,20 +387,24 @@ def bench_render(
             the compositor for caches and memory).
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
+        reference: also run ``lipsync-ray reference`` (lipsync_ray.reference) on the same
+            avatar, audio and model, with the render's preset and CRF.
     """
+    import json
+
     from lipsync_ray.audio import synth_speech, write_audio
+    from lipsync_ray.cli import render_argv
     from lipsync_ray.config import RenderConfig
     from lipsync_ray.models import Arch, Size, build_model, save_model
-    from lipsync_ray.pipeline import Renderer, cluster_pool, prepare_generator
+    from lipsync_ray.pipeline import prepare_generator
     from lipsync_ray.precision import Precision
-    from lipsync_ray.synthetic import make_demo_avatar
 
     tmp = tempfile.TemporaryDirectory(prefix="lipsync-bench-", dir=work_root)
     root = Path(tmp.name)
     try:
         unet = _resolve_model(model, root)
         encoder = save_model(build_model(Arch.AUDIO_ENCODER, Size.FULL, seed=0), root / "enc.onnx")
-        avatar = make_demo_avatar(root / "avatar", seconds=avatar_seconds, size_wh=size_wh)
+        bundle = _make_avatar(avatar, root / "avatar", avatar_seconds, size_wh)
         samples = synth_speech(seconds, seed=0)
         if pause_every_s:
             step = int(pause_every_s * 16_000)
@@ -321,7 +412,15 @@ def bench_render(
                 samples[start : start + 16_000] = 0.0
         speech = write_audio(root / "speech.wav", samples)
         config = config or RenderConfig(model=str(unet), audio_encoder=str(encoder))
-        config = replace(config, model=str(unet), audio_encoder=str(encoder), features=None)
+        render_batch = batch_size or config.pool.batch_size
+        config = replace(
+            config,
+            model=str(unet),
+            audio_encoder=str(encoder),
+            features=None,
+            pool=replace(config.pool, batch_size=render_batch),
+            work_dir=str(root / "work"),
+        )
         cpus = os.cpu_count() or 1
         pool = config.pool.resolved(float(cpus), 0.0)
         threads = max(1, round(pool.cpus_per_inference_actor or 1))
@@ -336,54 +435,71 @@ def bench_render(
                 bench_inference(unet, batches, threads=threads, warmup_s=bare_warmup_s)
             )
             best = max(bare_results, key=lambda r: r.fps)
-        render_batch = batch_size or config.pool.batch_size
-        import ray
-
-        from lipsync_ray.pipeline import init_ray
-
-        owns_ray = not ray.is_initialized()
-        t0 = time.perf_counter()
-        if owns_ray:
-            init_ray(ray, config.address)
-        cluster_start_s = time.perf_counter() - t0
-        try:
-            precision_prepare_s = 0.0
-            bare_reduced: tuple[InferenceBench, ...] = ()
-            if config.precision is not Precision.FP32:  # with the pool the Renderer will use
-                t0 = time.perf_counter()
-                prepared = prepare_generator(config, cluster_pool(config.pool, ray), avatar.path)
-                precision_prepare_s = time.perf_counter() - t0
-                if bare and prepared.precision is not Precision.FP32:
-                    bare_reduced = tuple(
-                        bench_inference(
-                            prepared.path, batches, threads=threads,
-                            warmup_s=min(bare_warmup_s, 3.0),
-                            options=prepared.session_options(SessionOptions(providers=(Provider.CPU,))),
-                        )
-                    )  # fmt: skip
-            config = replace(config, pool=replace(config.pool, batch_size=render_batch))
-            with ProcessTreeMonitor() as monitor:
-                t0 = time.perf_counter()
-                with Renderer(avatar.path, config) as renderer:
-                    report = renderer.render(speech, root / "out.mp4")
-                    # The render's own writeback is part of its cost, and left pending it
-                    # would slow the bare measurement after it (by up to 40 % here).
-                    os.sync()
-                    wall = time.perf_counter() - t0
-                    monitor._sample()  # the workers' CPU before they are killed
-        finally:
-            if owns_ray:
-                ray.shutdown()
-        frames = report.frames
-        e2e = frames / wall
+        precision_prepare_s = 0.0
+        bare_reduced: tuple[InferenceBench, ...] = ()
+        if config.precision is not Precision.FP32:  # cached where the render will find it
+            t0 = time.perf_counter()
+            prepared = prepare_generator(config, pool, bundle.path)
+            precision_prepare_s = time.perf_counter() - t0
+            if bare and prepared.precision is not Precision.FP32:
+                bare_reduced = tuple(
+                    bench_inference(
+                        prepared.path, batches, threads=threads,
+                        warmup_s=min(bare_warmup_s, 3.0),
+                        options=prepared.session_options(SessionOptions(providers=(Provider.CPU,))),
+                    )
+                )  # fmt: skip
+            os.sync()
+        out = root / "out.mp4"
+        run = run_process(
+            _cli("render", str(bundle.path), str(speech), "-o", str(out), *render_argv(config)),
+            log_path=root / "render.log",
+        )
+        # The render's writeback is part of its cost, and left pending it would slow what is
+        # measured after it (by up to 40 % here).
+        os.sync()
+        report = json.loads((root / "work" / "report.json").read_text())
+        frames = report["frames"]
+        phases = {k: v for k, v in report["phases_s"].items() if not k.endswith("_at")}
+        phases = {
+            "before_render": report["phases_s"]["started_at"] - run.started_at,
+            **phases,
+            "shutdown": run.exited_at - report["phases_s"]["finished_at"],
+        }
+        ref: dict = {}
+        if reference:
+            ref_run = run_process(
+                _cli(
+                    "reference", str(bundle.path), str(speech), "-o", str(root / "ref.mp4"),
+                    "--model", str(unet), "--audio-encoder", str(encoder),
+                    "--crf", str(config.encode.crf), "--preset", config.encode.preset,
+                ),
+                log_path=root / "reference.log",
+            )  # fmt: skip
+            inner = json.loads(ref_run.stdout.strip().splitlines()[-1])
+            ref = {
+                "wall_s": ref_run.wall_s,
+                "fps": inner["frames"] / ref_run.wall_s,
+                "frames": inner["frames"],
+                "cpu_ms_per_frame": 1000.0 * ref_run.cpu_s / inner["frames"],
+                "peak_rss_mb": ref_run.peak_rss_mb,
+                "phases_s": {
+                    "before_run": ref_run.wall_s - inner["wall_s"],
+                    **inner["phases_s"],
+                },
+                "provider": inner["provider"],
+            }
+            os.sync()
         after = None
         if best is not None:
             after = bench_inference(
                 unet, [best.batch], threads=threads, warmup_s=min(bare_warmup_s, 3.0)
             )[0]
         bare_fps = (best.fps + after.fps) / 2 if best and after else 0.0
+        e2e = frames / run.wall_s
         return RenderBench(
             model=str(model),
+            avatar=avatar,
             frames=frames,
             seconds=seconds,
             size_wh=tuple(size_wh),
@@ -393,23 +509,24 @@ def bench_render(
             bare_after=after,
             e2e_fps=e2e,
             ratio=e2e / bare_fps if bare_fps else 0.0,
-            wall_s=wall,
-            stage_cpu_ms_per_frame=dict(report.stages.cpu_ms_per_frame),
-            stage_wall_ms_per_frame=dict(report.stages.ms_per_frame),
-            tree_cpu_ms_per_frame=1000.0 * monitor.cpu_s / frames,
-            process_cpu_ms_per_frame={
-                k: 1000.0 * v / frames for k, v in monitor.cpu_by_role().items()
-            },
-            cluster_start_s=cluster_start_s,
+            wall_s=run.wall_s,
+            phases_s=phases,
+            stage_cpu_ms_per_frame=dict(report["stages"]["cpu_ms_per_frame"]),
+            stage_wall_ms_per_frame=dict(report["stages"]["ms_per_frame"]),
+            tree_cpu_ms_per_frame=1000.0 * run.cpu_s / frames,
+            process_cpu_ms_per_frame={k: 1000.0 * v / frames for k, v in run.cpu_by_role_s.items()},
+            cluster_start_s=float(phases.get("ray_init", 0.0)),
             precision_prepare_s=precision_prepare_s,
             bare_reduced=bare_reduced,
             render_batch=render_batch,
-            peak_pss_mb=monitor.peak_pss_bytes / 2**20,
-            peak_rss_mb=monitor.peak_rss_bytes / 2**20,
-            frames_generated=report.frames_generated,
-            precision=dict(report.precision),
+            peak_pss_mb=run.peak_pss_mb,
+            peak_rss_mb=run.peak_rss_mb,
+            frames_generated=report["frames_generated"],
+            precision=dict(report["precision"]),
+            reference=ref,
+            speedup=ref["wall_s"] / run.wall_s if ref else 0.0,
             settings={
-                **report.settings,
+                **report["settings"],
                 "threads": threads,
                 "cpus": cpus,
                 "bare_warmup_s": bare_warmup_s if bare else 0.0,
@@ -417,53 +534,3 @@ def bench_render(
         )
     finally:
         tmp.cleanup()
-
-
-def reference_pipeline(
-    avatar_path: str | Path, frames: int, *, threads: int = 0, preset: str = "veryfast"
-) -> dict[str, float]:
-    """The threaded single-process pipeline users run today, without its model.
-
-    Preloads every avatar frame in RAM, composites the identity prediction (the ROI itself) in
-    a thread pool, writes one JPEG per frame, then reads them back and encodes one H.264 file
-    (what `ffmpeg -i %d.jpg` does). Returns CPU and wall ms per frame and peak RSS; compare with
-    :func:`bench_render` on the identity model (whose inference costs nothing).
-    """
-    import cv2
-    import psutil
-
-    from lipsync_ray.avatar import Avatar, pingpong_indices
-    from lipsync_ray.composite import composite_frame
-    from lipsync_ray.encode import EncodeOptions, encode_video
-
-    threads = threads or os.cpu_count() or 1
-    avatar = Avatar.open(avatar_path)
-    proc = psutil.Process()
-    c0, t0 = time.process_time(), time.perf_counter()
-    everything = np.arange(avatar.frame_count)
-    preloaded = [f.copy() for f in avatar.read_frames(everything)]
-    crops = avatar.read_crops(everything)
-    boxes = avatar.boxes(everything)
-    order = pingpong_indices(frames, avatar.frame_count)
-    with tempfile.TemporaryDirectory(prefix="lipsync-reference-") as tmp:
-
-        def one(i: int) -> None:
-            j = order[i]
-            pred = crops[j][4:324, 4:324]  # the identity model's output
-            out = composite_frame(preloaded[j], boxes[j], crops[j], pred)
-            cv2.imwrite(f"{tmp}/{i:08d}.jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 95])
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(frames)))
-        peak_rss = proc.memory_info().rss
-        jpegs = (cv2.imread(f"{tmp}/{i:08d}.jpg") for i in range(frames))
-        encode_video(jpegs, None, 16_000, Path(tmp) / "out.mp4",
-                     EncodeOptions(preset=preset), expected_frames=frames)  # fmt: skip
-    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    return {
-        "frames": frames,
-        "cpu_ms_per_frame": 1000.0 * cpu / frames,
-        "wall_ms_per_frame": 1000.0 * wall / frames,
-        "fps": frames / wall,
-        "peak_rss_mb": max(peak_rss, proc.memory_info().rss) / 2**20,
-    }

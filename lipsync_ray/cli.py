@@ -271,6 +271,69 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def render_argv(config) -> list[str]:
+    """The ``render`` flags that rebuild ``config`` (:func:`config_from_args` of them equals
+    it; tested): every setting is written out, defaults included. Used by ``bench render`` to
+    run the real command line as a user does."""
+    pool, session, encode = config.pool, config.session, config.encode
+    names = {"TENSORRT": "tensorrt", "CUDA": "cuda", "CPU": "cpu"}
+    argv = ["--model", str(config.model)]
+    if config.audio_encoder:
+        argv += ["--audio-encoder", str(config.audio_encoder)]
+    if config.features:
+        argv += ["--features", str(config.features)]
+    if config.address:
+        argv += ["--address", config.address]
+    argv += [
+        "--inference-actors", str(pool.inference_actors),
+        "--compositors", str(pool.compositors),
+        "--compositor-niceness", str(pool.compositor_niceness),
+        "--batch-size", str(pool.batch_size),
+        "--chunk-frames", str(pool.chunk_frames),
+        "--max-retries", str(pool.max_retries),
+        "--chunk-timeout", repr(pool.chunk_timeout_s),
+        "--placement", pool.placement.value,
+        "--providers", ",".join(names[p.name] for p in session.providers),
+        "--precision", config.precision.value,
+        "--precision-threshold", repr(config.precision_threshold_db),
+        "--shard-codec", config.shard_codec.value,
+        "--encode-mode", config.encode_mode.value,
+        "--video-codec", encode.codec.value,
+        "--crf", str(encode.crf),
+        "--preset", encode.preset,
+        "--start-frame", str(config.start_frame),
+        "--blend", config.blend.mode.value,
+        "--feather", repr(config.blend.feather),
+    ]  # fmt: skip
+    optional = [
+        ("--gpus-per-actor", pool.gpus_per_actor),
+        ("--cpus-per-actor", pool.cpus_per_inference_actor),
+        ("--gpu-mem-limit", None if session.gpu_mem_limit_bytes is None
+                            else session.gpu_mem_limit_bytes / 2**30),
+        ("--trt-cache", session.trt_cache_dir),
+        ("--precision-cache", config.precision_cache),
+        ("--work-dir", config.work_dir),
+    ]  # fmt: skip
+    for flag, value in optional:
+        if value is not None:
+            argv += [flag, value if isinstance(value, str) else repr(value)]
+    switches = [
+        ("--fp16", session.trt_fp16),
+        ("--no-io-binding", not session.io_binding),
+        ("--keep-shards", config.keep_shards),
+        ("--overwrite", config.overwrite),
+    ]
+    argv += [flag for flag, on in switches if on]
+    if config.silence is not None:
+        argv += [
+            "--silence-passthrough",
+            "--silence-threshold-db", repr(config.silence.threshold_db),
+            "--silence-min-s", repr(config.silence.min_silence_s),
+            "--silence-fade-frames", str(config.silence.fade_frames),
+        ]  # fmt: skip
+    return argv
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from lipsync_ray.pipeline import render
 
@@ -431,7 +494,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_render, reference_pipeline
+    from lipsync_ray.bench import bench_render
     from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
     from lipsync_ray.encode import EncodeOptions
     from lipsync_ray.precision import Precision
@@ -457,9 +520,10 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
     runs, batch = [], args.batch_size
     for i, seconds in enumerate(args.seconds):
         result = bench_render(
-            args.model, seconds, config=config, avatar_seconds=args.avatar_seconds,
-            size_wh=args.size, batches=args.batch, bare=i == 0 and not args.no_bare,
-            batch_size=batch, pause_every_s=args.pause_every,
+            args.model, seconds, config=config, avatar=args.avatar,
+            avatar_seconds=args.avatar_seconds, size_wh=args.size, batches=args.batch,
+            bare=i == 0 and not args.no_bare, batch_size=batch, pause_every_s=args.pause_every,
+            reference=args.reference and i == len(args.seconds) - 1,
         )  # fmt: skip
         batch = result.render_batch
         runs.append(result)
@@ -469,36 +533,15 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
         out["memory_ratio"] = runs[-1].peak_pss_mb / runs[0].peak_pss_mb
         print(f"peak memory {runs[-1].seconds:g} s vs {runs[0].seconds:g} s: "
               f"{out['memory_ratio']:.2f}x (PSS of the whole process tree)")  # fmt: skip
-    if args.reference:
-        ref = reference_pipeline_for(runs[-1], reference_pipeline, args)
-        out["reference"] = ref
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
         print(f"results: {args.json}")
     return 0
 
 
-def reference_pipeline_for(run, reference_pipeline, args) -> dict:
-    """Run the single-process reference on a fresh demo avatar of the same size and length."""
-    import tempfile
-
-    from lipsync_ray.synthetic import make_demo_avatar
-
-    with tempfile.TemporaryDirectory(prefix="lipsync-ref-") as tmp:
-        avatar = make_demo_avatar(Path(tmp) / "avatar", seconds=args.avatar_seconds,
-                                  size_wh=args.size)  # fmt: skip
-        ref = reference_pipeline(avatar.path, run.frames, preset=args.preset)
-    ours = run.tree_cpu_ms_per_frame
-    print(f"reference single-process pipeline (identity prediction, threads + JPEG + encode): "
-          f"{ref['cpu_ms_per_frame']:.1f} CPU ms/frame, {ref['fps']:.1f} FPS, "
-          f"peak RSS {ref['peak_rss_mb']:.0f} MB; this pipeline: {ours:.1f} CPU ms/frame "
-          f"(whole process tree, model {run.model})")  # fmt: skip
-    return ref
-
-
 def _print_render_bench(r, first) -> None:
-    print(f"== {r.model} model, {r.seconds:g} s of audio, {r.frames} frames at "
-          f"{r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
+    print(f"== {r.model} model, {r.avatar} avatar, {r.seconds:g} s of audio, {r.frames} frames "
+          f"at {r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
     if r.bare:
         print(f"bare inference after {r.settings['bare_warmup_s']:g} s of untimed warm-up:")
     for b in r.bare:
@@ -514,9 +557,13 @@ def _print_render_bench(r, first) -> None:
               f"({b.ms_per_frame:.1f} ms/frame, {b.threads} threads)")  # fmt: skip
     bare = r.bare_fps or first.bare_fps
     ratio = r.e2e_fps / bare if bare else 0.0
-    print(f"end to end: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s wall: actors, sessions, "
-          f"features, render and join; batch {r.render_batch}); starting the Ray cluster "
-          f"before it: {r.cluster_start_s:.1f} s")  # fmt: skip
+    print(f"lipsync-ray render, whole process: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s from start "
+          f"to exit, batch {r.render_batch})")  # fmt: skip
+    print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.phases_s.items())
+          + " (ray_init is inside start)")  # fmt: skip
+    chunks_s = r.phases_s.get("chunks", 0.0)
+    if chunks_s > 0:
+        print(f"  steady state (chunks phase): {r.frames / chunks_s:.2f} FPS")
     if r.precision_prepare_s:
         print(f"{r.precision.get('precision')} generator quantised and gated before the render "
               f"(once per model, avatar and settings; the render loads it from the cache): "
@@ -538,6 +585,14 @@ def _print_render_bench(r, first) -> None:
     print(
         f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
     )
+    if r.reference:
+        ref = r.reference
+        print(f"reference single-process script, whole process: {ref['fps']:.2f} FPS "
+              f"({ref['wall_s']:.1f} s; {ref['cpu_ms_per_frame']:.1f} CPU ms/frame, peak RSS "
+              f"{ref['peak_rss_mb']:.0f} MB)")  # fmt: skip
+        print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ref["phases_s"].items()))
+        print(f"lipsync-ray render vs the reference, same footage and model: {r.speedup:.2f}x "
+              f"faster (wall of the reference / wall of the render)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -548,6 +603,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out_dir, seconds=args.seconds)
     print(report.summary())
+    return 0
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.reference import run_reference
+
+    result = run_reference(
+        args.avatar, args.audio, args.output, model=args.model,
+        audio_encoder=args.audio_encoder, batch_size=args.batch_size,
+        composite_threads=args.threads, encode=EncodeOptions(crf=args.crf, preset=args.preset),
+    )  # fmt: skip
+    print(json.dumps(result.to_dict()))
     return 0
 
 
@@ -636,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[60.0],
         help="audio length; several (30,600) also print the memory ratio",
     )
+    b.add_argument(
+        "--avatar",
+        choices=["photo", "drawn"],
+        default="photo",
+        help="photo: a photographed face, moving, with sensor noise (real footage's cost; "
+        "default); drawn: the demo's drawn face",
+    )
     b.add_argument("--avatar-seconds", type=float, default=4.0)
     b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
     b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
@@ -668,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--reference",
         action="store_true",
-        help="also run the single-process reference pipeline (non-inference CPU)",
+        help="also run `lipsync-ray reference`, the single-process script it replaces, on the "
+        "same footage and model (both timed from start to exit)",
     )
     b.add_argument("--json", type=Path, help="write the results as JSON")
     b.set_defaults(func=_cmd_bench_render)
@@ -682,6 +758,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=4.0, help="audio length (default 4)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "reference",
+        help="the single-process script lipsync-ray replaces (the benchmark's rival)",
+        description="Render like the single-process scripts in use today: every frame "
+        "preloaded, batch inference, a thread pool pasting and writing JPEG q95 frames, then "
+        "one H.264 + AAC encode of them. Prints its phases as JSON.",
+    )
+    p.add_argument("avatar", help="avatar bundle directory")
+    p.add_argument("audio", help="speech audio")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write")
+    p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
+    p.add_argument("--audio-encoder", required=True, help="audio encoder (ONNX)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
+    p.add_argument("--threads", type=_positive_int, default=4, help="compositing threads (4)")
+    p.add_argument("--crf", type=int, default=20, help="x264 CRF (default 20)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    p.set_defaults(func=_cmd_reference)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The render benchmark program: one run measures bare inference and the whole render."""
+"""The render benchmark program: one run measures bare inference, `lipsync-ray render` as a
+process from start to exit, and (optionally) the single-process reference on the same footage."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from lipsync_ray.bench import bench_render
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.precision import Precision
 
+pytest.importorskip("skimage.data")
+
+# The driver's critical path, in order, with "ray_init" overlapping "start".
+SEQUENTIAL = ["before_render", "inputs", "start", "actors_ready", "chunks", "join", "shutdown"]
+
 
 @pytest.mark.ray
-def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_path):
+def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path):
     r = bench_render(
         "identity", 1.5, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
-        work_root=tmp_path, bare_warmup_s=0.5,
+        work_root=tmp_path, bare_warmup_s=0.5, reference=True,
     )  # fmt: skip
+    assert r.avatar == "photo"  # real-looking footage by default
     assert abs(r.frames - 1.5 * 25) <= 2
     assert [b.batch for b in r.bare] == [1, 2]
     best = max(r.bare, key=lambda b: b.fps)
@@ -24,41 +31,40 @@ def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_p
     assert r.bare_fps == pytest.approx((best.fps + r.bare_after.fps) / 2) and r.bare_fps > 0
     assert r.e2e_fps == pytest.approx(r.frames / r.wall_s)
     assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
-    # the cluster was already up (the fixture's): nothing to start, and it is left running
-    assert r.cluster_start_s < 1.0 and ray_cluster.is_initialized()
+    # The wall time is split into phases that add up to it (the process started its own
+    # embedded cluster: its start is inside "start").
+    assert set(SEQUENTIAL) | {"ray_init"} == set(r.phases_s)
+    assert all(v >= 0 for v in r.phases_s.values())
+    assert sum(r.phases_s[k] for k in SEQUENTIAL) == pytest.approx(r.wall_s, abs=0.5)
+    assert 0 < r.cluster_start_s == r.phases_s["ray_init"] <= r.phases_s["start"]
     # CPU of every process in the tree, by kind; the actors did the rendering
     roles = r.process_cpu_ms_per_frame
     assert {"driver", "ray::InferenceActor", "ray::CompositorActor"} <= set(roles)
-    assert sum(roles.values()) - roles["monitor"] == pytest.approx(r.tree_cpu_ms_per_frame)
+    assert roles["monitor"] == 0  # the monitor runs in this process, outside the tree
+    assert sum(roles.values()) == pytest.approx(r.tree_cpu_ms_per_frame)
     assert roles["ray::CompositorActor"] > 0 and roles["ray::InferenceActor"] > 0
     for stage in ("inference", "composite", "shard_write", "encode"):
         assert r.stage_cpu_ms_per_frame[stage] > 0
     assert r.peak_pss_mb > 0 and r.peak_rss_mb >= r.peak_pss_mb * 0.5
+    # The reference ran on the same footage, frames and model, also as a whole process.
+    ref = r.reference
+    assert ref["frames"] == r.frames and ref["provider"] == "CPUExecutionProvider"
+    assert r.speedup == pytest.approx(ref["wall_s"] / r.wall_s)
+    assert ref["fps"] == pytest.approx(r.frames / ref["wall_s"])
+    assert sum(ref["phases_s"].values()) == pytest.approx(ref["wall_s"], abs=0.05)
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are removed
 
 
 @pytest.mark.ray
-def test_bench_render_prepares_reduced_precision_before_timing(ray_cluster, tmp_path):
+def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
     config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
     r = bench_render(
         "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, work_root=tmp_path,
-        bare=False,
+        bare=False, avatar="drawn",
     )  # fmt: skip
+    assert r.avatar == "drawn"
     assert r.precision_prepare_s > 0
     # the timed render found the gated INT8 model in the cache instead of quantising again
     assert r.precision["precision"] == "int8" and r.precision["cached"] is True
     assert r.precision["gate"]["passed"] and r.frames_generated == r.frames
-
-
-@pytest.mark.ray
-def test_bench_render_measures_the_reduced_generator_too(ray_cluster, tmp_path):
-    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
-    r = bench_render(
-        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
-        work_root=tmp_path, bare_warmup_s=0.5,
-    )  # fmt: skip
-    assert [b.batch for b in r.bare] == [1, 2] == [b.batch for b in r.bare_reduced]
-    # the ratio's denominator stays FP32 at its own best batch, measured on both sides
-    assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
-    assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == PoolConfig().batch_size
-    assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
+    assert r.reference == {} and r.speedup == 0.0

@@ -137,3 +137,67 @@ def test_bench_render_batch_size_is_checked_before_anything_runs(value, message,
         build_parser().parse_args(["bench", "render", "--batch-size", value])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------ render_argv: a config back to its flags
+
+
+def _round_trip(config):
+    from lipsync_ray.cli import build_parser, config_from_args, render_argv
+
+    argv = ["render", "avatar", "speech.wav", "-o", "out.mp4", *render_argv(config)]
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def _configs():
+    from lipsync_ray.composite import BlendOptions
+    from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
+    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.inference import Provider, SessionOptions
+    from lipsync_ray.precision import Precision
+    from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.vad import SilenceOptions
+
+    yield RenderConfig(model="m.onnx", audio_encoder="e.onnx")
+    yield RenderConfig(
+        model="m.onnx",
+        features="f.npy",
+        address="auto",
+        pool=PoolConfig(
+            inference_actors=3,
+            gpus_per_actor=0.5,
+            cpus_per_inference_actor=1.5,
+            compositors=5,
+            compositor_niceness=7,
+            batch_size=16,
+            chunk_frames=32,
+            max_retries=0,
+            chunk_timeout_s=12.5,
+            placement=Placement.SPLIT,
+        ),
+        session=SessionOptions(
+            providers=(Provider.CUDA, Provider.CPU),
+            gpu_mem_limit_bytes=3 << 30,
+            trt_fp16=True,
+            trt_cache_dir="/tmp/trt",
+            io_binding=False,
+        ),
+        encode=EncodeOptions(crf=28, preset="superfast"),
+        encode_mode=EncodeMode.SINGLE,
+        shard_codec=ShardCodec.JPEG,
+        blend=BlendOptions("hard", 0.2),
+        silence=SilenceOptions(-40.0, 0.6, 2),
+        precision=Precision.INT8,
+        precision_threshold_db=30.0,
+        precision_cache="/tmp/pc",
+        work_dir="/tmp/wd",
+        keep_shards=True,
+        start_frame=9,
+        overwrite=True,
+    )
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_render_argv_rebuilds_the_config(index):
+    config = list(_configs())[index]
+    assert _round_trip(config) == config
