@@ -539,6 +539,22 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_encode(args: argparse.Namespace) -> int:
+    from lipsync_ray.bench import bench_encode
+
+    results = bench_encode(
+        args.presets, crf=args.crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
+    )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
+          f"   ({args.avatar} footage, CRF {args.crf}, 1 thread, 64-frame segments)")  # fmt: skip
+    for r in results:
+        print(f"{r.preset:>10} {r.cpu_ms_per_frame:>13.1f} {r.mbit_per_s:>7.2f} "
+              f"{r.psnr_db:>8.2f} {r.worst_psnr_db:>6.2f}")  # fmt: skip
+    return 0
+
+
 def _print_render_bench(r, first) -> None:
     print(f"== {r.model} model, {r.avatar} avatar, {r.seconds:g} s of audio, {r.frames} frames "
           f"at {r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
@@ -748,6 +764,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", type=Path, help="write the results as JSON")
     b.set_defaults(func=_cmd_bench_render)
+
+    b = bsub.add_parser("encode", help="x264 presets on the benchmark footage: CPU, bit rate, PSNR")
+    b.add_argument(
+        "--presets",
+        type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+        default=["ultrafast", "superfast", "veryfast", "faster"],
+        help="comma-separated x264 presets (default ultrafast,superfast,veryfast,faster)",
+    )
+    b.add_argument("--crf", type=int, default=20, help="x264 CRF (default 20, the render's)")
+    b.add_argument("--seconds", type=float, default=10.0, help="footage length (default 10)")
+    b.add_argument("--size", type=_size, default=(1280, 720), help="frame size WxH")
+    b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
+    b.add_argument("--json", type=Path, help="write the results as JSON")
+    b.set_defaults(func=_cmd_bench_encode)
 
     p = sub.add_parser("demo", help="render a generated avatar and audio end to end (no downloads)")
     p.add_argument(

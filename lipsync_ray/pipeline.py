@@ -349,20 +349,21 @@ class Renderer:
 
     def _render(self, job: Job, t_start: float) -> RunReport:
         config = self.config
-        t0 = time.perf_counter()
+        t0, c_start = time.perf_counter(), time.process_time()
         decoded, samples = self._decode(job)
+        decode_wall, decode_cpu = time.perf_counter() - t0, time.process_time() - c_start
         self.timeline.mark("inputs")
         # The audio encoder runs in a thread while this one starts Ray (when not up yet), the
         # generator's precision and the actors: on a short clip Ray's start-up is most of the
         # wall time, so it should not wait for the features, nor they for it. (Ray is started
         # from the main thread: it installs its SIGTERM handler only there.)
         with ThreadPoolExecutor(1, thread_name_prefix="lipsync-features") as pool:
-            pending = pool.submit(self._features, job, decoded)
+            pending = pool.submit(_timed, self._features, job, decoded)
             try:
                 self._prepare_model(decoded if job.features is not None else None)
                 self._start_pools()  # actors boot while the encoder runs
             finally:
-                feats = pending.result()
+                feats, features_wall, features_cpu = pending.result()
         self.timeline.mark("start")
         del decoded
         weights = None
@@ -375,7 +376,7 @@ class Renderer:
                 int((weights == 0).sum()), len(weights),
             )  # fmt: skip
         del samples
-        features_s = time.perf_counter() - t0
+        features_s = time.perf_counter() - t0  # decoding and features, Ray's start beside them
         frames = len(feats)
         avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
         chunks = plan_chunks(frames, config.pool.chunk_frames)
@@ -443,7 +444,10 @@ class Renderer:
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
         self.timeline.mark("join")
-        timings["features"] = cpu["features"] = features_s
+        # Decoding, the mel spectrogram and the encoder: wall and CPU of the driver meanwhile
+        # (its main thread mostly waits for Ray's processes then; their CPU is not counted).
+        timings["features"] = features_wall + decode_wall
+        cpu["features"] = features_cpu + decode_cpu
         if not config.keep_shards:
             shutil.rmtree(job.work_dir / "shards", ignore_errors=True)
             shutil.rmtree(job.work_dir / "segments", ignore_errors=True)
@@ -486,6 +490,13 @@ class Renderer:
         )
         report.save(job.work_dir / "report.json")
         return report
+
+
+def _timed(fn, *args):
+    """``fn(*args)``, its wall seconds and the process's CPU seconds meanwhile."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    return result, time.perf_counter() - w0, time.process_time() - c0
 
 
 def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[str, float]:

@@ -68,3 +68,16 @@ def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
     assert r.precision["precision"] == "int8" and r.precision["cached"] is True
     assert r.precision["gate"]["passed"] and r.frames_generated == r.frames
     assert r.reference == {} and r.speedup == 0.0
+
+
+def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
+    from lipsync_ray.bench import bench_encode
+
+    results = bench_encode(
+        ("ultrafast", "veryfast"), crf=20, seconds=0.5, size_wh=(320, 180), work_root=tmp_path
+    )
+    assert [r.preset for r in results] == ["ultrafast", "veryfast"]
+    for r in results:
+        assert r.frames == 12 and r.cpu_ms_per_frame > 0 and r.mbit_per_s > 0
+        assert 30 < r.psnr_db < 60 and r.worst_psnr_db <= r.psnr_db
+    assert list(tmp_path.iterdir()) == []
