@@ -22,7 +22,7 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
+from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
 from lipsync_ray.encode import EncodeOptions, encode_segment
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
@@ -250,9 +250,10 @@ class InferenceActor:
             batch = rows[b : b + self.batch_size]
             if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
                 lo, hi = batch[0], batch[-1] + 1
-                out[lo:hi] = prediction_to_uint8(self.session.run(visual[lo:hi], audio[lo:hi]))
+                # Written in place: with graph I/O the session binds ``out`` as the output.
+                self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
             else:
-                out[batch] = prediction_to_uint8(self.session.run(visual[batch], audio[batch]))
+                out[batch] = self.session.predict(visual[batch], audio[batch])
         clock.lap("inference")
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
