@@ -23,7 +23,7 @@ import ray
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
-from lipsync_ray.encode import EncodeOptions, encode_segment
+from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
@@ -274,6 +274,21 @@ def _staged(method):
     return run
 
 
+def see_gpus_for_nvenc(codec: VideoCodec, environ=os.environ) -> bool:
+    """Let an actor that holds no Ray GPU see the node's GPUs, when it encodes with NVENC.
+
+    NVENC is a block of its own on the card: compositors use it without a ``num_gpus`` share.
+    But Ray hides every GPU from an actor with ``num_gpus=0`` by setting
+    ``CUDA_VISIBLE_DEVICES=""`` when the actor starts (the default until Ray made
+    ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO`` off by default; the variable is not touched again
+    after the actor starts), and FFmpeg then finds no CUDA device. Removing the empty value
+    restores what the node's processes see. Returns True when it changed the environment."""
+    if codec is not VideoCodec.H264_NVENC or environ.get("CUDA_VISIBLE_DEVICES") != "":
+        return False
+    del environ["CUDA_VISIBLE_DEVICES"]
+    return True
+
+
 class CompositorActor:
     """Pastes predictions into avatar frames, writes one shard per chunk and encodes the
     chunk's H.264 segment.
@@ -295,6 +310,7 @@ class CompositorActor:
             # waits at the operator's barrier). Backpressure keeps it from falling behind.
             os.nice(niceness)
         retain_freed_memory()
+        see_gpus_for_nvenc(encode.codec)
         threads = max(1, round(cpus))
         cv2.setNumThreads(threads)
         self.avatar = Avatar.open(local_copy(avatar))
