@@ -212,6 +212,8 @@ class InferenceActor:
     ) -> None:
         retain_freed_memory()
         session_options = session_options_here(session_options)
+        # TensorRT's batch profile spans 1..batch_size (a partial batch reuses the engine).
+        session_options = replace(session_options, trt_max_batch=batch_size)
         self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
@@ -224,6 +226,7 @@ class InferenceActor:
             if self.session.providers[0] == Provider.CPU.value
             else session_options.gpu_mem_limit_bytes,
         )
+        self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
         self._visual = np.empty((0, 320, 320, 6), np.uint8)
         self._images = np.empty((0, 320, 320, 3), np.uint8)

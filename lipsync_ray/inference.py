@@ -16,6 +16,7 @@ A session is opened from a model *path* (never at import time), with:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -23,6 +24,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_ray.errors import ModelError
+from lipsync_ray.trt import (
+    TENSORRT_LIBRARIES,
+    default_trt_root,
+    engine_build_lock,
+    file_key,
+    tensorrt_loads,
+    tensorrt_options,
+)
 
 __all__ = [
     "DeviceBuffers",
@@ -80,7 +90,17 @@ class SessionOptions:
     # TensorRT: FP16 kernels and the directory where built engines are cached (building one
     # takes minutes; the cache makes every later start fast).
     trt_fp16: bool = False
+    # Engines and the timing cache go to ``<trt_cache_dir>/<model hash>/`` (None:
+    # ``<model's directory>/.cache/tensorrt``); one actor builds behind a file lock, the others
+    # wait and load what it built.
     trt_cache_dir: str | None = None
+    # The largest batch a session runs (the actor's batch size): TensorRT gets one optimisation
+    # profile with batch 1..trt_max_batch, so a partial last batch or an odd-sized
+    # silence-passthrough batch reuses the engine. 0: TensorRT's implicit profile.
+    trt_max_batch: int = 0
+    # (input name, per-sample dims) of the model being opened, for the profile shapes; filled
+    # in by GeneratorSession (the wrapper's inputs), not a user setting.
+    trt_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
     graph_optimization: bool = True
     # Run the generator through an IO binding: ONNX Runtime writes its output straight into a
     # NumPy array allocated here (copied from the device once, on CUDA/TensorRT) instead of
@@ -283,13 +303,13 @@ def _provider_entries(options: SessionOptions, available: Sequence[str]) -> list
                 cuda["enable_cuda_graph"] = 1
             entries.append((provider.value, cuda))
         elif provider is Provider.TENSORRT:
-            trt: dict[str, object] = {"device_id": options.device_id}
-            if options.trt_fp16:
-                trt["trt_fp16_enable"] = True
-            if options.trt_cache_dir:
-                trt["trt_engine_cache_enable"] = True
-                trt["trt_engine_cache_path"] = options.trt_cache_dir
-            entries.append((provider.value, trt))
+            if not tensorrt_loads():
+                _warn_once(
+                    "TensorRT was requested but its libraries "
+                    f"({', '.join(TENSORRT_LIBRARIES)}) cannot be loaded; skipping it"
+                )
+                continue
+            entries.append((provider.value, tensorrt_options(options)))
         else:
             entries.append(provider.value)
     return entries
@@ -492,19 +512,72 @@ class GeneratorSession:
                 _warn_once(f"uint8 graph I/O is off for {self.path.name}, NumPy converts: {exc}")
         self.graph_io = self._wrapped is not None
         self._plain = None  # (session, io spec, output declared) of the model as given
-        if self._wrapped is None:
-            self._session, self.providers, self.threads = _open(self.path, options, cpus)
-            self._plain = self._plain_spec(self._session)
-            self.fixed_batch, self._out_declared = self._plain[1].fixed_batch, self._plain[2]
-        else:
-            self._session, self.providers, self.threads = _open(self._wrapped.path, options, cpus)
-            self.fixed_batch = self._wrapped.fixed_batch
-            dims = self._session.get_outputs()[0].shape
-            self._out_declared = len(dims) == 4 and list(dims[1:]) == [FRAME_SIZE, FRAME_SIZE, 3]
         self._io_binding = options.io_binding
         self._buffers = None
-        if self.providers and self.providers[0] != Provider.CPU.value and options.device_buffers:
-            self._buffers = DeviceBuffers("cuda", options.device_id, outputs=options.cuda_graph)
+        model = self.path if self._wrapped is None else self._wrapped.path
+        open_options, engine_dir = self._tensorrt_options(options, model)
+        started = time.perf_counter()
+        with engine_build_lock(engine_dir) if engine_dir else contextlib.nullcontext():
+            self._session, self.providers, self.threads = _open(model, open_options, cpus)
+            if self._wrapped is None:
+                self._plain = self._plain_spec(self._session)
+                self.fixed_batch, self._out_declared = self._plain[1].fixed_batch, self._plain[2]
+            else:
+                self.fixed_batch = self._wrapped.fixed_batch
+                dims = self._session.get_outputs()[0].shape
+                self._out_declared = len(dims) == 4 and list(dims[1:]) == [
+                    FRAME_SIZE,
+                    FRAME_SIZE,
+                    3,
+                ]
+            gpu = bool(self.providers) and self.providers[0] != Provider.CPU.value
+            if gpu and options.device_buffers:
+                self._buffers = DeviceBuffers("cuda", options.device_id, outputs=options.cuda_graph)
+            if engine_dir and self.providers[0] == Provider.TENSORRT.value:
+                # The engine is built on the first run: do it now, inside the lock, at the
+                # profile's largest batch, so the actors waiting for the lock load it.
+                self._warm_up(max(1, open_options.trt_max_batch))
+        # Seconds to open the session: a TensorRT engine build (or its cache load) included.
+        self.session_open_s = time.perf_counter() - started
+
+    def _tensorrt_options(
+        self, options: SessionOptions, model: Path
+    ) -> tuple[SessionOptions, Path | None]:
+        """``options`` with the TensorRT engine directory (``<cache>/<model hash>``) and batch
+        profile filled in, and that directory; unchanged and None when TensorRT is not tried."""
+        if Provider.TENSORRT not in options.providers or not tensorrt_loads():
+            return options, None
+        import onnxruntime as ort
+
+        if Provider.TENSORRT.value not in ort.get_available_providers():
+            return options, None
+        if self._wrapped is not None:
+            w = self._wrapped
+            inputs = ((w.visual, (FRAME_SIZE, FRAME_SIZE, 6)), (w.audio, (AUDIO_CHANNELS, 16, 16)))
+            fixed = w.fixed_batch
+        else:
+            io = _generator_io(*_graph_ports(_load_checked(model)[1]), model)
+            inputs = (
+                (io.visual, (6, FRAME_SIZE, FRAME_SIZE)),
+                (io.audio, (AUDIO_CHANNELS, 16, 16)),
+            )
+            fixed = io.fixed_batch
+        root = Path(options.trt_cache_dir) if options.trt_cache_dir else default_trt_root(self.path)
+        engine_dir = root / file_key(model)
+        max_batch = 1 if fixed else options.trt_max_batch
+        opened = replace(
+            options, trt_cache_dir=str(engine_dir), trt_inputs=inputs, trt_max_batch=max_batch
+        )
+        return opened, engine_dir
+
+    def _warm_up(self, batch: int) -> None:
+        visual = np.zeros((batch, FRAME_SIZE, FRAME_SIZE, 6), np.uint8)
+        audio = np.zeros((batch, AUDIO_CHANNELS, 16, 16), np.float32)
+        with contextlib.suppress(ModelError):  # a non-finite warm-up output still built it
+            if self._wrapped is not None:
+                self.predict(visual, audio)
+            else:
+                self.run(visual, audio)
 
     def _plain_spec(self, session):
         io = _generator_io(
