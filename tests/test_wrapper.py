@@ -261,3 +261,37 @@ def test_device_buffers_bind_and_reuse(tmp_path):
             np.testing.assert_array_equal(got, _reference(path, visual, audio))
         # Two inputs (and with ``outputs`` two outputs), made again only for the new batch size.
         assert buffers.allocations == (4 if outputs else 2) + (3 if outputs else 2)
+
+
+@pytest.mark.ray
+def test_actors_render_the_same_frames_with_and_without_graph_io(
+    ray_cluster, small_models, tmp_path
+):
+    """Through the real actors: lossless shards are byte-identical either way."""
+    import pyarrow.parquet as pq
+
+    from lipsync_ray.audio import synth_speech, write_audio
+    from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+    from lipsync_ray.pipeline import render
+    from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.synthetic import make_demo_avatar
+
+    avatar = make_demo_avatar(tmp_path / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)
+    speech = write_audio(tmp_path / "speech.wav", synth_speech(1.0, seed=3))
+    images = []
+    for graph_io in (True, False):
+        config = RenderConfig(
+            model=str(small_models["unet"]),
+            audio_encoder=str(small_models["encoder"]),
+            pool=PoolConfig(chunk_frames=16, gpus_per_actor=0.0),
+            session=replace(CPU, graph_io=graph_io),
+            shard_codec=ShardCodec.RAW,
+            keep_shards=True,
+            encode_mode=EncodeMode.SINGLE,
+        )
+        out = tmp_path / f"graph-io-{graph_io}.mp4"
+        report = render(avatar.info.path, speech, out, config)
+        files = sorted((Path(report.work_dir) / "shards").glob("chunk-*.parquet"))
+        images.append([c for f in files for c in pq.read_table(f).column("image").to_pylist()])
+    assert len(images[0]) == len(images[1]) > 0
+    assert all(a == b for a, b in zip(*images, strict=True))
