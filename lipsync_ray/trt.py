@@ -29,6 +29,7 @@ __all__ = [
     "default_trt_root",
     "engine_build_lock",
     "file_key",
+    "private_temp_dir",
     "tensorrt_loads",
     "tensorrt_options",
 ]
@@ -145,4 +146,23 @@ def default_trt_root(model: Path) -> Path:
     model_dir = model.resolve().parent
     if os.access(model_dir, os.W_OK | os.X_OK):
         return model_dir / ".cache" / "tensorrt"
-    return Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}" / "tensorrt"
+    return private_temp_dir("tensorrt")
+
+
+def private_temp_dir(name: str) -> Path:
+    """``<tmp>/lipsync-ray-<uid>/<name>``, made with mode 0700 and owned by this user.
+
+    The system temp directory is shared: another user could make this path first and plant
+    models or engines in it (a TensorRT plan can load plugins), so it must be ours.
+
+    Raises:
+        ModelError: the directory exists but belongs to someone else or others can write it.
+    """
+    base = Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    info = base.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ModelError(f"{base} must be a private directory of this user (mode 0700)")
+    path = base / name
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import _generator_io, _graph_ports, _load_checked
+from lipsync_ray.trt import private_temp_dir
 
 __all__ = [
     "WRAPPER_VERSION",
@@ -82,7 +83,7 @@ def default_wrapper_dir(model: str | Path) -> Path:
     model_dir = Path(model).resolve().parent
     if os.access(model_dir, os.W_OK | os.X_OK):
         return model_dir / ".cache" / "graph-io"
-    return Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}" / "graph-io"
+    return private_temp_dir("graph-io")
 
 
 def _unique(taken: set[str], base: str) -> str:

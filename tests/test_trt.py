@@ -136,3 +136,23 @@ def test_one_of_n_actors_builds_and_the_others_reuse(tmp_path):
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert sorted(outputs) == ["built", "reused", "reused", "reused"]
+
+
+def test_private_temp_dir_is_ours_or_refused(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from lipsync_ray.trt import default_trt_root, private_temp_dir
+    from lipsync_ray.wrapper import default_wrapper_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / f"lipsync-ray-{os.getuid()}"
+    assert private_temp_dir("x") == base / "x" and (base / "x").is_dir()
+    assert base.stat().st_mode & 0o777 == 0o700
+    # A model directory that cannot be written: the caches fall back to the private directory.
+    monkeypatch.setattr(os, "access", lambda *a: False)
+    assert default_wrapper_dir(tmp_path / "m.onnx") == base / "graph-io"
+    assert default_trt_root(tmp_path / "m.onnx") == base / "tensorrt"
+    base.chmod(0o777)  # others could plant files in it
+    with pytest.raises(ModelError, match="private directory"):
+        private_temp_dir("x")
