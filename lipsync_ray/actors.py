@@ -22,8 +22,8 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame, prediction_to_uint8
-from lipsync_ray.encode import EncodeOptions, encode_segment
+from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
+from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
 from lipsync_ray.report import ActorInfo
@@ -213,6 +213,8 @@ class InferenceActor:
     ) -> None:
         retain_freed_memory()
         session_options = session_options_here(session_options)
+        # TensorRT's batch profile spans 1..batch_size (a partial batch reuses the engine).
+        session_options = replace(session_options, trt_max_batch=batch_size)
         self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
@@ -231,6 +233,7 @@ class InferenceActor:
             if self.session.providers[0] == Provider.CPU.value
             else session_options.gpu_mem_limit_bytes,
         )
+        self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
         self._visual = np.empty((0, 320, 320, 6), np.uint8)
         self._images = np.empty((0, 320, 320, 3), np.uint8)
@@ -257,9 +260,10 @@ class InferenceActor:
             batch = rows[b : b + self.batch_size]
             if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
                 lo, hi = batch[0], batch[-1] + 1
-                out[lo:hi] = prediction_to_uint8(self.session.run(visual[lo:hi], audio[lo:hi]))
+                # Written in place: with graph I/O the session binds ``out`` as the output.
+                self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
             else:
-                out[batch] = prediction_to_uint8(self.session.run(visual[batch], audio[batch]))
+                out[batch] = self.session.predict(visual[batch], audio[batch])
         clock.lap("inference")
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
@@ -271,7 +275,7 @@ def warm_up(session: GeneratorSession, batch_size: int) -> None:
     visual = np.zeros((batch, 320, 320, 6), np.uint8)
     audio = np.zeros((batch, 32, 16, 16), np.float32)
     try:
-        session.run(visual, audio)
+        session.predict(visual, audio)  # the path the chunks take (graph I/O or not)
     except ModelError as exc:
         # A model that fails on real inputs fails on the first chunk too, where the error
         # names the chunk and its frames; here it only means the warm-up did not happen.
@@ -292,6 +296,21 @@ def _staged(method):
         return result
 
     return run
+
+
+def see_gpus_for_nvenc(codec: VideoCodec, environ=os.environ) -> bool:
+    """Let an actor that holds no Ray GPU see the node's GPUs, when it encodes with NVENC.
+
+    NVENC is a block of its own on the card: compositors use it without a ``num_gpus`` share.
+    But Ray hides every GPU from an actor with ``num_gpus=0`` by setting
+    ``CUDA_VISIBLE_DEVICES=""`` when the actor starts (the default until Ray made
+    ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO`` off by default; the variable is not touched again
+    after the actor starts), and FFmpeg then finds no CUDA device. Removing the empty value
+    restores what the node's processes see. Returns True when it changed the environment."""
+    if codec is not VideoCodec.H264_NVENC or environ.get("CUDA_VISIBLE_DEVICES") != "":
+        return False
+    del environ["CUDA_VISIBLE_DEVICES"]
+    return True
 
 
 class CompositorActor:
@@ -315,6 +334,7 @@ class CompositorActor:
             # waits at the operator's barrier). Backpressure keeps it from falling behind.
             os.nice(niceness)
         retain_freed_memory()
+        see_gpus_for_nvenc(encode.codec)
         threads = max(1, round(cpus))
         cv2.setNumThreads(threads)
         self.avatar = Avatar.open(local_copy(avatar))

@@ -131,6 +131,12 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         help="run the generator with plain session.run instead of an IO binding",
     )
     g.add_argument(
+        "--no-graph-io",
+        action="store_true",
+        help="run the generator as given, converting uint8 <-> float in NumPy around each call, "
+        "instead of wrapped for uint8 in and out (same output, more CPU per frame)",
+    )
+    g.add_argument(
         "--precision",
         choices=["fp32", "int8", "fp16", "auto"],
         default="fp32",
@@ -251,6 +257,7 @@ def config_from_args(args: argparse.Namespace):
             trt_fp16=args.fp16,
             trt_cache_dir=args.trt_cache,
             io_binding=not args.no_io_binding,
+            graph_io=not args.no_graph_io,
         ),
         encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
         encode_mode=EncodeMode(args.encode_mode),

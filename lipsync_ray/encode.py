@@ -29,11 +29,18 @@ segments that do not match, a verification mismatch, an FFmpeg error) raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import functools
+import io
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -53,6 +60,7 @@ __all__ = [
     "available_video_codecs",
     "bgr_to_yuv420p",
     "check_size_wh",
+    "check_video_encoder",
     "concat_segments",
     "encode_segment",
     "encode_video",
@@ -66,6 +74,13 @@ AAC_FRAME_SAMPLES = 1024  # samples per AAC frame (AAC-LC)
 KEYINT_S = 10  # seconds between IDR frames inside one encode (x264's default 250 at 25 fps)
 _AUDIO_CHUNK_S = 1  # seconds of input audio pushed through the resampler at a time
 _PTS_TOLERANCE_FRAMES = 0.1  # a packet time must sit this close to a whole frame
+# Concurrent NVENC sessions per machine. GeForce drivers cap them for the whole system, all
+# cards together (2, then 3, 5 from March 2023, 8 from the January 2024 drivers); data-centre
+# and RTX professional cards have no such cap, so 8 is safe everywhere NVENC exists.
+NVENC_SESSIONS_GEFORCE = 8
+NVENC_SLOT_TIMEOUT_S = 600.0  # waiting longer for a free session means something hangs
+# GPUs made without an NVENC engine: compute parts, whose video blocks only decode.
+_NO_NVENC_GPUS = ("A100", "A800", "A30", "H100", "H800", "H200")
 
 # x264 preset names, each with the step of NVENC's ladder p1 (fastest) .. p7 (best) it maps to.
 _NVENC_PRESETS = {
@@ -100,6 +115,9 @@ class EncodeOptions:
     codec: VideoCodec = VideoCodec.LIBX264
     threads: int = 0  # 0 = let the encoder choose; the pipeline passes the CPUs it was given
     audio_bitrate: int = 128_000  # AAC bit rate in bit/s
+    # NVENC: sessions this machine's encoders may hold at once (every process of this user
+    # takes a slot, waiting when all are held); 0: no cap. See NVENC_SESSIONS_GEFORCE.
+    nvenc_sessions: int = NVENC_SESSIONS_GEFORCE
 
     def __post_init__(self) -> None:
         _require(isinstance(self.fps, int) and self.fps > 0, "fps must be an int > 0", self.fps)
@@ -115,6 +133,8 @@ class EncodeOptions:
         )
         ok = isinstance(self.audio_bitrate, int) and self.audio_bitrate > 0
         _require(ok, "audio_bitrate must be > 0", self.audio_bitrate)
+        ok = isinstance(self.nvenc_sessions, int) and self.nvenc_sessions >= 0
+        _require(ok, "nvenc_sessions must be >= 0", self.nvenc_sessions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +171,119 @@ def available_video_codecs() -> list[VideoCodec]:
             continue
         usable.append(codec)
     return usable
+
+
+def check_video_encoder(options: EncodeOptions, size_wh: tuple[int, int] = (256, 256)) -> None:
+    """Open the requested video encoder once and encode one black frame, in memory.
+
+    Run on the driver before any actor starts, so an encoder that cannot work here fails the
+    render at once rather than at the first chunk. ``size_wh`` is the output size (odd sizes
+    are tried at 256x256: they are rejected later, with their own message). libx264 is only
+    looked up: a software encoder that FFmpeg lists always opens.
+
+    Raises:
+        InputError: one line naming the encoder and the likely reason (for NVENC: no NVIDIA
+            GPU or driver, a GPU without an NVENC engine, FFmpeg without NVENC, or no free
+            session).
+    """
+    width, height = size_wh
+    if width % 2 or height % 2 or width < 2 or height < 2:
+        width, height = 256, 256
+    codec = options.codec.value
+    if codec not in av.codecs_available:
+        raise InputError(f"video encoder {codec} cannot be used: this FFmpeg build lacks it")
+    if options.codec is VideoCodec.LIBX264:
+        return  # software: present means usable (a trial would cost ~0.3 s at 720p)
+    try:
+        with (
+            _encoder_session(options),
+            av.open(io.BytesIO(), "w", format="mp4") as container,
+        ):
+            encoder = _VideoEncoder(container, options)
+            encoder.open((width, height))
+            container.mux(encoder.encode(np.zeros((height, width, 3), np.uint8)))
+            container.mux(encoder.flush())
+    except EncodeError as exc:
+        raise InputError(f"video encoder {codec} cannot be used: {exc}") from None
+    except Exception as exc:  # FFmpeg errors come as av.error.* or OSError
+        detail = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+        raise InputError(
+            f"video encoder {codec} cannot be used: {_encoder_failure_reason(options.codec)} "
+            f"(FFmpeg: {detail})"
+        ) from None
+
+
+def _nvidia_gpu_names() -> list[str] | None:
+    """GPU names from ``nvidia-smi``; None when there is no NVIDIA driver to ask."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        result = subprocess.run(
+            [exe, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=15, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def _encoder_failure_reason(codec: VideoCodec, gpu_names=_nvidia_gpu_names) -> str:
+    """The likely reason why ``codec`` would not open, in words."""
+    if codec is not VideoCodec.H264_NVENC:
+        return "the encoder would not open"
+    names = gpu_names()
+    if not names:
+        return "no NVIDIA GPU or driver found (nvidia-smi is missing or lists none)"
+    bare = [n for n in names if any(model in n.upper() for model in _NO_NVENC_GPUS)]
+    if len(bare) == len(names):
+        return (
+            f"{', '.join(sorted(set(bare)))} has no NVENC engine (A100, H100, H200 and other "
+            "compute GPUs cannot encode video); use --video-codec libx264"
+        )
+    return (
+        f"the driver refused a session on {', '.join(names)}: a driver too old for this FFmpeg, "
+        f"or every NVENC session taken (GeForce drivers allow {NVENC_SESSIONS_GEFORCE})"
+    )
+
+
+def _nvenc_slot_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}" / "nvenc-slots"
+
+
+@contextlib.contextmanager
+def _encoder_session(options: EncodeOptions, slot_dir: Path | None = None):
+    """Hold one of ``options.nvenc_sessions`` machine-wide NVENC slots while encoding.
+
+    The slots are ``flock``-ed files: the kernel releases a lock when its holder dies, so a
+    killed compositor never leaks one. Other codecs (and a cap of 0) take no slot.
+    """
+    if options.codec is not VideoCodec.H264_NVENC or options.nvenc_sessions == 0:
+        yield None
+        return
+    root = slot_dir or _nvenc_slot_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    deadline = time.monotonic() + NVENC_SLOT_TIMEOUT_S
+    while True:
+        for slot in range(options.nvenc_sessions):
+            fd = os.open(root / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield slot
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+        if time.monotonic() > deadline:
+            raise EncodeError(
+                f"no free NVENC session in {NVENC_SLOT_TIMEOUT_S:.0f} s "
+                f"({options.nvenc_sessions} allowed at once)"
+            )
+        time.sleep(0.05)
 
 
 def probe(path: str | Path) -> MediaInfo:
@@ -191,7 +324,11 @@ def encode_segment(
     _check_codec_available(options.codec)
     if size_wh is not None:
         check_size_wh(size_wh)
-    with _atomic_output(path) as tmp, av.open(str(tmp), "w", format=fmt) as container:
+    with (
+        _encoder_session(options),
+        _atomic_output(path) as tmp,
+        av.open(str(tmp), "w", format=fmt) as container,
+    ):
         encoder = _VideoEncoder(container, options)
         count = 0
         for count, frame in enumerate(frames, start=1):
@@ -284,7 +421,7 @@ def encode_video(
     _check_codec_available(options.codec)
     _check_expected_frames(expected_frames)
     audio = _check_audio(audio, sample_rate)
-    with _atomic_output(output) as tmp:
+    with _encoder_session(options), _atomic_output(output) as tmp:
         with av.open(str(tmp), "w", format=fmt, options=_mux_options(fmt)) as out:
             encoder = _VideoEncoder(out, options)
             track = None

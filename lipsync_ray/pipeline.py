@@ -44,6 +44,7 @@ from lipsync_ray import audio as audio_mod
 from lipsync_ray.actors import ChunkSpec, JobContext
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.encode import check_video_encoder
 from lipsync_ray.inference import (
     EncoderSession,
     Provider,
@@ -172,6 +173,7 @@ class Renderer:
         if config.audio_encoder:
             check_encoder_model(config.audio_encoder)
         self.avatar, self._avatar_location = open_avatar(resolve(avatar, filesystem))
+        check_video_encoder(config.encode, self.avatar.size_wh)  # NVENC fails here, not in Ray
         self._prepared: PreparedModel | None = None
         self._model_sha = ""
         self._avatar_sha = self._hash_avatar()

@@ -58,7 +58,7 @@ import numpy as np
 
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
-from lipsync_ray.composite import MASK_RECT_XYWH, prediction_to_uint8
+from lipsync_ray.composite import MASK_RECT_XYWH
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import (
     EncoderSession,
@@ -310,9 +310,11 @@ def face_psnr(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 
 def _predict(session: GeneratorSession, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    # uint8 out, exactly as the inference actors make it (through the graph-I/O wrapper when
+    # the session has it), so the gate judges what a render produces.
     b = _GATE_BATCH
-    runs = [session.run(visual[i : i + b], audio[i : i + b]) for i in range(0, len(visual), b)]
-    return np.concatenate([prediction_to_uint8(r) for r in runs])
+    runs = [session.predict(visual[i : i + b], audio[i : i + b]) for i in range(0, len(visual), b)]
+    return np.concatenate(runs)
 
 
 def quality_gate(

@@ -36,6 +36,9 @@ class ActorInfo:
     gpu_ids: tuple[str, ...] = ()  # GPUs Ray assigned to the actor
     threads: int = 1
     gpu_mem_limit_bytes: int | None = None  # CUDA arena limit (None: none, or not on a GPU)
+    # Inference: seconds to open the generator session, before any chunk (a TensorRT engine
+    # build or cache load included), so the build time is never counted as render time.
+    session_open_s: float = 0.0
 
 
 @dataclass(frozen=True)

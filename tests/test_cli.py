@@ -109,6 +109,8 @@ def test_bad_option_value_is_exit_2(tmp_path, capsys):
     [
         ([], {"io_binding": True, "trt_fp16": False, "gpu_mem_limit_bytes": None}),
         (["--no-io-binding"], {"io_binding": False}),
+        ([], {"graph_io": True}),
+        (["--no-graph-io"], {"graph_io": False, "io_binding": True}),
         (
             ["--fp16", "--gpu-mem-limit", "5.5"],
             {"trt_fp16": True, "gpu_mem_limit_bytes": 5905580032},
