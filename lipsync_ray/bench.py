@@ -114,11 +114,17 @@ class ProcessTreeMonitor:
     store), so PSS is read every ``pss_every``-th sample only (every 4 s by default: every 2 s
     the monitor took ~0.65 CPU ms per frame of a 33 FPS render, 1 % of a 2-CPU machine), and
     the sampling thread's own CPU time is reported as "monitor" and left out of :attr:`cpu_s`.
-    The process tree is listed again on those samples only (a worker that starts between them
-    is first seen there).
+    The process tree is listed again every ``list_every``-th sample (default: with PSS; a worker
+    that starts between listings is first seen at the next one).
     """
 
-    def __init__(self, pid: int | None = None, interval_s: float = 0.5, pss_every: int = 8) -> None:
+    def __init__(
+        self,
+        pid: int | None = None,
+        interval_s: float = 0.5,
+        pss_every: int = 8,
+        list_every: int | None = None,
+    ) -> None:
         import psutil
 
         self._psutil = psutil
@@ -130,6 +136,7 @@ class ProcessTreeMonitor:
         self._base: dict[int, float] = {}
         self._role: dict[int, str] = {}
         self.pss_every = pss_every
+        self.list_every = list_every or pss_every
         self._samples = 0
         self._procs: list = []
         self.monitor_cpu_s = 0.0  # the sampling thread's own CPU time
@@ -147,7 +154,8 @@ class ProcessTreeMonitor:
         pss = rss = 0
         full = self._samples % self.pss_every == 0
         self._samples += 1
-        if full or not self._procs:  # listing the tree scans every process on the machine
+        listing = (self._samples - 1) % self.list_every == 0
+        if listing or not self._procs:  # listing the tree scans every process on the machine
             self._procs = self._tree()
         for proc in self._procs:
             try:
@@ -242,7 +250,8 @@ def run_process(argv: Sequence[str], *, log_path: Path, env: dict | None = None)
         started = time.time()
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=err, env=env)
-        with ProcessTreeMonitor(proc.pid) as monitor:
+        # Listed every second: a short render's actors live only a few seconds.
+        with ProcessTreeMonitor(proc.pid, list_every=2) as monitor:
             out, _ = proc.communicate()
             wall = time.perf_counter() - t0
         exited = time.time()
