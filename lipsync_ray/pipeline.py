@@ -526,6 +526,10 @@ def render(
         RenderError, EncodeError, ShardError: the render could not finish; the work directory
             keeps every complete chunk, and re-running the same call resumes.
     """
-    check_job_paths(audio, output, config.overwrite, filesystem=filesystem)
+    # Storage too (probe files, credentials, endpoints): a bad path fails before models load.
+    check_job_paths(
+        audio, output, config.overwrite, filesystem=filesystem, work_dir=config.work_dir,
+        avatar=avatar,
+    )  # fmt: skip
     with Renderer(avatar, config, filesystem=filesystem) as renderer:
         return renderer.render(audio, output)
