@@ -422,6 +422,9 @@ class Renderer:
         t0, c0 = time.perf_counter(), time.process_time()
         if job.remote is not None:
             job.remote.fetch(manifest, segments=segments)
+            timings["download"] = time.perf_counter() - t0
+            cpu["download"] = time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
         media = encode_output(job, config, manifest, frames)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
@@ -474,7 +477,7 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
     out = {}
     for stage in STAGES:
         if stage in timings:
-            frames = total if stage in ("features", "encode_join") else rendered
+            frames = total if stage in ("features", "download", "encode_join") else rendered
             out[stage] = 1000.0 * timings[stage] / max(frames, 1)
     return out
 
