@@ -292,8 +292,14 @@ def _staged(method):
             return method(self, spec, predictions, job)
         scratch = job.store.scratch()
         result = method(self, spec, predictions, replace(job, work_dir=str(scratch)))
+        clock = _StageClock()
         job.store.publish(scratch, result)
-        return result
+        clock.lap("upload")
+        return replace(
+            result,
+            timings_s={**result.timings_s, **clock.wall},
+            cpu_s={**result.cpu_s, **clock.cpu},
+        )
 
     return run
 

@@ -442,6 +442,9 @@ class Renderer:
         t0, c0 = time.perf_counter(), time.process_time()
         if job.remote is not None:
             job.remote.fetch(manifest, segments=segments)
+            timings["download"] = time.perf_counter() - t0
+            cpu["download"] = time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
         media = encode_output(job, config, manifest, frames)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
@@ -506,7 +509,7 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
     out = {}
     for stage in STAGES:
         if stage in timings:
-            frames = total if stage in ("features", "encode_join") else rendered
+            frames = total if stage in ("features", "download", "encode_join") else rendered
             out[stage] = 1000.0 * timings[stage] / max(frames, 1)
     return out
 
@@ -595,6 +598,10 @@ def render(
         RenderError, EncodeError, ShardError: the render could not finish; the work directory
             keeps every complete chunk, and re-running the same call resumes.
     """
-    check_job_paths(audio, output, config.overwrite, filesystem=filesystem)
+    # Storage too (probe files, credentials, endpoints): a bad path fails before models load.
+    check_job_paths(
+        audio, output, config.overwrite, filesystem=filesystem, work_dir=config.work_dir,
+        avatar=avatar,
+    )  # fmt: skip
     with Renderer(avatar, config, filesystem=filesystem) as renderer:
         return renderer.render(audio, output)

@@ -20,6 +20,8 @@ STAGES = (
     "shard_write",  # compositor: encode images + write Parquet
     "shard_read",  # compositor: read a shard back for its segment (segments mode)
     "encode",  # compositor: the chunk's H.264 segment from its shard (segments mode)
+    "upload",  # compositor: the chunk's files up to a work directory off the local disk
+    "download",  # driver: the segments (or shards) down from that work directory for the join
     "encode_join",  # driver: join segments by stream copy (or one encoder) + AAC + mux
 )
 

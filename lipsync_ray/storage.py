@@ -15,6 +15,13 @@ is staged through a node-local cache (:data:`CACHE_ROOT`)::
     work directory            RemoteWorkDir: compositors write shards and segments in node-local
                               scratch and upload them; the driver mirrors the work directory,
                               keeps the manifest in step and fetches the segments for the join
+
+Failures of the store itself (no such bucket, credentials refused, an endpoint that cannot be
+reached or does not answer) become one line that names the URI and the cause
+(:func:`describe_failure`): an :class:`~lipsync_ray.errors.InputError` while the inputs are
+checked (:func:`check_readable`, :func:`check_writable`, before anything starts), a
+:class:`~lipsync_ray.errors.RenderError` once the render runs (the work directory stays
+resumable). ``s3://`` filesystems get explicit timeouts and retries (:data:`S3_MAX_ATTEMPTS`).
 """
 
 from __future__ import annotations
@@ -33,15 +40,22 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from lipsync_ray.errors import InputError
+from lipsync_ray.errors import InputError, LipsyncError, RenderError
 
 __all__ = [
     "CACHE_ROOT",
+    "S3_CONNECT_TIMEOUT_S",
+    "S3_MAX_ATTEMPTS",
+    "S3_REQUEST_TIMEOUT_S",
     "Location",
     "RemoteWorkDir",
     "WorkStore",
+    "check_readable",
+    "check_writable",
+    "describe_failure",
     "local_copy",
     "node_dir",
     "resolve",
@@ -56,6 +70,15 @@ CACHE_ROOT = Path(tempfile.gettempdir()) / "lipsync-ray-storage"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BLOCK = 8 << 20  # copy buffer, bytes
 _MANIFEST_EVERY_S = 5.0  # upload the manifest at most this often while chunks finish
+
+# The S3 client of every s3:// URI (pyarrow's defaults are the AWS SDK's: 3 attempts, 1 s to
+# connect, 3 s without a byte). Retried: throttling, 5xx answers, refused or dropped
+# connections and timeouts, with exponential backoff and jitter: 5 attempts span 5-11 s
+# (measured, a refused connection each time), enough for an endpoint that restarts; an
+# unreachable one fails the checks in as long.
+S3_CONNECT_TIMEOUT_S = 5.0  # TCP connect to the endpoint
+S3_REQUEST_TIMEOUT_S = 30.0  # a request during which no byte moves for this long is abandoned
+S3_MAX_ATTEMPTS = 5  # pyarrow.fs.AwsStandardS3RetryStrategy: tries per request, the first included
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,30 @@ class Location:
         """This path with ``suffix`` appended to its name (``out.mp4`` → ``out.mp4.work``)."""
         return Location(self.filesystem, self.path + suffix, str(self) + suffix)
 
+    def __reduce__(self):
+        # pyarrow pickles an S3FileSystem without its retry strategy: set it again on arrival.
+        return _unpickle_location, (self.filesystem, self.path, self.display)
+
+
+def _unpickle_location(filesystem: pafs.FileSystem, path: str, display: str) -> Location:
+    return Location(_tuned(filesystem), path, display)
+
+
+def _tuned(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """An ``S3FileSystem`` with this module's timeouts and retries (and its region pinned, so
+    it travels with the pickle); any other filesystem as it is. Everything else (endpoint,
+    credentials, scheme) stays as the URI and the environment set it."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    options = dict(fs.__reduce__()[1][0])  # the keyword arguments that rebuild it
+    options.update(
+        region=fs.region,
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        request_timeout=S3_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    )
+    return pafs.S3FileSystem(**options)
+
 
 def resolve(spec: str | Path | Location, filesystem: pafs.FileSystem | None = None) -> Location:
     """Turn a path, a URI or a location into a :class:`Location`.
@@ -134,13 +181,12 @@ def resolve(spec: str | Path | Location, filesystem: pafs.FileSystem | None = No
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except Exception as exc:  # ArrowInvalid (unknown scheme), OSError (no client, no JVM)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(
                 "expected a local path or a URI pyarrow.fs understands (file://, s3://, gs://, "
-                f"hdfs://), could not open it: {first}",
+                f"hdfs://), could not open it: {describe_failure(exc)}",
                 path=text,
             ) from None
-        return Location(fs, path, text)
+        return Location(_tuned(fs), path, text)
     return Location(pafs.LocalFileSystem(), os.path.abspath(text), text)
 
 
@@ -155,19 +201,21 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
     Local locations are used in place (no copy). Others are copied once into
     ``<cache_root>/<key>/<name>``, where the key hashes the filesystem, the path and the size and
     modification time of every file, so a changed source is fetched again; the copy is renamed
-    into place whole, so concurrent actors on one node never see half of it. Names starting with
+    into place whole, so concurrent actors on one node never see half of it, and a lock makes
+    the actors that start together on a node wait for one copy. Names starting with
     ``.`` (caches, temporary files) are not copied.
 
     Raises:
-        InputError: nothing at ``location``.
+        InputError: nothing at ``location``, or the store cannot be read.
     """
     local = location.local_path()
     if local is not None:
         return local
-    info = location.info()
-    if info.type == pafs.FileType.NotFound:
-        raise InputError("not found", path=str(location))
-    files = _listing(location) if info.type == pafs.FileType.Directory else {"": info}
+    with storage_errors(location, InputError, "cannot read it"):
+        info = location.info()
+        if info.type == pafs.FileType.NotFound:
+            raise InputError("not found", path=str(location))
+        files = _listing(location) if info.type == pafs.FileType.Directory else {"": info}
     digest = hashlib.sha256(f"{_identity(location.filesystem)}|{location.path}".encode())
     for rel, f in sorted(files.items()):
         digest.update(f"|{rel}:{f.size}:{f.mtime_ns}".encode())
@@ -177,27 +225,36 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
     if final.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    staged = tmp / target.name
-    try:
-        for rel, f in files.items():
-            _download(location.filesystem, f.path, staged / rel if rel else staged)
-        if info.type == pafs.FileType.Directory:
-            staged.mkdir(exist_ok=True)  # an empty directory stays a directory
+    # One copy per node: the actors of a node start together, and all but the first wait.
+    with _node_lock(root / f".{final.name}.lock"):
+        if final.is_dir():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        staged = tmp / target.name
         try:
-            tmp.rename(final)
-        except OSError:  # another process on this node staged it first
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with storage_errors(location, InputError, "cannot read it"):
+                for rel, f in files.items():
+                    _download(location.filesystem, f.path, staged / rel if rel else staged)
+            if info.type == pafs.FileType.Directory:
+                staged.mkdir(exist_ok=True)  # an empty directory stays a directory
+            try:
+                tmp.rename(final)
+            except OSError:  # staged first by a process the lock did not reach (another host)
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("staged %s into %s", location, target)
     return target
 
 
 def stage_out(local_file: str | Path, location: Location) -> None:
     """Copy ``local_file`` to ``location`` under a temporary name, then move it into place, so
-    the destination never holds a partial file. A no-op when both are the same file."""
+    the destination never holds a partial file. A no-op when both are the same file.
+
+    Raises:
+        RenderError: the store refused or failed the upload (after its retries).
+    """
     local_file = Path(local_file)
     dest = location.local_path()
     if dest is not None and dest.resolve() == local_file.resolve():
@@ -205,16 +262,17 @@ def stage_out(local_file: str | Path, location: Location) -> None:
     fs = location.filesystem
     parent = posixpath.dirname(location.path.rstrip("/"))
     tmp = posixpath.join(parent, f".{location.name}.partial-{uuid.uuid4().hex[:8]}")
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    try:
-        with open(local_file, "rb") as src, fs.open_output_stream(tmp) as out:
-            shutil.copyfileobj(src, out, _BLOCK)
-        fs.move(tmp, location.path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.delete_file(tmp)
-        raise
+    with open(local_file, "rb") as src, storage_errors(location, RenderError, "cannot upload"):
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        try:
+            with fs.open_output_stream(tmp) as out:
+                shutil.copyfileobj(src, out, _BLOCK)
+            fs.move(tmp, location.path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.delete_file(tmp)
+            raise
 
 
 def node_dir(kind: str, location: Location) -> Path:
@@ -231,6 +289,126 @@ def delete(location: Location) -> None:
         location.filesystem.delete_dir(location.path)
     elif info.type == pafs.FileType.File:
         location.filesystem.delete_file(location.path)
+
+
+# ------------------------------------------------------------------------ failures, checks
+
+_AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation: ?(.*)")
+_DENIED = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+           "EXPIRED_TOKEN", "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT"}  # fmt: skip
+
+
+def describe_failure(exc: BaseException, location: Location | None = None) -> str:
+    """The cause of a storage failure in a few words, for a one-line error: "bucket not found",
+    "credentials refused ...", "cannot connect to the endpoint http://...", not the client's
+    whole message (pyarrow's S3 errors carry curl codes and request ids)."""
+    text = " ".join(str(exc).split())
+    aws = _AWS_ERROR.search(text)
+    if aws is None:
+        if isinstance(exc, FileNotFoundError):
+            return "not found"
+        if isinstance(exc, PermissionError):
+            return "permission denied"
+        return text or type(exc).__name__
+    code, operation, detail = aws.groups()
+    detail = re.sub(r"\s*\(Request ID: [^)]*\)", "", detail).strip()
+    endpoint = _endpoint(location)
+    if code == "NETWORK_CONNECTION" and "curlCode: 28" in detail:
+        return (f"the endpoint {endpoint} did not answer within {S3_REQUEST_TIMEOUT_S:g} s "
+                f"({S3_MAX_ATTEMPTS} attempts)")  # fmt: skip
+    if code == "NETWORK_CONNECTION":
+        why = detail.split("Details:")[0].split(",", 1)[-1].strip(" ;") or detail
+        return f"cannot reach the endpoint {endpoint}: {why} ({S3_MAX_ATTEMPTS} attempts)"
+    if code == "NO_SUCH_BUCKET":
+        return "bucket not found"
+    if code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND"):
+        return "not found"
+    if code in _DENIED:
+        return (f"credentials refused or access denied ({code} during {operation}): check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's "
+                "permissions")  # fmt: skip
+    return f"{code} during {operation}: {detail}" if detail else f"{code} during {operation}"
+
+
+def _endpoint(location: Location | None) -> str:
+    fs = None if location is None else location.filesystem
+    if isinstance(fs, pafs.S3FileSystem):
+        options = fs.__reduce__()[1][0]
+        return options.get("endpoint_override") or f"of AWS S3 ({fs.region})"
+    return "of the store"
+
+
+@contextlib.contextmanager
+def storage_errors(location: Location, error: type[LipsyncError], doing: str, hint: str = ""):
+    """Turn a failure of the store under ``location`` into ``error`` (InputError while the
+    inputs are checked, RenderError during the render): ``"<doing>: <cause>[; <hint>] (<uri>)"``.
+    Errors of this package pass through unchanged."""
+    try:
+        yield
+    except LipsyncError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        cause = describe_failure(exc, location) + (f"; {hint}" if hint else "")
+        raise error(f"{doing}: {cause}", path=str(location)) from exc
+
+
+def check_readable(location: Location) -> pafs.FileInfo:
+    """``location``'s file info, fetched from the store (so also a check of the endpoint and
+    the credentials); NotFound is returned, not raised.
+
+    Raises:
+        InputError: the store cannot be asked (one line: the URI and the cause).
+    """
+    with storage_errors(location, InputError, "cannot read it"):
+        return location.info()
+
+
+def check_writable(directory: Location) -> None:
+    """Check that files can be written in ``directory`` (which need not exist yet): a small
+    probe object is written and deleted (object stores have no permission bits to look at, and
+    a missing bucket only shows on the first write). On the local disk, the nearest existing
+    directory must be writable.
+
+    Raises:
+        InputError: the URI, and why nothing can be written there.
+    """
+    local = directory.local_path()
+    if local is not None:
+        existing = next((p for p in (local, *local.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise InputError("cannot write there: permission denied", path=directory)
+        return
+    target = directory
+    if not _object_store(directory.filesystem):
+        # Directories are real here: probe in the nearest one that exists.
+        with storage_errors(directory, InputError, "cannot write there"):
+            while target.path.strip("/") and target.info().type == pafs.FileType.NotFound:
+                target = target.parent()
+    probe = target.join(f".lipsync-ray-probe-{uuid.uuid4().hex[:8]}")
+    with storage_errors(directory, InputError, "cannot write there"):
+        with directory.filesystem.open_output_stream(probe.path) as out:
+            out.write(b"lipsync-ray write check\n")
+        directory.filesystem.delete_file(probe.path)
+
+
+def _object_store(fs: pafs.FileSystem) -> bool:
+    """S3 and GCS have no directories: a prefix appears with its first object."""
+    while isinstance(fs, pafs.SubTreeFileSystem):
+        fs = fs.base_fs
+    return fs.type_name in ("s3", "gcs")
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path):
+    """An exclusive lock between the processes of this node (flock: released if one dies)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------- work directory
@@ -288,16 +466,18 @@ class RemoteWorkDir:
     def pull(self) -> None:
         """Make the mirror a copy of the store (files of equal size are kept, and checked by
         their checksums when the manifest verifies them)."""
-        is_dir = self.location.info().type == pafs.FileType.Directory
-        wanted = _listing(self.location) if is_dir else {}
+        with self._errors("cannot read the work directory"):
+            is_dir = self.location.info().type == pafs.FileType.Directory
+            wanted = _listing(self.location) if is_dir else {}
         self.mirror.mkdir(parents=True, exist_ok=True)
         for path in sorted(p for p in self.mirror.rglob("*") if p.is_file()):
             rel = path.relative_to(self.mirror).as_posix()
             if rel not in wanted or path.stat().st_size != wanted[rel].size:
                 path.unlink()
-        for rel, f in wanted.items():
-            if not (self.mirror / rel).is_file():
-                _download(self.location.filesystem, f.path, self.mirror / rel)
+        with self._errors("cannot read the work directory"):
+            for rel, f in wanted.items():
+                if not (self.mirror / rel).is_file():
+                    _download(self.location.filesystem, f.path, self.mirror / rel)
         manifest = self.mirror / "manifest.json"
         with contextlib.suppress(OSError, ValueError, AttributeError):
             self._remote_fingerprint = json.loads(manifest.read_text()).get("fingerprint")
@@ -309,15 +489,22 @@ class RemoteWorkDir:
         chunk files belong to that render: remove them before any new chunk is uploaded, as
         the local path removes them. Then publish the manifest as it changes."""
         if manifest.fingerprint != self._remote_fingerprint:
-            for sub in ("shards", "segments"):
-                delete(self.location.join(sub))
+            with self._errors("cannot clear the work directory"):
+                for sub in ("shards", "segments"):
+                    delete(self.location.join(sub))
         self._manifest_path = manifest.path
         manifest.on_save = self._manifest_saved
         self.publish_manifest()
 
     def _manifest_saved(self, path: Path) -> None:
         if time.monotonic() - self._uploaded >= _MANIFEST_EVERY_S:
-            self.publish_manifest()
+            try:
+                self.publish_manifest()
+            except RenderError as exc:
+                # Only a resume reads it, and it goes up again with the next chunk and at the
+                # end: a store that is briefly away must not stop the chunks.
+                log.warning("manifest not uploaded yet, will try again: %s", exc)
+                self._uploaded = time.monotonic()
 
     def publish_manifest(self) -> None:
         if self._manifest_path is not None and self._manifest_path.is_file():
@@ -331,7 +518,8 @@ class RemoteWorkDir:
             local = self.mirror / info.file
             if local.is_file() and local.stat().st_size == info.bytes:
                 continue
-            _download(self.location.filesystem, self.location.join(info.file).path, local)
+            with self._errors("cannot download a chunk for the join"):
+                _download(self.location.filesystem, self.location.join(info.file).path, local)
 
     def finish(self, report) -> None:
         """After a successful render (its output already in place): upload the manifest and
@@ -341,9 +529,14 @@ class RemoteWorkDir:
         report.save(self.mirror / "report.json")
         stage_out(self.mirror / "report.json", self.location.join("report.json"))
         if not self.store.keep_shards:
-            for sub in ("shards", "segments"):
-                delete(self.location.join(sub))
+            with self._errors("cannot remove the chunks from the work directory"):
+                for sub in ("shards", "segments"):
+                    delete(self.location.join(sub))
         shutil.rmtree(self.mirror, ignore_errors=True)
+
+    def _errors(self, doing: str):
+        hint = "the finished chunks are kept there: run again to resume"
+        return storage_errors(self.location, RenderError, doing, hint)
 
 
 def relocate(report, output: Location | None, work: Location | None):

@@ -2,7 +2,10 @@
 
 ::
 
-    check_job_paths(audio, output)     cheap checks before models or the avatar are opened
+    check_job_paths(audio, output)     cheap checks before models or the avatar are opened, and
+                                       before Ray starts: inputs exist, the output's directory
+                                       and the work directory take a probe file (storage errors
+                                       are InputErrors that name the URI)
     make_job(config, avatar, ...)      a validated Job: local paths, or node-local stand-ins
     open_avatar(location)              in place when local, else staged into this node's cache
     open_manifest(work_dir, ...)       resume a render of the same inputs, or start afresh
@@ -32,7 +35,15 @@ from lipsync_ray.encode import concat_segments, encode_video, probe, remove_part
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.scheduler import plan_chunks
 from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
-from lipsync_ray.storage import Location, RemoteWorkDir, node_dir, resolve, stage_in
+from lipsync_ray.storage import (
+    Location,
+    RemoteWorkDir,
+    check_readable,
+    check_writable,
+    node_dir,
+    resolve,
+    stage_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +73,32 @@ def check_job_paths(
     overwrite: bool,
     *,
     filesystem=None,
+    work_dir: str | Path | Location | None = None,
+    avatar: str | Path | Location | None = None,
 ) -> tuple[Location, Location]:
-    """Cheap checks of a render's own paths, before models or the avatar are opened.
+    """Cheap checks of a render's own paths, before models or the avatar are opened and before
+    Ray starts: the audio (and ``avatar``, when given) exist, the output does not (unless
+    ``overwrite``), and the output's directory and the work directory (``work_dir``, default
+    ``<output>.work``) can be written (a probe file is written there and removed).
 
-    Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved."""
+    Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved.
+
+    Raises:
+        InputError: one line naming the path and the cause, storage failures included (no
+            such bucket, credentials refused, an endpoint that cannot be reached or times out).
+    """
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
+    work = resolve(work_dir, filesystem) if work_dir else output.sibling(".work")
+    audio_type = check_readable(audio).type
     parent = output.parent()
-    parent_type = parent.info().type
+    parent_type = check_readable(parent).type
     if parent_type != pafs.FileType.Directory and not (
         parent_type == pafs.FileType.NotFound and _object_store(output)
     ):
         raise InputError("the output's directory does not exist", path=parent)
-    output_type = output.info().type
+    output_type = check_readable(output).type
     if output_type == pafs.FileType.Directory:
         raise InputError("the output is a directory", path=output)
     if output_type != pafs.FileType.NotFound and not overwrite:
@@ -83,7 +106,6 @@ def check_job_paths(
     suffix = Path(output.name).suffix
     if suffix.lower() not in (".mp4", ".m4v", ".mov"):
         raise InputError(f"the output must be an .mp4 file, got {suffix!r}", path=output)
-    audio_type = audio.info().type
     if audio_type != pafs.FileType.File:
         what = (
             "is a directory, expected an audio file"
@@ -91,6 +113,14 @@ def check_job_paths(
             else "audio file not found"
         )
         raise InputError(what, path=audio)
+    if avatar is not None:
+        bundle = resolve(avatar, filesystem)
+        if check_readable(bundle).type != pafs.FileType.Directory:
+            raise InputError("avatar bundle directory not found", path=bundle)
+    check_writable(parent)
+    if check_readable(work).type == pafs.FileType.File:
+        raise InputError("the work directory is a file", path=work)
+    check_writable(work)
     return output, audio
 
 
@@ -109,7 +139,11 @@ def make_job(
 
     ``start_frame``, ``work_dir`` and ``features`` override the config's where not None."""
     fs = filesystem
-    output_at, audio_at = check_job_paths(audio, output, config.overwrite, filesystem=fs)
+    if work_dir is None:
+        work_dir = config.work_dir
+    output_at, audio_at = check_job_paths(
+        audio, output, config.overwrite, filesystem=fs, work_dir=work_dir
+    )
     start = config.start_frame if start_frame is None else start_frame
     period = max(1, 2 * avatar.frame_count - 2)
     if not 0 <= start < period:
@@ -118,8 +152,6 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    if work_dir is None:
-        work_dir = config.work_dir
     work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(".work")
     features = features if features is not None else config.features
     if features is None and not config.audio_encoder:
@@ -157,7 +189,7 @@ def open_avatar(location: Location) -> tuple[Avatar, Location | None]:
         return Avatar.open(local), None
     import pyarrow.fs as pafs
 
-    if location.info().type != pafs.FileType.Directory:
+    if check_readable(location).type != pafs.FileType.Directory:
         raise InputError("avatar bundle directory not found", path=location)
     staged = stage_in(location)
     try:
