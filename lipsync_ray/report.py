@@ -35,6 +35,10 @@ class ActorInfo:
     gpu_ids: tuple[str, ...] = ()  # GPUs Ray assigned to the actor
     threads: int = 1
     gpu_mem_limit_bytes: int | None = None  # CUDA arena limit (None: none, or not on a GPU)
+    # Why an inference actor that holds a GPU, or was asked for a GPU provider alone, runs
+    # on the CPU: ONNX Runtime's own reason (the library that failed to load, no device...).
+    # None: no fallback.
+    cpu_fallback: str | None = None
 
 
 @dataclass(frozen=True)

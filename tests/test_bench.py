@@ -5,21 +5,28 @@ from __future__ import annotations
 import pytest
 
 from lipsync_ray.bench import bench_render
-from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.config import CPU_BATCH, PoolConfig, RenderConfig
 from lipsync_ray.precision import Precision
+
+# The fixture's cluster simulates a GPU with no CUDA behind it: these measure the CPU path.
+CPU_POOL = PoolConfig(gpus_per_actor=0.0, compositors=1)
+CPU_CONFIG = RenderConfig(model="-", pool=CPU_POOL)
 
 
 @pytest.mark.ray
 def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_path):
     r = bench_render(
-        "identity", 1.5, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
-        work_root=tmp_path, bare_warmup_s=0.5,
+        "identity", 1.5, config=CPU_CONFIG, size_wh=(320, 180), avatar_seconds=1.0,
+        batches=(1, 2), work_root=tmp_path, bare_warmup_s=0.5,
     )  # fmt: skip
     assert abs(r.frames - 1.5 * 25) <= 2
-    assert [b.batch for b in r.bare] == [1, 2]
+    # the render's own batch is measured bare too, on the render's (CPU) provider
+    assert [b.batch for b in r.bare] == [1, 2, CPU_BATCH]
+    assert {b.provider for b in r.bare} == {"CPUExecutionProvider"}
     best = max(r.bare, key=lambda b: b.fps)
     assert r.bare_batch == best.batch == r.bare_after.batch
-    assert r.render_batch == PoolConfig().batch_size  # the pipeline's default, as users run it
+    assert r.render_batch == CPU_BATCH  # the pipeline's CPU default, as users run it
+    assert "1 inference actor" in r.settings["pool_sizing"]  # sized from the cluster
     assert r.bare_reduced == ()  # FP32: nothing else to measure
     assert r.bare_fps == pytest.approx((best.fps + r.bare_after.fps) / 2) and r.bare_fps > 0
     assert r.e2e_fps == pytest.approx(r.frames / r.wall_s)
@@ -39,7 +46,9 @@ def test_bench_render_measures_bare_and_end_to_end_in_one_run(ray_cluster, tmp_p
 
 @pytest.mark.ray
 def test_bench_render_prepares_reduced_precision_before_timing(ray_cluster, tmp_path):
-    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
+    config = RenderConfig(
+        model="unet.onnx", pool=CPU_POOL, precision=Precision.INT8, precision_threshold_db=20
+    )
     r = bench_render(
         "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, work_root=tmp_path,
         bare=False,
@@ -52,13 +61,15 @@ def test_bench_render_prepares_reduced_precision_before_timing(ray_cluster, tmp_
 
 @pytest.mark.ray
 def test_bench_render_measures_the_reduced_generator_too(ray_cluster, tmp_path):
-    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
+    config = RenderConfig(
+        model="unet.onnx", pool=CPU_POOL, precision=Precision.INT8, precision_threshold_db=20
+    )
     r = bench_render(
         "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
         work_root=tmp_path, bare_warmup_s=0.5,
     )  # fmt: skip
-    assert [b.batch for b in r.bare] == [1, 2] == [b.batch for b in r.bare_reduced]
+    assert [b.batch for b in r.bare] == [1, 2, CPU_BATCH] == [b.batch for b in r.bare_reduced]
     # the ratio's denominator stays FP32 at its own best batch, measured on both sides
     assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
-    assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == PoolConfig().batch_size
+    assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == CPU_BATCH
     assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
