@@ -152,7 +152,7 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="compositing actors (default: the CPUs left after the driver and inference with "
-        "GPUs; max(2, CPUs // 4) without)",
+        "GPUs; max(1, CPUs // 4) without)",
     )
     g.add_argument(
         "--compositor-niceness",

@@ -79,16 +79,16 @@ class PoolConfig:
         With GPUs: ``GPU_ACTORS_PER_GPU`` inference actors per GPU at 1/4 GPU each and batch
         ``GPU_BATCH``; the compositors take the CPUs left after the driver and the inference
         actors' input preparation (16 CPUs, 1 GPU: 16 - 1 - 4 x 0.75 = 12). Without GPUs: one
-        inference actor at batch ``CPU_BATCH`` and ``max(2, CPUs // 4)`` compositors: with one
-        compositor a cheap model leaves a core of a 2-CPU machine idle while it waits for the
-        compositor, and a compositor with nothing to do costs no CPU.
+        inference actor at batch ``CPU_BATCH`` and ``max(1, CPUs // 4)`` compositors. One
+        compositor (9-15 CPU ms per frame) keeps up with CPU inference of the full model on a
+        few cores; on 2 CPUs a second one did not render faster (10-30 s renders of the small
+        and identity models: its process start-up costs more than it adds), while a large
+        CPU-only machine running a cheap model needs several.
 
         The CPUs left after the compositors are split between the inference actors, rounded
         down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
         four actors on two CPUs get 0.25 CPU (one thread) each rather than waiting forever
-        for CPUs that do not exist. Automatic compositors on a CPU-only cluster book at most a
-        quarter of its CPUs in Ray (their processes are not pinned; booking 0.5 CPU each
-        would take the inference actor's second thread on 2 CPUs).
+        for CPUs that do not exist.
         """
         return self._resolve(cluster_cpus, cluster_gpus, cpu_step)[0]
 
@@ -127,9 +127,8 @@ class PoolConfig:
                     f"driver - {GPU_ACTOR_CPUS:g} per inference actor)"
                 )
             else:
-                compositors = max(2, int(cluster_cpus) // 4)
-                per_compositor = min(per_compositor, cluster_cpus / 4 / compositors)
-                why.append(f"{compositors} compositors (CPU: max(2, CPUs // 4))")
+                compositors = max(1, int(cluster_cpus) // 4)
+                why.append(f"{compositors} compositors (CPU: max(1, CPUs // 4))")
         cpus = self.cpus_per_inference_actor
         if cpus is None:
             share = (cluster_cpus - compositors * per_compositor) / max(actors, 1)
