@@ -25,7 +25,15 @@ from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
-from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions, with_gpu_share
+from lipsync_ray.inference import (
+    GPU_PROVIDERS,
+    GeneratorSession,
+    Provider,
+    SessionOptions,
+    gpu_fallback_reason,
+    requires_gpu,
+    with_gpu_share,
+)
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
     ShardCodec,
@@ -200,6 +208,20 @@ def session_options_here(options: SessionOptions) -> SessionOptions:
     return with_gpu_share(options, [str(g) for g in ray.get_gpu_ids()], share)
 
 
+def _cpu_fallback(requested: SessionOptions, here: SessionOptions) -> str | None:
+    """Why this actor's CPU session should have been a GPU one (ONNX Runtime's reason), or
+    None when the CPU is what was asked for: no GPU from Ray and CPU allowed, or CPU only."""
+    wanted = [p for p in requested.providers if p in GPU_PROVIDERS]
+    if not wanted:
+        return None
+    if not ray.get_gpu_ids():
+        if not requires_gpu(requested):
+            return None
+        return "Ray gave this actor no GPU (GPUs per actor is 0, or the cluster has none)"
+    provider = Provider.CUDA if Provider.CUDA in wanted else wanted[0]
+    return gpu_fallback_reason(provider, here).replace("\n", " ")
+
+
 class InferenceActor:
     """Owns one ONNX Runtime generator session; turns chunk specs into predictions."""
 
@@ -212,26 +234,32 @@ class InferenceActor:
         batch_size: int,
     ) -> None:
         retain_freed_memory()
+        requested = session_options
         session_options = session_options_here(session_options)
         # TensorRT's batch profile spans 1..batch_size (a partial batch reuses the engine).
         session_options = replace(session_options, trt_max_batch=batch_size)
         self.avatar = Avatar.open(local_copy(avatar))
         self.session = GeneratorSession(model, session_options, cpus=max(1, round(cpus)))
         self.batch_size = batch_size
-        # The first calls of a fresh session run at about half speed (ONNX Runtime plans its
-        # memory and the process faults its arenas in): pay that here, while the driver
-        # computes the audio features, not in the first chunk.
-        t0 = time.perf_counter()
-        warm_up(self.session, batch_size)
-        log.debug("generator warmed up in %.2f s", time.perf_counter() - t0)
-        self.info = _actor_info(
-            "inference",
-            self.session.providers,
-            self.session.threads,
-            # what bounds the CUDA arena, when the session got a GPU provider at all
-            gpu_mem_limit_bytes=None
-            if self.session.providers[0] == Provider.CPU.value
-            else session_options.gpu_mem_limit_bytes,
+        on_cpu = self.session.providers[0] == Provider.CPU.value
+        fallback = _cpu_fallback(requested, session_options) if on_cpu else None
+        if fallback is None:
+            # The first calls of a fresh session run at about half speed (ONNX Runtime plans
+            # its memory and the process faults its arenas in): pay that here, while the
+            # driver computes the audio features, not in the first chunk. (An actor that fell
+            # back to the CPU is about to be refused: no point.)
+            t0 = time.perf_counter()
+            warm_up(self.session, batch_size)
+            log.debug("generator warmed up in %.2f s", time.perf_counter() - t0)
+        self.info = replace(
+            _actor_info(
+                "inference",
+                self.session.providers,
+                self.session.threads,
+                # what bounds the CUDA arena, when the session got a GPU provider at all
+                gpu_mem_limit_bytes=None if on_cpu else session_options.gpu_mem_limit_bytes,
+            ),
+            cpu_fallback=fallback,
         )
         self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
+from lipsync_ray.errors import InputError
+from lipsync_ray.inference import (
+    GeneratorSession,
+    Provider,
+    SessionOptions,
+    gpu_fallback_reason,
+    requires_gpu,
+)
 
 __all__ = [
     "InferenceBench",
@@ -61,6 +70,8 @@ def bench_inference(
     min_iterations: int = 3,
     options: SessionOptions | None = None,
     warmup_s: float = 0.0,
+    fp16: bool = False,
+    allow_cpu_fallback: bool = False,
 ) -> list[InferenceBench]:
     """Time ``GeneratorSession.run`` (uint8 → float conversion included) per batch size.
 
@@ -68,10 +79,29 @@ def bench_inference(
     ``min_iterations`` are reached. ``threads`` 0 means one per CPU of this machine.
     ``warmup_s`` first runs the first batch size untimed for that long: on virtual machines
     a fresh process's first tens of seconds of inference run measurably slower.
+    ``options`` default to the CPU provider; ``fp16`` measures the model converted to FP16
+    (not gated: a speed figure). With a GPU provider alone (``providers=(CUDA,)``) a session
+    that lands on the CPU raises InputError with ONNX Runtime's reason, unless
+    ``allow_cpu_fallback``.
     """
     cpus = threads or os.cpu_count() or 1
     options = options or SessionOptions(providers=(Provider.CPU,))
-    session = GeneratorSession(model, options, cpus=cpus)
+    with tempfile.TemporaryDirectory(prefix="lipsync-bench-fp16-") as tmp:
+        if fp16:
+            from lipsync_ray.precision import convert_fp16
+
+            model = convert_fp16(model, Path(tmp) / "fp16.onnx")
+        session = GeneratorSession(model, options, cpus=cpus)
+    if (
+        requires_gpu(options)
+        and session.providers[0] == Provider.CPU.value
+        and not allow_cpu_fallback
+    ):
+        provider = Provider.CUDA if Provider.CUDA in options.providers else options.providers[0]
+        raise InputError(
+            f"{provider.value} was requested but the benchmark's session runs on the CPU: "
+            f"{gpu_fallback_reason(provider, options)}"
+        )
     if warmup_s > 0 and batches:
         visual, audio = _inputs(batches[0])
         deadline = time.perf_counter() + warmup_s
@@ -331,6 +361,18 @@ class RenderBench:
 AVATARS = ("photo", "drawn")
 
 
+def _local_gpus() -> int:
+    """GPUs of this machine as an embedded Ray cluster would count them (nvidia-smi)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
 def _resolve_model(model: str, root: Path) -> Path:
     from lipsync_ray.models import Arch, Size, build_model, save_model
 
@@ -421,18 +463,27 @@ def bench_render(
                 samples[start : start + 16_000] = 0.0
         speech = write_audio(root / "speech.wav", samples)
         config = config or RenderConfig(model=str(unet), audio_encoder=str(encoder))
-        render_batch = batch_size or config.pool.batch_size
         config = replace(
             config,
             model=str(unet),
             audio_encoder=str(encoder),
             features=None,
-            pool=replace(config.pool, batch_size=render_batch),
             work_dir=str(root / "work"),
         )
+        if batch_size:
+            config = replace(config, pool=replace(config.pool, batch_size=batch_size))
         cpus = os.cpu_count() or 1
-        pool = config.pool.resolved(float(cpus), 0.0)
+        # Sized as the render's pool will be (an embedded cluster is this machine), and bare
+        # inference on the render's provider and batch, so the ratio means the same on a GPU.
+        pool = config.pool.resolved(float(cpus), float(_local_gpus()))
         threads = max(1, round(pool.cpus_per_inference_actor or 1))
+        bare_options = (
+            config.session
+            if pool.gpus_per_actor
+            else replace(config.session, providers=(Provider.CPU,))
+        )
+        render_batch = pool.batch_size
+        batches = sorted({*batches, render_batch})
         bare_results: tuple[InferenceBench, ...] = ()
         best = None
         # The models and the avatar just written (~0.4 GB for 4 s at 720p) are still dirty in
@@ -441,8 +492,11 @@ def bench_render(
         os.sync()
         if bare:
             bare_results = tuple(
-                bench_inference(unet, batches, threads=threads, warmup_s=bare_warmup_s)
-            )
+                bench_inference(
+                    unet, batches, threads=threads, warmup_s=bare_warmup_s, options=bare_options,
+                    allow_cpu_fallback=config.allow_cpu_fallback,
+                )
+            )  # fmt: skip
             best = max(bare_results, key=lambda r: r.fps)
         precision_prepare_s = 0.0
         bare_reduced: tuple[InferenceBench, ...] = ()
@@ -455,7 +509,7 @@ def bench_render(
                     bench_inference(
                         prepared.path, batches, threads=threads,
                         warmup_s=min(bare_warmup_s, 3.0),
-                        options=prepared.session_options(SessionOptions(providers=(Provider.CPU,))),
+                        options=prepared.session_options(bare_options),
                     )
                 )  # fmt: skip
             os.sync()
@@ -502,8 +556,9 @@ def bench_render(
         after = None
         if best is not None:
             after = bench_inference(
-                unet, [best.batch], threads=threads, warmup_s=min(bare_warmup_s, 3.0)
-            )[0]
+                unet, [best.batch], threads=threads, warmup_s=min(bare_warmup_s, 3.0),
+                options=bare_options, allow_cpu_fallback=True,
+            )[0]  # fmt: skip
         bare_fps = (best.fps + after.fps) / 2 if best and after else 0.0
         e2e = frames / run.wall_s
         return RenderBench(

@@ -49,10 +49,6 @@ def _names(text: str) -> tuple[str, str]:
 
 def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     """The `render` flags; with ``batch`` the audio and output come from a jobs file."""
-    from lipsync_ray.config import EncodeMode
-    from lipsync_ray.encode import VideoCodec
-    from lipsync_ray.shards import ShardCodec
-
     # str, not Path: a URI (s3://bucket/avatar) must keep its "//".
     p.add_argument("avatar", help="avatar bundle directory (from `prepare`), a path or a URI")
     if batch:
@@ -70,102 +66,10 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     p.add_argument(
         "--address", help="Ray address: none starts a local cluster; 'auto' joins `ray start`"
     )
-    g = p.add_argument_group("actors and chunks")
-    g.add_argument(
-        "--batch-size", type=int, default=4, help="frames per generator call (default 4)"
-    )
-    g.add_argument("--inference-actors", type=int, default=1, help="generator actors (default 1)")
-    g.add_argument(
-        "--gpus-per-actor",
-        type=float,
-        default=None,
-        help="GPU fraction per generator actor (default 0.25 with GPUs, else 0)",
-    )
-    g.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        default=None,
-        help="CPUs per generator actor; sizes its threads (default: what is left)",
-    )
-    g.add_argument("--compositors", type=int, default=1, help="compositing actors (default 1)")
-    g.add_argument(
-        "--compositor-niceness",
-        type=int,
-        default=None,
-        help="scheduling niceness of compositors, 0-19: above 0 they use the CPU inference "
-        "leaves idle (default: PoolConfig's)",
-    )
-    g.add_argument(
-        "--chunk-frames", type=int, default=64, help="output frames per chunk/shard (default 64)"
-    )
-    g.add_argument(
-        "--max-retries", type=int, default=3, help="retries per failing chunk (default 3)"
-    )
-    g.add_argument(
-        "--chunk-timeout", type=float, default=900.0, help="seconds before a chunk counts as hung"
-    )
-    g.add_argument(
-        "--placement",
-        choices=["auto", "split"],
-        default="auto",
-        help="auto: Ray decides (one machine); split: compositors on CPU-only nodes",
-    )
-    g = p.add_argument_group("session")
-    g.add_argument(
-        "--providers",
-        default="tensorrt,cuda,cpu",
-        help="ONNX Runtime providers in order of preference (default tensorrt,cuda,cpu)",
-    )
-    g.add_argument(
-        "--gpu-mem-limit",
-        type=float,
-        default=None,
-        help="CUDA arena limit per actor, GiB (default: 85%% of a fractional actor's share of "
-        "the card, from nvidia-smi)",
-    )
-    g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
-    g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
-    g.add_argument(
-        "--no-io-binding",
-        action="store_true",
-        help="run the generator with plain session.run instead of an IO binding",
-    )
-    g.add_argument(
-        "--no-graph-io",
-        action="store_true",
-        help="run the generator as given, converting uint8 <-> float in NumPy around each call, "
-        "instead of wrapped for uint8 in and out (same output, more CPU per frame)",
-    )
-    g.add_argument(
-        "--precision",
-        choices=["fp32", "int8", "fp16", "auto"],
-        default="fp32",
-        help="generator precision; int8/fp16/auto are checked by a quality gate (default fp32)",
-    )
-    g.add_argument(
-        "--precision-threshold",
-        type=float,
-        default=35.0,
-        help="gate: face-region PSNR against FP32 on held-out frames, dB (default 35)",
-    )
-    g.add_argument("--precision-cache", help="where reduced models are cached (default: avatar)")
+    add_pool_args(p)
+    add_session_args(p)
     g = p.add_argument_group("output")
-    g.add_argument(
-        "--shard-codec",
-        choices=[c.value for c in ShardCodec],
-        default="raw",
-        help="frame storage in shards: raw (default, lossless BGR, no CPU cost), png "
-        "(lossless, small, slow) or jpeg (quality 95)",
-    )
-    g.add_argument(
-        "--encode-mode",
-        choices=[m.value for m in EncodeMode],
-        default="segments",
-        help="segments: per-chunk H.264 in parallel, joined by stream copy (default)",
-    )
-    g.add_argument("--video-codec", choices=[c.value for c in VideoCodec], default="libx264")
-    g.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (default 20)")
-    g.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    add_encode_args(g)
     g.add_argument(
         "--work-dir",
         default=None,
@@ -215,15 +119,159 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace):
-    """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
-    from lipsync_ray.composite import BlendOptions
-    from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
-    from lipsync_ray.encode import EncodeOptions, VideoCodec
-    from lipsync_ray.inference import Provider, SessionOptions
-    from lipsync_ray.precision import Precision
+def add_pool_args(p: argparse.ArgumentParser) -> None:
+    """The actor-pool flags of `render`, `render-batch` and both benchmarks. Sizes left out
+    are chosen from the cluster on the driver (``PoolConfig.resolved``)."""
+    g = p.add_argument_group("actors and chunks")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="frames per generator call (default: 16 with GPUs, 4 without)",
+    )
+    g.add_argument(
+        "--inference-actors",
+        type=int,
+        default=None,
+        help="generator actors (default: 4 per GPU at 0.25 each, 1 without GPUs)",
+    )
+    g.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPU fraction per generator actor (default 0.25 with GPUs, else 0)",
+    )
+    g.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs per generator actor; sizes its threads (default: what is left)",
+    )
+    g.add_argument(
+        "--compositors",
+        type=int,
+        default=None,
+        help="compositing actors (default: the CPUs left after the driver and inference with "
+        "GPUs; max(1, CPUs // 4) without)",
+    )
+    g.add_argument(
+        "--compositor-niceness",
+        type=int,
+        default=None,
+        help="scheduling niceness of compositors, 0-19: above 0 they use the CPU inference "
+        "leaves idle (default: PoolConfig's)",
+    )
+    g.add_argument(
+        "--chunk-frames", type=int, default=64, help="output frames per chunk/shard (default 64)"
+    )
+    g.add_argument(
+        "--max-retries", type=int, default=3, help="retries per failing chunk (default 3)"
+    )
+    g.add_argument(
+        "--chunk-timeout", type=float, default=900.0, help="seconds before a chunk counts as hung"
+    )
+    g.add_argument(
+        "--placement",
+        choices=["auto", "split"],
+        default="auto",
+        help="auto: Ray decides (one machine); split: compositors on CPU-only nodes",
+    )
+
+
+def add_session_args(p: argparse.ArgumentParser) -> None:
+    """The ONNX Runtime session flags of `render`, `render-batch` and both benchmarks."""
+    g = p.add_argument_group("session")
+    g.add_argument(
+        "--providers",
+        default="tensorrt,cuda,cpu",
+        help="ONNX Runtime providers in order of preference (default tensorrt,cuda,cpu)",
+    )
+    g.add_argument(
+        "--gpu-mem-limit",
+        type=float,
+        default=None,
+        help="CUDA arena limit per actor, GiB (default: 85%% of a fractional actor's share of "
+        "the card, from nvidia-smi)",
+    )
+    g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
+    g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    g.add_argument(
+        "--no-io-binding",
+        action="store_true",
+        help="run the generator with plain session.run instead of an IO binding",
+    )
+    g.add_argument(
+        "--no-graph-io",
+        action="store_true",
+        help="run the generator as given, converting uint8 <-> float in NumPy around each call, "
+        "instead of wrapped for uint8 in and out (same output, more CPU per frame)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16", "auto"],
+        default="fp32",
+        help="generator precision; int8/fp16/auto are checked by a quality gate (default fp32)",
+    )
+    g.add_argument(
+        "--precision-threshold",
+        type=float,
+        default=35.0,
+        help="gate: face-region PSNR against FP32 on held-out frames, dB (default 35)",
+    )
+    g.add_argument("--precision-cache", help="where reduced models are cached (default: avatar)")
+    g.add_argument(
+        "--allow-cpu-fallback",
+        action="store_true",
+        help="render on the CPU when a GPU was asked for (--providers cuda, or the actor "
+        "holds a GPU) but its session cannot use it (default: stop with ONNX Runtime's reason)",
+    )
+
+
+def add_encode_args(g) -> None:
+    """The shard and H.264 flags of `render`, `render-batch` and `bench render`."""
+    from lipsync_ray.config import EncodeMode
+    from lipsync_ray.encode import VideoCodec
     from lipsync_ray.shards import ShardCodec
-    from lipsync_ray.vad import SilenceOptions
+
+    g.add_argument(
+        "--shard-codec",
+        choices=[c.value for c in ShardCodec],
+        default="raw",
+        help="frame storage in shards: raw (default, lossless BGR, no CPU cost), png "
+        "(lossless, small, slow) or jpeg (quality 95)",
+    )
+    g.add_argument(
+        "--encode-mode",
+        choices=[m.value for m in EncodeMode],
+        default="segments",
+        help="segments: per-chunk H.264 in parallel, joined by stream copy (default)",
+    )
+    g.add_argument("--video-codec", choices=[c.value for c in VideoCodec], default="libx264")
+    g.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (default 20)")
+    g.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+
+
+def pool_from_args(args: argparse.Namespace):
+    """The PoolConfig of the flags :func:`add_pool_args` adds (None: sized from the cluster)."""
+    from lipsync_ray.config import Placement, PoolConfig
+
+    return PoolConfig(
+        inference_actors=args.inference_actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_inference_actor=args.cpus_per_actor,
+        compositors=args.compositors,
+        **_niceness(args),
+        batch_size=args.batch_size,
+        chunk_frames=args.chunk_frames,
+        max_retries=args.max_retries,
+        chunk_timeout_s=args.chunk_timeout,
+        placement=Placement(args.placement),
+    )
+
+
+def session_from_args(args: argparse.Namespace):
+    """The SessionOptions of the flags :func:`add_session_args` adds."""
+    from lipsync_ray.inference import Provider, SessionOptions
 
     names = {"tensorrt": Provider.TENSORRT, "cuda": Provider.CUDA, "cpu": Provider.CPU}
     try:
@@ -232,33 +280,35 @@ def config_from_args(args: argparse.Namespace):
         raise InputError(
             f"unknown provider {exc.args[0]!r}, expected tensorrt, cuda or cpu"
         ) from None
+    if not providers:
+        raise InputError(f"expected providers such as cuda,cpu, got {args.providers!r}")
+    return SessionOptions(
+        providers=providers,
+        gpu_mem_limit_bytes=None if args.gpu_mem_limit is None else int(args.gpu_mem_limit * 2**30),
+        trt_fp16=args.fp16,
+        trt_cache_dir=args.trt_cache,
+        io_binding=not args.no_io_binding,
+        graph_io=not args.no_graph_io,
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
+    from lipsync_ray.composite import BlendOptions
+    from lipsync_ray.config import EncodeMode, RenderConfig
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
+    from lipsync_ray.precision import Precision
+    from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.vad import SilenceOptions
+
     return RenderConfig(
         model=args.model,
         audio_encoder=args.audio_encoder,
         features=args.features,
         address=args.address,
-        pool=PoolConfig(
-            inference_actors=args.inference_actors,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_inference_actor=args.cpus_per_actor,
-            compositors=args.compositors,
-            **_niceness(args),
-            batch_size=args.batch_size,
-            chunk_frames=args.chunk_frames,
-            max_retries=args.max_retries,
-            chunk_timeout_s=args.chunk_timeout,
-            placement=Placement(args.placement),
-        ),
-        session=SessionOptions(
-            providers=providers,
-            gpu_mem_limit_bytes=None
-            if args.gpu_mem_limit is None
-            else int(args.gpu_mem_limit * 2**30),
-            trt_fp16=args.fp16,
-            trt_cache_dir=args.trt_cache,
-            io_binding=not args.no_io_binding,
-            graph_io=not args.no_graph_io,
-        ),
+        pool=pool_from_args(args),
+        session=session_from_args(args),
+        allow_cpu_fallback=args.allow_cpu_fallback,
         encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
         encode_mode=EncodeMode(args.encode_mode),
         shard_codec=ShardCodec(args.shard_codec),
@@ -292,10 +342,7 @@ def render_argv(config) -> list[str]:
     if config.address:
         argv += ["--address", config.address]
     argv += [
-        "--inference-actors", str(pool.inference_actors),
-        "--compositors", str(pool.compositors),
         "--compositor-niceness", str(pool.compositor_niceness),
-        "--batch-size", str(pool.batch_size),
         "--chunk-frames", str(pool.chunk_frames),
         "--max-retries", str(pool.max_retries),
         "--chunk-timeout", repr(pool.chunk_timeout_s),
@@ -312,7 +359,10 @@ def render_argv(config) -> list[str]:
         "--blend", config.blend.mode.value,
         "--feather", repr(config.blend.feather),
     ]  # fmt: skip
-    optional = [
+    optional = [  # None: sized from the cluster, or the library's default
+        ("--inference-actors", pool.inference_actors),
+        ("--compositors", pool.compositors),
+        ("--batch-size", pool.batch_size),
         ("--gpus-per-actor", pool.gpus_per_actor),
         ("--cpus-per-actor", pool.cpus_per_inference_actor),
         ("--gpu-mem-limit", None if session.gpu_mem_limit_bytes is None
@@ -327,6 +377,8 @@ def render_argv(config) -> list[str]:
     switches = [
         ("--fp16", session.trt_fp16),
         ("--no-io-binding", not session.io_binding),
+        ("--no-graph-io", not session.graph_io),
+        ("--allow-cpu-fallback", config.allow_cpu_fallback),
         ("--keep-shards", config.keep_shards),
         ("--overwrite", config.overwrite),
     ]
@@ -473,10 +525,27 @@ def _cmd_models_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
     from lipsync_ray.bench import bench_inference
+    from lipsync_ray.pipeline import check_gpu_request
+    from lipsync_ray.precision import Precision
 
+    precision = Precision.parse(args.precision)
+    if precision not in (Precision.FP32, Precision.FP16):
+        raise InputError(
+            f"bench inference runs fp32 or fp16 (converted, not gated), got {precision.value}: "
+            "INT8 calibrates on an avatar, use `bench render --precision int8`"
+        )
+    session = session_from_args(args)
+    from lipsync_ray.config import RenderConfig
+
+    check_gpu_request(
+        RenderConfig(model=str(args.model), session=session,
+                     allow_cpu_fallback=args.allow_cpu_fallback)
+    )  # fmt: skip
     results = bench_inference(
-        args.model, args.batch, threads=args.threads, min_seconds=args.seconds
-    )
+        args.model, args.batch, threads=args.threads, min_seconds=args.seconds,
+        options=session, fp16=precision is Precision.FP16,
+        allow_cpu_fallback=args.allow_cpu_fallback,
+    )  # fmt: skip
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
         return 0
@@ -502,28 +571,33 @@ def _size(text: str) -> tuple[int, int]:
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
     from lipsync_ray.bench import bench_render
-    from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
-    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.config import EncodeMode, RenderConfig
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.precision import Precision
     from lipsync_ray.shards import ShardCodec
     from lipsync_ray.vad import SilenceOptions
 
+    # The render's own pool and session flags: the pool is sized from the cluster, as a
+    # flag-less `render` would be, and bare inference runs on the render's provider.
     config = RenderConfig(
         model="-",
         audio_encoder="-",
-        pool=PoolConfig(
-            inference_actors=args.inference_actors,
-            compositors=args.compositors,
-            **_niceness(args),
-            chunk_frames=args.chunk_frames,
-            gpus_per_actor=0.0,
-        ),
-        encode=EncodeOptions(crf=args.crf, preset=args.preset),
+        address=args.address,
+        pool=pool_from_args(args),
+        session=session_from_args(args),
+        allow_cpu_fallback=args.allow_cpu_fallback,
+        encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
         encode_mode=EncodeMode(args.encode_mode),
         shard_codec=ShardCodec(args.shard_codec),
         precision=Precision.parse(args.precision),
+        precision_threshold_db=args.precision_threshold,
+        precision_cache=args.precision_cache,
         silence=SilenceOptions() if args.silence_passthrough else None,
     )
+    if not args.address:  # an embedded cluster: this machine runs the actors
+        from lipsync_ray.pipeline import check_gpu_request
+
+        check_gpu_request(config)
     runs, batch = [], args.batch_size
     for i, seconds in enumerate(args.seconds):
         result = bench_render(
@@ -711,7 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     b = bsub.add_parser("inference", help="bare ONNX Runtime generator FPS per batch size")
     b.add_argument("--model", type=Path, required=True)
-    b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="e.g. 1,4,8")
+    b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="e.g. 1,4,8,16,32")
+    add_session_args(b)  # the same provider, FP16, TensorRT and precision flags as `render`
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all CPUs)")
     b.add_argument(
         "--seconds", type=float, default=3.0, help="minimum timed seconds per batch size"
@@ -737,25 +812,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--avatar-seconds", type=float, default=4.0)
     b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
     b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
-    b.add_argument(
-        "--batch-size", type=_positive_int, default=None,
-        help="frames per generator call in the render (default: the pipeline's, 4)",
-    )  # fmt: skip
     b.add_argument("--no-bare", action="store_true", help="skip bare inference")
-    b.add_argument("--inference-actors", type=int, default=1)
-    b.add_argument("--compositors", type=int, default=1)
-    b.add_argument("--compositor-niceness", type=int, default=None)
-    b.add_argument("--chunk-frames", type=int, default=64)
-    b.add_argument("--shard-codec", choices=["jpeg", "png", "raw"], default="raw")
-    b.add_argument("--encode-mode", choices=["segments", "single"], default="segments")
-    b.add_argument("--preset", default="veryfast")
-    b.add_argument("--crf", type=int, default=20)
     b.add_argument(
-        "--precision",
-        choices=["fp32", "int8", "fp16", "auto"],
-        default="fp32",
-        help="generator precision (the bare figure stays FP32)",
+        "--address", help="Ray address: none starts a local cluster; 'auto' joins `ray start`"
     )
+    # The render's flags, defined once (the bare figure stays FP32, on the render's provider
+    # and batch).
+    add_pool_args(b)
+    add_session_args(b)
+    add_encode_args(b.add_argument_group("output"))
     b.add_argument("--silence-passthrough", action="store_true")
     b.add_argument(
         "--pause-every",

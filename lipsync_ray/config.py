@@ -40,22 +40,24 @@ class EncodeMode(enum.Enum):
 class PoolConfig:
     """Actor pools and chunking."""
 
-    # Generator actors, each with its own ONNX Runtime session.
-    inference_actors: int = 1
+    # Generator actors, each with its own ONNX Runtime session. None: sized from the cluster
+    # (see ``resolved``): 4 per GPU, or 1 without GPUs.
+    inference_actors: int | None = None
     # GPU fraction per inference actor (0.25: four actors share one GPU). None: 0.25 when the
     # cluster has GPUs, else 0 (CPU provider).
     gpus_per_actor: float | None = None
     # CPUs per inference actor; sizes its ONNX Runtime and OpenCV threads. None: what is left
     # of the cluster's CPUs after the compositors, split between the inference actors.
     cpus_per_inference_actor: float | None = None
-    # Compositing actors and their CPUs (each runs single-threaded OpenCV).
-    compositors: int = 1
+    # Compositing actors and their CPUs (each runs single-threaded OpenCV). None: sized from
+    # the cluster's CPUs (see ``resolved``).
+    compositors: int | None = None
     cpus_per_compositor: float = 0.5
     # Scheduling niceness of compositor processes (0-19; 0: as the inference actors). Above 0
     # compositing runs in the gaps inference leaves on shared CPUs.
     compositor_niceness: int = 0
-    # Frames per generator call.
-    batch_size: int = 4
+    # Frames per generator call. None: 16 on GPUs, 4 on the CPU (see ``resolved``).
+    batch_size: int | None = None
     # Output frames per chunk (= per shard).
     chunk_frames: int = 64
     # Chunks submitted but not yet written; bounds memory. 0: 2 per inference actor + 1.
@@ -67,28 +69,92 @@ class PoolConfig:
     placement: Placement = Placement.AUTO
 
     def in_flight(self) -> int:
-        return self.max_chunks_in_flight or 2 * self.inference_actors + 1
+        return self.max_chunks_in_flight or 2 * (self.inference_actors or 1) + 1
 
     def resolved(
         self, cluster_cpus: float, cluster_gpus: float, *, cpu_step: float = 0.25
     ) -> PoolConfig:
-        """Fill the automatic fields from the cluster's resources.
+        """Fill the automatic fields (None) from the cluster's resources; explicit values win.
+
+        With GPUs: ``GPU_ACTORS_PER_GPU`` inference actors per GPU at 1/4 GPU each and batch
+        ``GPU_BATCH``; the compositors take the CPUs left after the driver and the inference
+        actors' input preparation (16 CPUs, 1 GPU: 16 - 1 - 4 x 0.75 = 12). Without GPUs: one
+        inference actor at batch ``CPU_BATCH`` and ``max(1, CPUs // 4)`` compositors. One
+        compositor (9-15 CPU ms per frame) keeps up with CPU inference of the full model on a
+        few cores; on 2 CPUs a second one did not render faster (10-30 s renders of the small
+        and identity models: its process start-up costs more than it adds), while a large
+        CPU-only machine running a cheap model needs several.
 
         The CPUs left after the compositors are split between the inference actors, rounded
         down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
         four actors on two CPUs get 0.25 CPU (one thread) each rather than waiting forever
         for CPUs that do not exist.
         """
+        return self._resolve(cluster_cpus, cluster_gpus, cpu_step)[0]
+
+    def explain(self, cluster_cpus: float, cluster_gpus: float) -> str:
+        """One line: how ``resolved`` sized the automatic fields for this cluster (the run
+        report keeps it next to the resolved pool)."""
+        return self._resolve(cluster_cpus, cluster_gpus, 0.25)[1]
+
+    def _resolve(
+        self, cluster_cpus: float, cluster_gpus: float, cpu_step: float
+    ) -> tuple[PoolConfig, str]:
         gpus = self.gpus_per_actor
         if gpus is None:
-            gpus = 0.25 if cluster_gpus > 0 else 0.0
+            gpus = GPU_SHARE if cluster_gpus > 0 else 0.0
+        on_gpu = gpus > 0 and cluster_gpus > 0
+        why = [f"cluster {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs"]
+        actors = self.inference_actors
+        if actors is None:
+            if on_gpu:
+                actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
+                why.append(f"{actors} inference actors ({gpus:g} GPU each: all the GPUs)")
+            else:
+                actors = 1
+                why.append("1 inference actor (CPU: one session uses every thread it gets)")
+        batch = self.batch_size
+        if batch is None:
+            batch = GPU_BATCH if on_gpu else CPU_BATCH
+            why.append(f"batch {batch} ({'GPU' if on_gpu else 'CPU'} default)")
+        compositors, per_compositor = self.compositors, self.cpus_per_compositor
+        if compositors is None:
+            if on_gpu:
+                left = cluster_cpus - DRIVER_CPUS - actors * GPU_ACTOR_CPUS
+                compositors = max(1, math.floor(left + 1e-9))
+                why.append(
+                    f"{compositors} compositors ({cluster_cpus:g} CPUs - {DRIVER_CPUS:g} for the "
+                    f"driver - {GPU_ACTOR_CPUS:g} per inference actor)"
+                )
+            else:
+                compositors = max(1, int(cluster_cpus) // 4)
+                why.append(f"{compositors} compositors (CPU: max(1, CPUs // 4))")
         cpus = self.cpus_per_inference_actor
         if cpus is None:
-            share = (cluster_cpus - self.compositors * self.cpus_per_compositor) / max(
-                self.inference_actors, 1
-            )
+            share = (cluster_cpus - compositors * per_compositor) / max(actors, 1)
             cpus = round(max(cpu_step, math.floor(share / cpu_step + 1e-9) * cpu_step), 4)
-        return replace(self, gpus_per_actor=gpus, cpus_per_inference_actor=cpus)
+        pool = replace(
+            self,
+            gpus_per_actor=gpus,
+            inference_actors=actors,
+            compositors=compositors,
+            cpus_per_compositor=per_compositor,
+            batch_size=batch,
+            cpus_per_inference_actor=cpus,
+        )
+        return pool, "; ".join(why) if len(why) > 1 else f"{why[0]}: all values given"
+
+
+# Automatic pool sizes (PoolConfig.resolved), chosen by construction (not measured on a GPU):
+# four sessions per GPU overlap their host-side work (uint8 -> float conversion, copies,
+# Python) with each other's kernels, and batch 16 gives a GPU enough work per call to amortise
+# the launch and copy overheads of a 320x320 UNet; on the CPU a bigger batch only adds cache
+# pressure (batch 8 rendered slower than batch 4 on 2 CPUs, see lipsync_ray.bench).
+GPU_SHARE = 0.25
+GPU_BATCH = 16
+CPU_BATCH = 4
+DRIVER_CPUS = 1.0  # the driver: scheduling, audio features, the final join
+GPU_ACTOR_CPUS = 0.75  # an inference actor on a GPU: input conversion and device copies
 
 
 @dataclass(frozen=True)
@@ -104,6 +170,10 @@ class RenderConfig:
     address: str | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     session: SessionOptions = field(default_factory=SessionOptions)
+    # Render on the CPU when an inference actor that holds a GPU, or was asked for a GPU
+    # provider alone (``--providers cuda``), gets a CPU session. False: the render stops
+    # with an InputError naming ONNX Runtime's reason before any chunk.
+    allow_cpu_fallback: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     encode_mode: EncodeMode = EncodeMode.SEGMENTS
     shard_codec: ShardCodec = ShardCodec.RAW
@@ -156,8 +226,14 @@ def validate(config: RenderConfig) -> None:
             "give an audio encoder model (--audio-encoder) or precomputed features "
             "(--features), not both",
         ),
-        (pool.inference_actors >= 1, f"inference actors must be >= 1, got {pool.inference_actors}"),
-        (pool.compositors >= 1, f"compositors must be >= 1, got {pool.compositors}"),
+        (
+            pool.inference_actors is None or pool.inference_actors >= 1,
+            f"inference actors must be >= 1, got {pool.inference_actors}",
+        ),
+        (
+            pool.compositors is None or pool.compositors >= 1,
+            f"compositors must be >= 1, got {pool.compositors}",
+        ),
         (
             pool.gpus_per_actor is None
             or 0 <= pool.gpus_per_actor <= 1
@@ -173,7 +249,10 @@ def validate(config: RenderConfig) -> None:
             pool.cpus_per_compositor > 0,
             f"CPUs per compositor must be > 0, got {pool.cpus_per_compositor}",
         ),
-        (1 <= pool.batch_size <= 256, f"batch size must be in [1, 256], got {pool.batch_size}"),
+        (
+            pool.batch_size is None or 1 <= pool.batch_size <= 256,
+            f"batch size must be in [1, 256], got {pool.batch_size}",
+        ),
         (
             isinstance(pool.compositor_niceness, int) and 0 <= pool.compositor_niceness <= 19,
             f"compositor niceness must be in [0, 19], got {pool.compositor_niceness}",

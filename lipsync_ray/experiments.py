@@ -132,7 +132,16 @@ def fit_pool(pool: PoolConfig, cluster_cpus: float, cluster_gpus: float) -> tupl
         ``(pool, reason)`` when the point cannot run on this cluster.
     """
     gpus = 0.0 if pool.gpus_per_actor is None else pool.gpus_per_actor
-    pool = replace(pool, gpus_per_actor=gpus)
+    # Pool sizes left automatic are the ones a render on this cluster would get.
+    sizes = replace(pool, gpus_per_actor=gpus).resolved(cluster_cpus, cluster_gpus)
+    pool = replace(
+        pool,
+        gpus_per_actor=gpus,
+        inference_actors=sizes.inference_actors,
+        compositors=sizes.compositors,
+        cpus_per_compositor=sizes.cpus_per_compositor,
+        batch_size=sizes.batch_size,
+    )
     if gpus > 0 and cluster_gpus <= 0:
         return pool, "GPU fraction > 0 but the cluster has no GPU"
     if gpus * pool.inference_actors > cluster_gpus + 1e-9:

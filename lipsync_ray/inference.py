@@ -315,10 +315,206 @@ def _provider_entries(options: SessionOptions, available: Sequence[str]) -> list
     return entries
 
 
+GPU_PROVIDERS = (Provider.TENSORRT, Provider.CUDA)
+_PROVIDER_LIBRARIES = {
+    Provider.CUDA: "libonnxruntime_providers_cuda.so",
+    Provider.TENSORRT: "libonnxruntime_providers_tensorrt.so",
+}
+_preload_lock = threading.Lock()
+_preloaded: list[str] = []  # what preload_dlls printed, once it ran in this process
+
+
+def requires_gpu(options: SessionOptions) -> bool:
+    """True when the providers name a GPU provider and not the CPU (``--providers cuda``):
+    the caller asked for a GPU, and a CPU session is a failure, not a fallback."""
+    return Provider.CPU not in options.providers and any(
+        p in GPU_PROVIDERS for p in options.providers
+    )
+
+
+def preload_gpu_libraries() -> str:
+    """Load the CUDA and cuDNN libraries that pip installed (``lipsync-ray[cuda]``: the
+    ``nvidia-*`` wheels) into this process, once, before its first CUDA or TensorRT session.
+
+    ONNX Runtime's provider libraries have no RUNPATH pointing into those wheels, so without
+    this the dynamic loader finds no ``libcudart``/``libcublasLt`` and the session silently
+    lands on the CPU. ``onnxruntime.preload_dlls`` (ONNX Runtime >= 1.21) does the loading;
+    older builds rely on the system's libraries. Returns what it printed (the libraries it
+    could not load), which is logged at debug level: the fallback check reports the reason.
+    """
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    with _preload_lock:
+        if _preloaded:
+            return _preloaded[0]
+        text = ""
+        if hasattr(ort, "preload_dlls"):
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    ort.preload_dlls()
+            except Exception as exc:  # a bad directory or platform: the session decides
+                out.write(f"preload_dlls failed: {exc}")
+            text = out.getvalue().strip()
+        if text:
+            log.debug("onnxruntime.preload_dlls: %s", text.replace("\n", "; "))
+        _preloaded.append(text)
+        return text
+
+
+def provider_library_error(provider: Provider) -> str | None:
+    """Why this process cannot load ``provider``'s ONNX Runtime library, or None.
+
+    Cheap and side-effect free on the device (no CUDA context is created): the driver can ask
+    before any actor starts. Missing from this build, or a library its provider library needs
+    that the dynamic loader cannot find (``libcublasLt.so.13: cannot open shared object
+    file``), which is the usual reason a CUDA session lands on the CPU.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider.value not in available:
+        return (
+            f"this onnxruntime build has no {provider.value} (available: "
+            f"{', '.join(available)}; install onnxruntime-gpu, e.g. pip install "
+            "'lipsync-ray[cuda]')"
+        )
+    preload_gpu_libraries()
+    capi = Path(ort.__file__).parent / "capi"
+    library = capi / _PROVIDER_LIBRARIES[provider]
+    if not library.is_file():
+        return None  # another layout (Windows, a custom build): let the session decide
+    try:
+        # ONNX Runtime loads this one first, globally: the provider library takes symbols
+        # from it, so without it an unrelated "undefined symbol" would hide the real error.
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        if "cannot open shared object file" in str(exc):
+            return f"{library.name} failed to load: {exc}"
+    return None
+
+
+def gpu_fallback_reason(provider: Provider, options: SessionOptions) -> str:
+    """Why a session asked for ``provider`` landed on the CPU, in ONNX Runtime's own words
+    (one line). Called after the fact, by an actor whose session did.
+
+    The provider library's load error when there is one; otherwise a one-node probe model is
+    opened with ``provider`` alone while this process's stderr is captured, because ONNX
+    Runtime writes why a provider failed (no device, a driver older than its CUDA, cuDNN
+    missing) through its default logger to stderr, not to the exception or the session.
+    """
+    reason = probe_provider(provider, options)
+    return reason or f"{provider.value} works in a probe session but not with this model"
+
+
+def probe_provider(provider: Provider, options: SessionOptions = SessionOptions()) -> str | None:
+    """None when a one-node session runs on ``provider`` in this process, else why not, in
+    ONNX Runtime's words (see :func:`gpu_fallback_reason`). On a GPU this creates a CUDA
+    context: for actors and benchmarks, not for the driver of a render."""
+    reason = provider_library_error(provider)
+    if reason:
+        return reason
+    import onnxruntime as ort
+
+    (entry,) = _provider_entries(replace(options, providers=(provider,)), [provider.value])
+    text, used = _captured(lambda: _probe_session(ort, entry))
+    if used and used[0] == provider.value:
+        return None
+    lines = [_clean(line) for line in text.splitlines()]
+    for pick in (
+        lambda x: "[E:onnxruntime" in x,  # the C++ logger's errors: the library, the device
+        lambda x: x.startswith("EP Error "),  # the Python fallback's exception text
+        lambda x: "Failed to create" in x,
+    ):
+        found = [x for x in lines if pick(x)]
+        if found:
+            return _short(found[0])
+    return f"{provider.value} could not be used (ONNX Runtime gave no reason)"
+
+
+def _probe_session(ort, entry):
+    """Open a one-node model with ``entry`` alone; the providers it got (or the error)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [value("x", TensorProto.FLOAT, [1])],
+        [value("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION, 9)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=[entry])
+    except Exception as exc:
+        print(f"EP Error {exc}")  # captured with the rest
+        return []
+    return list(session.get_providers())
+
+
+def _captured(fn):
+    """(stdout + stderr text written while ``fn`` ran, at the file-descriptor level, so that
+    ONNX Runtime's C++ logger is caught too; ``fn``'s result). What was captured is written
+    back to stderr afterwards: nothing is lost from the actor's log."""
+    import contextlib
+    import io
+    import sys
+    import tempfile
+
+    out = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(out):
+                result = fn()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    text = f"{out.getvalue()}{text}"
+    if text:
+        sys.stderr.write(text)
+    return text, result
+
+
+def _clean(line: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+
+
+def _short(line: str) -> str:
+    """ONNX Runtime's error line without its timestamp, source location and C++ signature."""
+    if "Failed to load library " in line:
+        return "failed to load " + line.split("Failed to load library ", 1)[1].strip()
+    for marker in ("FAIL : ", "EP Error "):
+        if marker in line:
+            line = line.split(marker, 1)[1]
+    if ") " in line and line.startswith("/"):  # "/src/x.cc:729 void f(...) Message"
+        line = line.split(") ", 1)[1]
+    return line.strip()[:400]
+
+
 def _open(path: Path, options: SessionOptions, cpus: int):
     import cv2
     import onnxruntime as ort
 
+    if any(p in GPU_PROVIDERS for p in options.providers):
+        preload_gpu_libraries()  # before the first CUDA or TensorRT session of this process
     threads = options.intra_op_threads or max(1, int(cpus))
     cv2.setNumThreads(threads)
     so = ort.SessionOptions()

@@ -45,11 +45,15 @@ from lipsync_ray.actors import ChunkSpec, JobContext
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.encode import check_video_encoder
+from lipsync_ray.errors import InputError
 from lipsync_ray.inference import (
+    GPU_PROVIDERS,
     EncoderSession,
     Provider,
     check_encoder_model,
     check_generator_model,
+    provider_library_error,
+    requires_gpu,
 )
 from lipsync_ray.precision import (
     Precision,
@@ -115,9 +119,46 @@ class _Progress:
 
 
 def cluster_pool(pool: PoolConfig, ray) -> PoolConfig:
-    """``pool`` with its automatic shares resolved for the connected Ray cluster."""
+    """``pool`` with its automatic values resolved for the connected Ray cluster."""
+    return pool.resolved(*_cluster_totals(ray))
+
+
+def cluster_sizing(pool: PoolConfig, ray) -> str:
+    """How :func:`cluster_pool` sized ``pool`` for the connected cluster (one line)."""
+    return pool.explain(*_cluster_totals(ray))
+
+
+def _cluster_totals(ray) -> tuple[float, float]:
     resources = ray.cluster_resources()
-    return pool.resolved(resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    return resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+
+
+FALLBACK_HINT = "--allow-cpu-fallback renders on the CPU anyway"
+
+
+def check_gpu_request(config: RenderConfig) -> None:
+    """On the driver, before Ray starts: a render asked for a GPU provider alone
+    (``--providers cuda``) stops here when this machine cannot load it (the CPU-only
+    onnxruntime, or CUDA libraries the provider needs and the loader cannot find).
+
+    Only for an embedded cluster: then this machine is the one the actors run on. A joined
+    cluster's GPUs may sit on other nodes, so there the actors report instead (see
+    ``Renderer._ensure_pools``). No CUDA context is created here.
+
+    Raises:
+        InputError: one line naming the provider and ONNX Runtime's reason.
+    """
+    if config.allow_cpu_fallback or not requires_gpu(config.session):
+        return
+    wanted = [p for p in config.session.providers if p in GPU_PROVIDERS]
+    errors = {p: provider_library_error(p) for p in wanted}
+    if any(reason is None for reason in errors.values()):
+        return
+    provider = Provider.CUDA if Provider.CUDA in errors else wanted[0]
+    raise InputError(
+        f"{provider.value} was requested (--providers) but cannot be used on this machine: "
+        f"{errors[provider]} ({FALLBACK_HINT})"
+    )
 
 
 def prepare_generator(
@@ -185,8 +226,13 @@ class Renderer:
         self._ready: list = []
         self.actor_infos: list[ActorInfo] = []
         self.pool: PoolConfig = config.pool
+        self.pool_sizing = ""  # how the automatic pool values were chosen (report settings)
         self.renders = 0
         self.timeline = Timeline()  # the current (or last) render's phases
+        import ray
+
+        if not (ray.is_initialized() or config.address or os.environ.get("RAY_ADDRESS")):
+            check_gpu_request(config)  # this machine will run the actors: fail before Ray
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -224,6 +270,16 @@ class Renderer:
                 self._owns_ray = True
             self._ray = ray
             self.pool = cluster_pool(self.config.pool, ray)
+            self.pool_sizing = cluster_sizing(self.config.pool, ray)
+            log.info("actor pools: %s", self.pool_sizing)
+            config = self.config
+            gpu_missing = requires_gpu(config.session) and not self.pool.gpus_per_actor
+            if gpu_missing and not config.allow_cpu_fallback:
+                names = ", ".join(p.value for p in config.session.providers)
+                raise InputError(
+                    f"{names} was requested (--providers) but the Ray cluster has no GPUs "
+                    f"or --gpus-per-actor is 0 ({FALLBACK_HINT})"
+                )
         return self._ray
 
     def _start_pools(self) -> None:
@@ -258,6 +314,17 @@ class Renderer:
         if self._ready:
             self.actor_infos = list(gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
             self._ready = []
+            fallbacks = [i for i in self.actor_infos if i.cpu_fallback]
+            for info in fallbacks:
+                log.warning("%s (pid %d) runs on the CPU instead of a GPU: %s", info.name,
+                            info.pid, info.cpu_fallback)  # fmt: skip
+            if fallbacks and not self.config.allow_cpu_fallback:
+                first, more = fallbacks[0], len(fallbacks) - 1
+                others = f" (and {more} more inference actors)" if more else ""
+                raise InputError(
+                    f"CUDA could not be used by {first.name}{others}, which would render on the "
+                    f"CPU: {first.cpu_fallback} ({FALLBACK_HINT})"
+                )
             for info in self.actor_infos:
                 if info.gpu_mem_limit_bytes:
                     log.info("%s on GPU %s: CUDA arena limited to %.1f GiB", info.name,
@@ -295,7 +362,7 @@ class Renderer:
             "features": hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(),
             "model": self._model_sha,  # the file the actors run (FP32, INT8 or FP16)
             "chunk_frames": config.pool.chunk_frames,
-            "batch_size": config.pool.batch_size,
+            "batch_size": self.pool.batch_size,  # resolved: the batch the actors run
             "start_frame": job.start_frame,
             "shard_codec": config.shard_codec.value,
             "encode_mode": config.encode_mode.value,
@@ -486,6 +553,7 @@ class Renderer:
                 "start_frame": job.start_frame,
                 "work_dir": str(job.work_dir),
                 "pool_resolved": asdict(self.pool),
+                "pool_sizing": self.pool_sizing,
                 "fingerprint": fingerprint,
                 "renders_on_these_actors": self.renders,
             },

@@ -41,6 +41,10 @@ class ActorInfo:
     # Inference: seconds to open the generator session, before any chunk (a TensorRT engine
     # build or cache load included), so the build time is never counted as render time.
     session_open_s: float = 0.0
+    # Why an inference actor that holds a GPU, or was asked for a GPU provider alone, runs
+    # on the CPU: ONNX Runtime's own reason (the library that failed to load, no device...).
+    # None: no fallback.
+    cpu_fallback: str | None = None
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,9 @@ def test_render_bad_input_is_one_line_exit_2(tmp_path, capsys, over, message):
 
 def test_bad_option_value_is_exit_2(tmp_path, capsys):
     (tmp_path / "a.wav").write_bytes(b"x")
-    rc = main(_render_args(tmp_path, audio=str(tmp_path / "a.wav"), **{"--batch-size": "0"}))
+    rc = main(_render_args(tmp_path, audio=str(tmp_path / "a.wav"), **{"--batch-size": "257"}))
     assert rc == 2
-    assert "batch size must be in [1, 256], got 0" in capsys.readouterr().err
+    assert "batch size must be in [1, 256], got 257" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

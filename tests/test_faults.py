@@ -61,6 +61,7 @@ def _pool(**over) -> PoolConfig:
     base = {
         "chunk_frames": CHUNK,
         "gpus_per_actor": 0.0,
+        "compositors": 1,
         "cpus_per_inference_actor": 1.0,
         "cpus_per_compositor": 0.5,
         "chunk_timeout_s": 120.0,

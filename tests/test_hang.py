@@ -108,6 +108,7 @@ def _config(model: Path, features: Path, max_retries: int) -> RenderConfig:
         pool=PoolConfig(
             chunk_frames=CHUNK,
             gpus_per_actor=0.0,
+            compositors=1,
             batch_size=8,
             max_retries=max_retries,
             chunk_timeout_s=TIMEOUT_S,

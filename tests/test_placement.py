@@ -42,7 +42,10 @@ def test_split_placement(two_nodes, small_models, tmp_path):
     pool = PoolConfig(inference_actors=2, gpus_per_actor=0.25, cpus_per_inference_actor=0.5,
                       compositors=2, placement=Placement.SPLIT, chunk_frames=8)  # fmt: skip
     config = RenderConfig(
-        model=str(small_models["unet"]), audio_encoder=str(small_models["encoder"]), pool=pool
+        model=str(small_models["unet"]),
+        audio_encoder=str(small_models["encoder"]),
+        pool=pool,
+        allow_cpu_fallback=True,  # the GPU node's GPU is simulated: no CUDA behind it
     )
     report = render(Path(avatar.path), audio, tmp_path / "out.mp4", config)
     assert probe(tmp_path / "out.mp4").video_frames == report.frames

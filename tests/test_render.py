@@ -45,7 +45,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _config(models, model: str = "identity", **kw) -> RenderConfig:
-    pool = kw.pop("pool", PoolConfig(chunk_frames=16, gpus_per_actor=0.0))
+    pool = kw.pop("pool", PoolConfig(chunk_frames=16, gpus_per_actor=0.0, compositors=1))
     return RenderConfig(
         model=str(models[model]), audio_encoder=str(models["encoder"]), pool=pool, **kw
     )
@@ -167,17 +167,21 @@ def test_four_actors_share_a_simulated_gpu(ray_cluster, small_models, inputs, tm
         gpus_per_actor=0.25,
         cpus_per_inference_actor=0.25,
         cpus_per_compositor=0.5,
+        compositors=1,
+        batch_size=4,
     )
     report = render(
         inputs["avatar"],
         inputs["audio"],
         tmp_path / "gpu.mp4",
-        _config(small_models, model="unet", pool=pool),
+        # the simulated GPU has no CUDA behind it: accept the CPU, as a user would have to
+        _config(small_models, model="unet", pool=pool, allow_cpu_fallback=True),
     )
     inference = [a for a in report.actors if a.role == "inference"]
     assert len(inference) == 4
     assert all(a.gpu_ids for a in inference)  # Ray placed each on the GPU
     assert {a.providers[0] for a in inference} == {"CPUExecutionProvider"}  # and they fell back
+    assert all(a.cpu_fallback for a in inference)  # with ONNX Runtime's reason recorded
     assert report.providers == ("CPUExecutionProvider",)
     assert report.settings["pool_resolved"]["gpus_per_actor"] == 0.25
 

@@ -294,7 +294,7 @@ def test_embedded_ray_dashboard_is_off_or_on_loopback(good, tmp_path, monkeypatc
     config = RenderConfig(
         model=str(good["model"]),
         audio_encoder=str(good["encoder"]),
-        pool=PoolConfig(gpus_per_actor=0.0),
+        pool=PoolConfig(gpus_per_actor=0.0, compositors=1),
     )
     with pytest.raises(_StopError):
         render(good["avatar"], good["audio"], tmp_path / "out.mp4", config)

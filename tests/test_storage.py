@@ -252,7 +252,7 @@ def _config(models, **kw) -> RenderConfig:
     return RenderConfig(
         model=str(models["unet"]),
         audio_encoder=str(models["encoder"]),
-        pool=PoolConfig(chunk_frames=16, gpus_per_actor=0.0),
+        pool=PoolConfig(chunk_frames=16, gpus_per_actor=0.0, compositors=1),
         **kw,
     )
 
