@@ -131,6 +131,9 @@ def bench_inference(
     return results
 
 
+_PROVISIONAL_ROLES = ("ray (other)", "ray::IDLE")
+
+
 class ProcessTreeMonitor:
     """Samples the memory and CPU time of a process and all its descendants.
 
@@ -197,7 +200,9 @@ class ProcessTreeMonitor:
             rss += mem.rss
             pss += getattr(mem, "pss", 0)
             self._cpu[proc.pid] = times.user + times.system
-            if proc.pid not in self._role or self._role[proc.pid] == "ray::IDLE":
+            if self._role.get(proc.pid, "ray (other)") in _PROVISIONAL_ROLES:
+                # A worker is "python default_worker.py", then "ray::IDLE", then its actor
+                # class: its role is read again until it names an actor.
                 self._role[proc.pid] = self._role_of(proc)
         if full:
             self.peak_pss_bytes = max(self.peak_pss_bytes, pss or rss)

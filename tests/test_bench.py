@@ -98,3 +98,34 @@ def test_bench_render_measures_the_reduced_generator_too(tmp_path):
     assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
     assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == CPU_BATCH
     assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
+
+
+def test_process_monitor_names_a_worker_once_it_becomes_an_actor(tmp_path):
+    # A Ray worker starts as "python default_worker.py", becomes "ray::IDLE", then takes its
+    # actor's name: the monitor must attribute its CPU to the actor, whenever it first saw it.
+    import subprocess
+    import sys
+    import textwrap
+
+    from lipsync_ray.bench import ProcessTreeMonitor
+
+    child = textwrap.dedent(
+        """
+        import time
+        from ray._raylet import setproctitle
+        time.sleep(0.6)
+        setproctitle("ray::IDLE")
+        time.sleep(0.4)
+        setproctitle("ray::InferenceActor.infer")
+        t = time.process_time()
+        while time.process_time() - t < 0.5:
+            pass
+        time.sleep(0.4)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with ProcessTreeMonitor(interval_s=0.1, list_every=1) as monitor:
+        proc.wait(timeout=30)
+    roles = monitor.cpu_by_role()
+    assert roles.get("ray::InferenceActor", 0) >= 0.4, roles
+    assert "ray (other)" not in roles and "ray::IDLE" not in roles

@@ -55,6 +55,7 @@ def test_tensorrt_provider_options(options, expected):
 @pytest.mark.parametrize("loads", [True, False])
 def test_tensorrt_stays_in_the_order_only_when_its_libraries_load(monkeypatch, caplog, loads):
     monkeypatch.setattr(inference, "tensorrt_loads", lambda: loads)
+    monkeypatch.setattr(inference, "_warned", set())  # an earlier test may have warned already
     available = [TRT, Provider.CUDA.value, Provider.CPU.value]
     with caplog.at_level(logging.WARNING):
         entries = inference._provider_entries(SessionOptions(trt_max_batch=4), available)
