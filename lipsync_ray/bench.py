@@ -3,7 +3,7 @@
 - :func:`bench_inference`: bare ONNX Runtime generator FPS per batch size (the denominator).
 - :func:`bench_render`: ``lipsync-ray render`` of generated footage (a photographed face by
   default) with S seconds of speech, run as a process and timed from its start to its exit,
-  next to the bare FPS of the same model (same threads, best batch) measured in the same run,
+  next to the bare FPS of the same model (one session, best batch) measured in the same run,
   with per-stage CPU, the phases of its wall time and the peak memory of the whole process
   tree (driver, raylet, workers); optionally beside ``lipsync-ray reference``, the
   single-process script it replaces (:mod:`lipsync_ray.reference`), on the same footage.
@@ -316,11 +316,11 @@ class RenderBench:
     frames: int
     seconds: float
     size_wh: tuple[int, int]
-    # Bare inference, same threads as the inference actor, at the best batch: the mean of a
-    # measurement before the render (every batch in ``bare``) and one after it at that batch
-    # (``bare_after``). Shared cloud CPUs drift (the same bare benchmark measured 6 to 12.6
-    # FPS within minutes on the 2-core CI machine), so one measurement on one side of a
-    # render would tilt the ratio either way.
+    # Bare inference: one session (every CPU thread; on a GPU the actor's), at the best batch:
+    # the mean of a measurement before the render (every batch in ``bare``) and one after it at
+    # that batch (``bare_after``). Shared cloud CPUs drift (the same bare benchmark measured
+    # 6 to 12.6 FPS within minutes on the 2-core CI machine), so one measurement on one side
+    # of a render would tilt the ratio either way.
     bare_fps: float
     bare_batch: int
     bare: tuple[InferenceBench, ...]
@@ -432,15 +432,14 @@ def bench_render(
             replaced); None: the defaults.
         avatar: "photo" (default: a photographed face moving with sensor noise, what real
             footage costs the encoder) or "drawn" (the demo's flat drawn face).
-        bare: measure bare inference first (same threads, batches ``batches``, after
+        bare: measure bare inference first (on a GPU the actor's threads, on the CPU every
+            CPU; batches ``batches`` and the render's, after
             ``bare_warmup_s`` of untimed inference); measure the fastest batch again after the
             render; the bare FPS is the mean of the two. With a reduced precision, its
             generator is measured too once prepared (reported, not used in the ratio).
         batch_size: frames per generator call in the render; None: the config's (the
-            pipeline's default, 4). Not the fastest bare batch: on 2 CPUs an INT8 render at
-            batch 8 ran 1.43-1.48x bare FP32 against 1.51-1.58x at batch 4, although bare INT8
-            measured up to 3 % faster at batch 8 (the larger batch's activations compete with
-            the compositor for caches and memory).
+            pipeline's default: 1 per single-threaded session on the CPU). Not the fastest
+            bare batch: bare runs one session with every thread, the render one per CPU.
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
         reference: also run ``lipsync-ray reference`` (lipsync_ray.reference) on the same
@@ -480,8 +479,10 @@ def bench_render(
         cpus = os.cpu_count() or 1
         # Sized as the render's pool will be (an embedded cluster is this machine), and bare
         # inference on the render's provider and batch, so the ratio means the same on a GPU.
+        # On the CPU the render runs one single-threaded session per CPU; bare is what one
+        # session does with every CPU (what a script running the model alone gets).
         pool = config.pool.resolved(float(cpus), float(_local_gpus()))
-        threads = max(1, round(pool.cpus_per_inference_actor or 1))
+        threads = max(1, round(pool.cpus_per_inference_actor or 1)) if pool.gpus_per_actor else cpus
         bare_options = (
             config.session
             if pool.gpus_per_actor

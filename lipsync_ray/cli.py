@@ -127,13 +127,13 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_positive_int,
         default=None,
-        help="frames per generator call (default: 16 with GPUs, 4 without)",
+        help="frames per generator call (default: 16 with GPUs, 1 without)",
     )
     g.add_argument(
         "--inference-actors",
         type=int,
         default=None,
-        help="generator actors (default: 4 per GPU at 0.25 each, 1 without GPUs)",
+        help="generator actors (default: 4 per GPU at 0.25 each, 1 per CPU without GPUs)",
     )
     g.add_argument(
         "--gpus-per-actor",

@@ -41,7 +41,7 @@ class PoolConfig:
     """Actor pools and chunking."""
 
     # Generator actors, each with its own ONNX Runtime session. None: sized from the cluster
-    # (see ``resolved``): 4 per GPU, or 1 without GPUs.
+    # (see ``resolved``): 4 per GPU, or one single-threaded session per CPU without GPUs.
     inference_actors: int | None = None
     # GPU fraction per inference actor (0.25: four actors share one GPU). None: 0.25 when the
     # cluster has GPUs, else 0 (CPU provider).
@@ -56,7 +56,7 @@ class PoolConfig:
     # Scheduling niceness of compositor processes (0-19; 0: as the inference actors). Above 0
     # compositing runs in the gaps inference leaves on shared CPUs.
     compositor_niceness: int = 0
-    # Frames per generator call. None: 16 on GPUs, 4 on the CPU (see ``resolved``).
+    # Frames per generator call. None: 16 on GPUs, 1 on the CPU (see ``resolved``).
     batch_size: int | None = None
     # Output frames per chunk (= per shard).
     chunk_frames: int = 64
@@ -79,11 +79,13 @@ class PoolConfig:
         With GPUs: ``GPU_ACTORS_PER_GPU`` inference actors per GPU at 1/4 GPU each and batch
         ``GPU_BATCH``; the compositors take the CPUs left after the driver and the inference
         actors' input preparation (16 CPUs, 1 GPU: 16 - 1 - 4 x 0.75 = 12). Without GPUs: one
-        inference actor at batch ``CPU_BATCH`` and ``max(1, CPUs // 4)`` compositors. One
-        compositor (9-15 CPU ms per frame) keeps up with CPU inference of the full model on a
-        few cores; on 2 CPUs a second one did not render faster (10-30 s renders of the small
-        and identity models: its process start-up costs more than it adds), while a large
-        CPU-only machine running a cheap model needs several.
+        single-threaded inference actor per CPU at batch ``CPU_BATCH``, and ``max(2, CPUs //
+        4)`` compositors (at most one per CPU). Sessions of one thread each beat one session
+        with every thread: no intra-op barriers, and a compositor preempting one session does
+        not stall the others (2 vCPUs, full model: two 1-thread sessions side by side ran
+        14.1 FPS against 11.9 for one 2-thread session, and the 60 s benchmark render went
+        from 176 to 145 s). An idle compositor costs only memory, and with a cheap model the
+        second one is what keeps the second CPU busy (identity model: 39 -> 30 s).
 
         The CPUs left after the compositors are split between the inference actors, rounded
         down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
@@ -111,8 +113,8 @@ class PoolConfig:
                 actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
                 why.append(f"{actors} inference actors ({gpus:g} GPU each: all the GPUs)")
             else:
-                actors = 1
-                why.append("1 inference actor (CPU: one session uses every thread it gets)")
+                actors = max(1, int(cluster_cpus))
+                why.append(f"{actors} inference actors (CPU: one single-threaded session per CPU)")
         batch = self.batch_size
         if batch is None:
             batch = GPU_BATCH if on_gpu else CPU_BATCH
@@ -127,8 +129,9 @@ class PoolConfig:
                     f"driver - {GPU_ACTOR_CPUS:g} per inference actor)"
                 )
             else:
-                compositors = max(1, int(cluster_cpus) // 4)
-                why.append(f"{compositors} compositors (CPU: max(1, CPUs // 4))")
+                cpus = max(1, int(cluster_cpus))
+                compositors = min(cpus, max(2, cpus // 4))
+                why.append(f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)")
         cpus = self.cpus_per_inference_actor
         if cpus is None:
             share = (cluster_cpus - compositors * per_compositor) / max(actors, 1)
@@ -149,10 +152,11 @@ class PoolConfig:
 # four sessions per GPU overlap their host-side work (uint8 -> float conversion, copies,
 # Python) with each other's kernels, and batch 16 gives a GPU enough work per call to amortise
 # the launch and copy overheads of a 320x320 UNet; on the CPU a bigger batch only adds cache
-# pressure (batch 8 rendered slower than batch 4 on 2 CPUs, see lipsync_ray.bench).
+# pressure: a 1-thread session of the full model ran 7.35 FPS at batch 1, 6.87 at batch 4 and
+# 6.59 at batch 8 (`lipsync-ray bench inference --threads 1`, 2 vCPUs).
 GPU_SHARE = 0.25
 GPU_BATCH = 16
-CPU_BATCH = 4
+CPU_BATCH = 1
 DRIVER_CPUS = 1.0  # the driver: scheduling, audio features, the final join
 GPU_ACTOR_CPUS = 0.75  # an inference actor on a GPU: input conversion and device copies
 

@@ -24,12 +24,12 @@ def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path):
     assert r.avatar == "photo"  # real-looking footage by default
     assert abs(r.frames - 1.5 * 25) <= 2
     # the render's own batch is measured bare too, on the render's (CPU) provider
-    assert [b.batch for b in r.bare] == [1, 2, CPU_BATCH]
+    assert [b.batch for b in r.bare] == sorted({1, 2, CPU_BATCH})
     assert {b.provider for b in r.bare} == {"CPUExecutionProvider"}
     best = max(r.bare, key=lambda b: b.fps)
     assert r.bare_batch == best.batch == r.bare_after.batch
     assert r.render_batch == CPU_BATCH  # the pipeline's CPU default, as users run it
-    assert "1 inference actor" in r.settings["pool_sizing"]  # sized from the cluster
+    assert "single-threaded session per CPU" in r.settings["pool_sizing"]  # from the cluster
     assert r.bare_reduced == ()  # FP32: nothing else to measure
     assert r.bare_fps == pytest.approx((best.fps + r.bare_after.fps) / 2) and r.bare_fps > 0
     assert r.e2e_fps == pytest.approx(r.frames / r.wall_s)
@@ -93,7 +93,8 @@ def test_bench_render_measures_the_reduced_generator_too(tmp_path):
         "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
         work_root=tmp_path, bare_warmup_s=0.5,
     )  # fmt: skip
-    assert [b.batch for b in r.bare] == [1, 2, CPU_BATCH] == [b.batch for b in r.bare_reduced]
+    assert [b.batch for b in r.bare] == sorted({1, 2, CPU_BATCH})
+    assert [b.batch for b in r.bare] == [b.batch for b in r.bare_reduced]
     # the ratio's denominator stays FP32 at its own best batch, measured on both sides
     assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
     assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == CPU_BATCH

@@ -11,7 +11,7 @@ from lipsync_ray.errors import InputError
 @pytest.mark.parametrize(
     ("pool", "cpus", "gpus", "expected_cpus", "expected_gpus"),
     [
-        (PoolConfig(), 2, 0, 1.5, 0.0),  # one actor takes what the compositor leaves
+        (PoolConfig(), 2, 0, 0.5, 0.0),  # one actor per CPU splits what the compositors leave
         (PoolConfig(inference_actors=4), 2, 1, 0.25, 0.25),  # four actors fit two CPUs
         (PoolConfig(inference_actors=4, compositors=8), 16, 1, 3.0, 0.25),
         (PoolConfig(inference_actors=3, compositors=1), 2, 0, 0.5, 0.0),

@@ -18,10 +18,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
 # (pool, cluster CPUs, cluster GPUs) ->
 #   (inference actors, GPUs each, batch, compositors, CPUs per compositor, CPUs per actor)
 SIZES = [
-    # no GPUs: one session with every thread the compositors leave, a compositor per 4 CPUs
-    (PoolConfig(), 2, 0, (1, 0.0, 4, 1, 0.5, 1.5)),
-    (PoolConfig(), 8, 0, (1, 0.0, 4, 2, 0.5, 7.0)),
-    (PoolConfig(), 16, 0, (1, 0.0, 4, 4, 0.5, 14.0)),
+    # no GPUs: one single-threaded session per CPU at batch 1 (the CPUs the compositors leave
+    # split between them), max(2, CPUs // 4) compositors, at most one per CPU
+    (PoolConfig(), 2, 0, (2, 0.0, 1, 2, 0.5, 0.5)),
+    (PoolConfig(), 8, 0, (8, 0.0, 1, 2, 0.5, 0.75)),
+    (PoolConfig(), 16, 0, (16, 0.0, 1, 4, 0.5, 0.75)),
+    (PoolConfig(), 1, 0, (1, 0.0, 1, 1, 0.5, 0.5)),
     # one GPU on 16 cores: 4 x 0.25 at batch 16; 16 - 1 (driver) - 4 x 0.75 = 12 compositors
     (PoolConfig(), 16, 1, (4, 0.25, 16, 12, 0.5, 2.5)),
     (PoolConfig(), 64, 4, (16, 0.25, 16, 51, 0.5, 2.25)),
@@ -30,7 +32,7 @@ SIZES = [
     # whole GPUs per actor: one actor per GPU
     (PoolConfig(gpus_per_actor=1.0), 32, 2, (2, 1.0, 16, 29, 0.5, 8.75)),
     # GPUs in the cluster but the pool asks for none: the CPU defaults
-    (PoolConfig(gpus_per_actor=0.0), 2, 1, (1, 0.0, 4, 1, 0.5, 1.5)),
+    (PoolConfig(gpus_per_actor=0.0), 2, 1, (2, 0.0, 1, 2, 0.5, 0.5)),
     # explicit values win; the rest is still sized
     (PoolConfig(inference_actors=2, batch_size=8), 16, 1, (2, 0.25, 8, 13, 0.5, 4.75)),
     (
@@ -39,7 +41,7 @@ SIZES = [
         1,
         (1, 0.25, 4, 1, 0.5, 15.5),
     ),
-    (PoolConfig(compositors=3, cpus_per_compositor=1.0), 2, 0, (1, 0.0, 4, 3, 1.0, 0.25)),
+    (PoolConfig(compositors=3, cpus_per_compositor=1.0), 2, 0, (2, 0.0, 1, 3, 1.0, 0.25)),
 ]
 
 
@@ -65,7 +67,7 @@ def test_automatic_pool_sizes(pool, cpus, gpus, expected):
     ("pool", "cpus", "gpus", "words"),
     [
         (PoolConfig(), 16, 1, ["16 CPUs, 1 GPUs", "4 inference actors", "batch 16", "12 compos"]),
-        (PoolConfig(), 8, 0, ["8 CPUs, 0 GPUs", "1 inference actor", "batch 4", "2 compositors"]),
+        (PoolConfig(), 8, 0, ["8 CPUs, 0 GPUs", "8 inference actors", "batch 1", "2 compositors"]),
         (PoolConfig(inference_actors=1, compositors=1, batch_size=4), 2, 0, ["all values given"]),
     ],
 )
