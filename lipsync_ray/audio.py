@@ -1,6 +1,6 @@
 """The audio stage: decode speech, compute Wav2Lip mel spectrograms and per-frame audio features.
 
-Data flow (DESIGN §3)::
+Data flow (docs/model-and-audio.md §3)::
 
     any audio file ──load_audio──> float32 (S,) mono 16 kHz
         ──mel_spectrogram──> float32 (80, T), 80 mel frames per second, values in [-4, 4]
@@ -501,7 +501,7 @@ _HANN = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic
 
 
 def mel_spectrogram(samples: np.ndarray) -> np.ndarray:
-    """Wav2Lip mel spectrogram of mono 16 kHz audio (DESIGN §3.2).
+    """Wav2Lip mel spectrogram of mono 16 kHz audio (docs/model-and-audio.md §3.2).
 
     Pre-emphasis 0.97 (``y[0] = x[0]``), centred STFT (400 zeros each side; n_fft 800,
     hop 200, periodic Hann 800), magnitude, Slaney mel 55-7600 Hz, ``20 log10(max(1e-5, m))
@@ -568,7 +568,7 @@ def _gather_windows(mel: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def encoder_windows(mel: np.ndarray, fps: float = float(VIDEO_FPS)) -> np.ndarray:
-    """All audio-encoder inputs of a mel spectrogram (DESIGN §3.3).
+    """All audio-encoder inputs of a mel spectrogram (docs/model-and-audio.md §3.3).
 
     Window k covers mel frames [int(80 k / fps), +16), shifted left to T - 16 when it runs past
     the end; W = int((T - 16) / 80 * fps) + 2.
@@ -590,7 +590,8 @@ def compute_features(
     batch_size: int = 64,
     fps: float = float(VIDEO_FPS),
 ) -> np.ndarray:
-    """Per-video-frame audio features: encode every window, pad the ends, smooth (DESIGN §3.3).
+    """Per-video-frame audio features: encode every window, pad the ends, smooth
+    (docs/model-and-audio.md §3.3).
 
     Windows are built one batch at a time, so memory stays flat for any audio length.
     After encoding, the first and the last rows are repeated once (N = W + 2), then each row
@@ -631,7 +632,8 @@ def compute_features(
 
 
 def load_features(path: str | Path) -> np.ndarray:
-    """Read precomputed audio features (DESIGN §3.6) from a ``.npy`` file; pickles are refused.
+    """Read precomputed audio features (docs/model-and-audio.md §3.6) from a ``.npy`` file;
+    pickles are refused.
 
     Returns:
         float32 (N, 512), N >= 1, C-contiguous.
@@ -669,7 +671,7 @@ def load_features(path: str | Path) -> np.ndarray:
 
 
 def audio_windows(features: np.ndarray, frame_indices: np.ndarray) -> np.ndarray:
-    """The generator's audio input for some output frames (DESIGN §3.5).
+    """The generator's audio input for some output frames (docs/model-and-audio.md §3.5).
 
     For frame i: rows [i - 8, i + 8) of ``features``, zero where that runs off either end,
     flattened (16 x 512 = 8192) and reshaped to (32, 16, 16). Gathers only the rows needed.

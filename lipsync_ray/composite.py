@@ -1,7 +1,7 @@
 """Compositing: build the generator's visual input and paste its prediction back.
 
-The reference algorithm (DESIGN.md §4), for one avatar frame ``full`` (uint8 (H, W, 3) BGR)
-with crop box ``(x1, y1, x2, y2)``:
+The reference algorithm (docs/compositing.md §3), for one avatar frame ``full``
+(uint8 (H, W, 3) BGR) with crop box ``(x1, y1, x2, y2)``:
 
 1. ``crop328 = resize(full[y1:y2, x1:x2], 328x328, bicubic)``
 2. ``roi = crop328[4:324, 4:324]`` (320x320), ``masked = roi`` with a filled black rectangle from

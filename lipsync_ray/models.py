@@ -1,6 +1,6 @@
 """Stand-in ONNX models with the real architectures, built without PyTorch.
 
-Three models (DESIGN.md §2, §3):
+Three models (docs/model-and-audio.md §2, §3):
 
 - ``Arch.UNET328``: the SyncTalk_2D UNet-328 generator ("ave" audio mode).
   Inputs ``visual`` float32 ``[B, 6, 320, 320]`` in [0, 1] (BGR ROI, then the
@@ -70,7 +70,7 @@ FEATURE_DIM = 512
 # layers, and /4 ran at ~2x the < 10 ms/frame CPU budget of the test tier.
 UNET_LADDER = {"full": (32, 64, 128, 256, 512), "small": (4, 8, 16, 32, 64)}
 ENCODER_WIDTHS = {"full": (32, 64, 128, 256, 512), "small": (8, 16, 32, 64, 128)}
-# Masked copy of the ROI (DESIGN.md §4): cv2.rectangle with Rect(5, 5, 310, 305).
+# Masked copy of the ROI (docs/compositing.md §3.2): cv2.rectangle with Rect(5, 5, 310, 305).
 MASK_ROWS = slice(5, 5 + 305)
 MASK_COLS = slice(5, 5 + 310)
 

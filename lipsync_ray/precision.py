@@ -200,7 +200,8 @@ def calibration_features(
     audio_encoder: str | Path, *, seconds: float = 8.0, seed: int = 0
 ) -> np.ndarray:
     """Calibration audio: seeded synthetic speech through the real encoder (one CPU thread, so
-    the bytes, hence the cache key, are reproducible). Returns float32 (N, 512), DESIGN §3.3."""
+    the bytes, hence the cache key, are reproducible). Returns float32 (N, 512),
+    docs/model-and-audio.md §3.3."""
     mel = audio_mod.mel_spectrogram(audio_mod.synth_speech(seconds, seed=seed))
     options = SessionOptions(providers=(Provider.CPU,), intra_op_threads=1)
     return audio_mod.compute_features(mel, EncoderSession(Path(audio_encoder), options, cpus=1))

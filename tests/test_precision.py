@@ -194,8 +194,8 @@ def test_calibration_features_are_cached_by_encoder_and_recipe(models, tmp_path,
 def test_calibration_features_are_reproducible(models):
     a = prec.calibration_features(models["encoder"], seconds=2.0)
     b = prec.calibration_features(models["encoder"], seconds=2.0)
-    # DESIGN §3.3: W = int((T - 16) / 80 * 25) + 2 windows of T = 1 + 32000 // 200 mel frames,
-    # N = W + 2 feature rows.
+    # docs/model-and-audio.md §3.3: W = int((T - 16) / 80 * 25) + 2 windows of
+    # T = 1 + 32000 // 200 mel frames, N = W + 2 feature rows.
     assert a.shape == (int((1 + 32000 // 200 - 16) / 80 * 25) + 4, 512) and a.dtype == np.float32
     assert a.tobytes() == b.tobytes()  # the cache key depends on these bytes
 
