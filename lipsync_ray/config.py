@@ -72,7 +72,12 @@ class PoolConfig:
         return self.max_chunks_in_flight or 2 * (self.inference_actors or 1) + 1
 
     def resolved(
-        self, cluster_cpus: float, cluster_gpus: float, *, cpu_step: float = 0.25
+        self,
+        cluster_cpus: float,
+        cluster_gpus: float,
+        *,
+        cpu_step: float = 0.25,
+        chunks: int | None = None,
     ) -> PoolConfig:
         """Fill the automatic fields (None) from the cluster's resources; explicit values win.
 
@@ -91,16 +96,24 @@ class PoolConfig:
         down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
         four actors on two CPUs get 0.25 CPU (one thread) each rather than waiting forever
         for CPUs that do not exist.
-        """
-        return self._resolve(cluster_cpus, cluster_gpus, cpu_step)[0]
 
-    def explain(self, cluster_cpus: float, cluster_gpus: float) -> str:
+        ``chunks``: the number of chunks the pool will ever render (one render's, when the
+        pool serves only it), or None. Automatic pool sizes are capped at it: a 1-second clip
+        is one chunk, and every actor beyond the first would only cost its start-up (a second
+        of CPU each on the 2-vCPU machine); the one inference actor then gets the CPUs the
+        others would have had (its session gets their threads).
+        """
+        return self._resolve(cluster_cpus, cluster_gpus, cpu_step, chunks)[0]
+
+    def explain(
+        self, cluster_cpus: float, cluster_gpus: float, *, chunks: int | None = None
+    ) -> str:
         """One line: how ``resolved`` sized the automatic fields for this cluster (the run
         report keeps it next to the resolved pool)."""
-        return self._resolve(cluster_cpus, cluster_gpus, 0.25)[1]
+        return self._resolve(cluster_cpus, cluster_gpus, 0.25, chunks)[1]
 
     def _resolve(
-        self, cluster_cpus: float, cluster_gpus: float, cpu_step: float
+        self, cluster_cpus: float, cluster_gpus: float, cpu_step: float, chunks: int | None
     ) -> tuple[PoolConfig, str]:
         gpus = self.gpus_per_actor
         if gpus is None:
@@ -115,6 +128,9 @@ class PoolConfig:
             else:
                 actors = max(1, int(cluster_cpus))
                 why.append(f"{actors} inference actors (CPU: one single-threaded session per CPU)")
+            if chunks is not None and actors > max(1, chunks):
+                actors = max(1, chunks)
+                why.append(f"capped at the render's {actors} chunk(s)")
         batch = self.batch_size
         if batch is None:
             batch = GPU_BATCH if on_gpu else CPU_BATCH
@@ -132,6 +148,9 @@ class PoolConfig:
                 cpus = max(1, int(cluster_cpus))
                 compositors = min(cpus, max(2, cpus // 4))
                 why.append(f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)")
+            if chunks is not None and compositors > max(1, chunks):
+                compositors = max(1, chunks)
+                why.append(f"compositors capped at the render's {compositors} chunk(s)")
         cpus = self.cpus_per_inference_actor
         if cpus is None:
             share = (cluster_cpus - compositors * per_compositor) / max(actors, 1)
