@@ -59,6 +59,7 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
 from lipsync_ray.composite import MASK_RECT_XYWH
+from lipsync_ray.dev.models import save_model
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import (
     EncoderSession,
@@ -67,7 +68,6 @@ from lipsync_ray.inference import (
     SessionOptions,
     check_model_file,
 )
-from lipsync_ray.models import save_model
 
 __all__ = [
     "GateResult",

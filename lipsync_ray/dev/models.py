@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray import _face_weights as face
+from lipsync_ray.dev import _face_weights as face
 from lipsync_ray.errors import InputError, ModelError
 
 __all__ = ["Arch", "ModelStats", "Size", "Weights", "build_model", "model_stats", "save_model"]
