@@ -54,6 +54,7 @@ from lipsync_ray.errors import EncodeError, InputError, LipsyncError
 from lipsync_ray.options import (
     _NVENC_PRESETS,
     NVENC_SESSIONS_GEFORCE,
+    X264_PRESETS,  # noqa: F401  (still importable from here)
     EncodeOptions,
     VideoCodec,
     _require,
