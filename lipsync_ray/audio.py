@@ -19,7 +19,6 @@ import logging
 import math
 import struct
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -44,7 +43,6 @@ __all__ = [
     "load_features",
     "mel_spectrogram",
     "synth_speech",
-    "write_audio",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,18 +70,6 @@ _STFT_BLOCK_FRAMES = 2048  # bounds the float64 STFT working set (~13 MB) for an
 # A decode that ends this far before the declared duration means a truncated or corrupt file.
 _TRUNCATION_TOLERANCE_S = 0.2
 _TRUNCATION_TOLERANCE_FRACTION = 0.05
-
-# suffix -> encoder names to try in order (the first one this PyAV build has wins)
-_ENCODERS: dict[str, tuple[str, ...]] = {
-    ".wav": ("pcm_s16le",),
-    ".mp3": ("libmp3lame",),
-    ".m4a": ("aac",),
-    ".flac": ("flac",),
-    ".ogg": ("libvorbis", "libopus"),
-    ".opus": ("libopus",),
-}
-_OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
-
 
 # --------------------------------------------------------------------------- decode / encode
 
@@ -295,74 +281,6 @@ def audio_duration_s(path: str | Path) -> float:
         raise InputError(
             f"expected a readable audio file, got: {_decode_error(exc)}", path=path
         ) from exc
-
-
-def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Encode samples to an audio file; the codec follows the suffix.
-
-    ``.wav`` pcm_s16le, ``.mp3`` libmp3lame, ``.m4a`` aac, ``.flac`` flac,
-    ``.ogg`` libvorbis or else libopus, ``.opus`` libopus (Opus is written at 48 kHz unless
-    ``sample_rate`` is one it supports).
-
-    Args:
-        samples: float (S,) mono or (S, C) with C in {1, 2}, in [-1, 1] (clipped). Not mutated.
-        sample_rate: Hz, of ``samples``.
-
-    Returns:
-        the path written.
-
-    Raises:
-        InputError: bad shape, non-finite samples, bad rate, unknown suffix or no encoder.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _ENCODERS:
-        raise InputError(
-            f"expected one of {sorted(_ENCODERS)} as suffix, got {suffix!r}", path=path
-        )
-    codec = next((c for c in _ENCODERS[suffix] if c in av.codecs_available), None)
-    if codec is None:
-        raise InputError(
-            f"this PyAV build has no encoder for {suffix}: expected one of {_ENCODERS[suffix]}",
-            path=path,
-        )
-    if not (isinstance(sample_rate, int | np.integer) and sample_rate > 0):
-        raise InputError(f"sample rate must be a positive integer, got {sample_rate!r}", path=path)
-    data = np.asarray(samples)
-    if data.ndim == 1:
-        data = data[:, None]
-    if data.ndim != 2 or data.shape[1] not in (1, 2) or data.shape[0] == 0:
-        raise InputError(
-            f"expected samples of shape (S,) or (S, 1|2), got {np.shape(samples)}", path=path
-        )
-    if not np.all(np.isfinite(data)):
-        raise InputError("expected finite samples, got NaN or infinity", path=path)
-    planar = np.ascontiguousarray(np.clip(data, -1.0, 1.0).T, dtype=np.float32)  # (C, S)
-    layout = "mono" if planar.shape[0] == 1 else "stereo"
-    rate = int(sample_rate)
-    if codec == "libopus" and rate not in _OPUS_RATES:
-        rate = 48_000
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream(codec, rate=rate, layout=layout)
-            # The codec context converts format, rate and frame size itself (and flushes once).
-            step = int(sample_rate)  # one second per frame
-            for start in range(0, planar.shape[1], step):
-                frame = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(planar[:, start : start + step]),
-                    format="fltp",
-                    layout=layout,
-                )
-                frame.sample_rate = int(sample_rate)
-                frame.time_base = Fraction(1, int(sample_rate))
-                frame.pts = start
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-    except av.error.FFmpegError as exc:
-        path.unlink(missing_ok=True)
-        raise InputError(f"could not encode {suffix} with {codec}: {exc}", path=path) from exc
-    return path
 
 
 # --------------------------------------------------------------------------- synthetic speech

@@ -473,7 +473,7 @@ def _end_progress() -> None:
 
 
 def _cmd_models_build(args: argparse.Namespace) -> int:
-    from lipsync_ray.models import Arch, Size, build_model, model_stats, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, model_stats, save_model
 
     model = build_model(
         Arch(args.arch),
@@ -495,8 +495,8 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
 def _cmd_models_info(args: argparse.Namespace) -> int:
     import onnx
 
+    from lipsync_ray.dev.models import model_stats
     from lipsync_ray.inference import check_model_file
-    from lipsync_ray.models import model_stats
 
     path = check_model_file(args.model)
     model = onnx.load(str(path))
@@ -524,7 +524,7 @@ def _cmd_models_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_inference
+    from lipsync_ray.dev.bench import bench_inference
     from lipsync_ray.pipeline import check_gpu_request
     from lipsync_ray.precision import Precision
 
@@ -570,8 +570,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_render
     from lipsync_ray.config import EncodeMode, RenderConfig
+    from lipsync_ray.dev.bench import bench_render
     from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.precision import Precision
     from lipsync_ray.shards import ShardCodec
@@ -621,7 +621,7 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_encode
+    from lipsync_ray.dev.bench import bench_encode
 
     results = bench_encode(
         args.presets, crf=args.crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
@@ -696,7 +696,7 @@ def _print_render_bench(r, first) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lipsync_ray.demo import run_demo
+    from lipsync_ray.dev.demo import run_demo
 
     report = run_demo(args.out_dir, seconds=args.seconds)
     print(report.summary())
@@ -704,8 +704,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
+    from lipsync_ray.dev.reference import run_reference
     from lipsync_ray.encode import EncodeOptions
-    from lipsync_ray.reference import run_reference
 
     result = run_reference(
         args.avatar, args.audio, args.output, model=args.model,

@@ -11,12 +11,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from lipsync_ray.composite import BlendOptions
-from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import SessionOptions
-from lipsync_ray.precision import Precision
-from lipsync_ray.shards import ShardCodec
+from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
 __all__ = ["EncodeMode", "Placement", "PoolConfig", "RenderConfig"]

@@ -67,7 +67,8 @@ from lipsync_ray.inference import (
     SessionOptions,
     check_model_file,
 )
-from lipsync_ray.models import save_model
+from lipsync_ray.onnx_io import save_model
+from lipsync_ray.options import Precision
 
 __all__ = [
     "GateResult",
@@ -98,23 +99,6 @@ FACE_RECT_XYWH = MASK_RECT_XYWH
 _X, _Y, _W, _H = FACE_RECT_XYWH
 _FACE = (slice(None), slice(_Y, _Y + _H), slice(_X, _X + _W))  # index of (k, 320, 320, 3)
 _GATE_BATCH = 4
-
-
-class Precision(enum.Enum):
-    """Numeric precision of the generator; ``AUTO`` picks the fastest that passes the gate."""
-
-    FP32 = "fp32"
-    INT8 = "int8"
-    FP16 = "fp16"
-    AUTO = "auto"
-
-    @classmethod
-    def parse(cls, value: Precision | str) -> Precision:
-        try:
-            return cls(value.lower() if isinstance(value, str) else value)
-        except ValueError:
-            choices = "|".join(p.value for p in cls)
-            raise InputError(f"precision must be one of {choices}, got {value!r}") from None
 
 
 class QuantFormat(enum.Enum):

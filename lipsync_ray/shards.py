@@ -25,7 +25,6 @@ finding fresh pages (on a VM that returns freed memory to its host, the upper en
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipsync_ray.errors import InputError, ShardError
+from lipsync_ray.options import ShardCodec
 
 __all__ = [
     "SHARD_SCHEMA",
@@ -70,14 +70,6 @@ SHARD_SCHEMA = pa.schema(
         pa.field("image", pa.binary(), nullable=False),
     ]
 )
-
-
-class ShardCodec(enum.Enum):
-    """How frames are stored in a shard's ``image`` column."""
-
-    JPEG = "jpeg"  # lossy, quality 95: ~15x smaller than raw
-    PNG = "png"  # lossless, slow to write
-    RAW = "raw"  # lossless BGR uint8 bytes: no CPU cost, 2.76 MB per 1280x720 frame
 
 
 def encode_image(frame: np.ndarray, codec: ShardCodec) -> bytes:

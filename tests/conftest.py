@@ -38,12 +38,12 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def small_models(tmp_path_factory) -> dict[str, Path]:
     """The small stand-in generator, audio encoder and identity model, built once."""
-    from lipsync_ray.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 
     root = tmp_path_factory.mktemp("models")
     return {
         # RANDOM weights: an output visibly unlike the input, which the seam and fault tests
-        # need; the default FACE weights (lipsync_ray.models) reproduce the face instead.
+        # need; the default FACE weights (lipsync_ray.dev.models) reproduce the face instead.
         "unet": save_model(
             build_model(Arch.UNET328, Size.SMALL, seed=0, weights="random"),
             root / "unet-small.onnx",

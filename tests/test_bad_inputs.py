@@ -28,8 +28,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import draw_face_frames, make_demo_avatar, write_video
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import (
     GeneratorSession,
@@ -38,7 +39,6 @@ from lipsync_ray.inference import (
     check_encoder_model,
     check_generator_model,
 )
-from lipsync_ray.synthetic import draw_face_frames, make_demo_avatar, write_video
 
 _CPU = SessionOptions(providers=(Provider.CPU,))
 AVATAR_FRAMES = 5

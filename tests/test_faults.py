@@ -41,12 +41,12 @@ import pytest
 from onnx import helper, numpy_helper
 from roi_models import save_roi_generator
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import LipsyncError
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import Manifest, ShardCodec, shard_path, spare_dir
-from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lipsync_ray.avatar import Avatar, pingpong_indices
+from lipsync_ray.dev.synthetic import PHOTO_NOISE_STD, make_photo_avatar, photo_frames
 from lipsync_ray.face import MtcnnDetector
-from lipsync_ray.synthetic import PHOTO_NOISE_STD, make_photo_avatar, photo_frames
 
 pytest.importorskip("skimage.data")
 
@@ -61,7 +61,7 @@ def test_photo_avatar_bundle_matches_its_frames(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_inputs(tmp_path_factory, small_models):
-    from lipsync_ray.audio import synth_speech, write_audio
+    from lipsync_ray.dev.speech import synth_speech, write_audio
 
     root = tmp_path_factory.mktemp("reference")
     avatar = make_photo_avatar(root / "avatar", seconds=0.6, size_wh=(320, 180))

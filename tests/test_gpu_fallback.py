@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import (
     Provider,
@@ -28,7 +29,6 @@ from lipsync_ray.inference import (
     requires_gpu,
 )
 from lipsync_ray.pipeline import check_gpu_request, render
-from lipsync_ray.synthetic import make_demo_avatar
 
 CUDA_LOADS = provider_library_error(Provider.CUDA) is None
 no_cuda = pytest.mark.skipif(CUDA_LOADS, reason="this machine loads the CUDA provider")

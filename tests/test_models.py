@@ -1,4 +1,4 @@
-"""Tests of the stand-in ONNX model builder (lipsync_ray.models)."""
+"""Tests of the stand-in ONNX model builder (lipsync_ray.dev.models)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lipsync_ray.dev.models import (
+    Arch,
+    ModelStats,
+    Size,
+    Weights,
+    build_model,
+    model_stats,
+    save_model,
+)
 from lipsync_ray.errors import InputError
-from lipsync_ray.models import Arch, ModelStats, Size, Weights, build_model, model_stats, save_model
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

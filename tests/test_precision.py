@@ -16,11 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray import precision as prec
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, Size, build_model, save_model
 from lipsync_ray.precision import Int8Options, Precision
-from lipsync_ray.synthetic import make_demo_avatar
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 FAST = {"calibration_frames": 8, "holdout_frames": 4, "threads": 2}

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.dev.synthetic import draw_face_frames, face_poses, pose_box, write_video
 from lipsync_ray.errors import InputError
 from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
-from lipsync_ray.synthetic import draw_face_frames, face_poses, pose_box, write_video
 
 SIZE = (320, 240)
 

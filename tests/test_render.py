@@ -20,15 +20,15 @@ from lipsync_ray.actors import (
     Predictions,
     session_options_here,
 )
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.encode import EncodeOptions, probe
 from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames, spare_dir
-from lipsync_ray.synthetic import make_demo_avatar
 from lipsync_ray.vad import SilenceOptions, passthrough_weights
 
 pytestmark = pytest.mark.ray

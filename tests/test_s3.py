@@ -30,11 +30,11 @@ from test_faults import _child_env, _cli, _kill_driver_when
 from test_storage import _decode, _same_video
 
 from lipsync_ray import storage
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
 from lipsync_ray.config import Placement, PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.pipeline import render
-from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
 

@@ -18,14 +18,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray.audio import load_features, synth_speech, write_audio
+from lipsync_ray.audio import load_features
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import check_generator_model, check_model_file
 from lipsync_ray.pipeline import render
-from lipsync_ray.synthetic import make_demo_avatar
 
 # ---------------------------------------------------------------- features: no pickles
 

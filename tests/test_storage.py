@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.batch import load_jobs
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError
 from lipsync_ray.pipeline import check_job_paths, render
 from lipsync_ray.storage import resolve, stage_in, stage_out
-from lipsync_ray.synthetic import make_demo_avatar
 
 SECONDS = 2.0  # about 52 output frames: four chunks of 16
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
-from lipsync_ray.models import Arch, Size, build_model, save_model
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.pipeline import render
 from lipsync_ray.report import RunReport
-from lipsync_ray.synthetic import make_demo_avatar
 
 __all__ = ["run_demo"]
 

@@ -33,19 +33,17 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray import _face_weights as face
+from lipsync_ray.dev import _face_weights as face
 from lipsync_ray.errors import InputError, ModelError
+from lipsync_ray.onnx_io import save_model
 
 __all__ = ["Arch", "ModelStats", "Size", "Weights", "build_model", "model_stats", "save_model"]
 
@@ -577,30 +575,6 @@ def build_model(
     elapsed_s = time.perf_counter() - started
     logger.debug("built %s/%s seed %d in %.2f s", arch.value, size.value, seed, elapsed_s)
     return model
-
-
-def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file + rename); returns the path.
-
-    Raises:
-        InputError: the parent directory does not exist (it is not created).
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(
-            "expected an existing directory for the model file, got a missing one", path=path.parent
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
