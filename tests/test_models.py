@@ -237,7 +237,10 @@ def test_unet_output_follows_its_inputs(models, name):
     assert (base.reshape(2, -1).std(axis=1) > 0.05).all()  # not a constant grey
     assert np.mean((base < 0.02) | (base > 0.98)) < 0.05  # not saturated
     assert np.abs(base - other_image).mean() > 0.02
-    assert np.abs(base - other_audio).mean() > 0.01
+    # FACE weights confine the audio to the mouth (the middle of the ROI; its border passes
+    # through untouched, tests/test_standin.py), random weights spread it everywhere.
+    mouth = np.s_[..., 90:170, 120:200]
+    assert np.abs(base - other_audio)[mouth].mean() > 0.01
 
 
 def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,8 +25,10 @@ Random weights without this give a constant grey output.
 ``Weights.FACE`` (the UNet's default) replaces some channels of some convolutions with
 designed rows (``_face_weights``): a linear path carries the ROI from ``inc`` through the
 skip connection to the output, and a smooth audio term and a small share of the random
-network are added to it, so the output looks like the input face and INT8 stays within the
-35 dB gate. ``Weights.RANDOM`` keeps the all-random network (chaotic: INT8 ~15 dB).
+network are added to it inside a mouth mask only, so the output looks like the input face
+(FULL: every level of the ROI outside the mask comes back exactly, so a paste does not show)
+and INT8 stays within the 35 dB gate. ``Weights.RANDOM`` keeps the all-random network
+(chaotic: INT8 ~15 dB).
 """
 
 from __future__ import annotations
@@ -99,9 +101,11 @@ class Weights(enum.Enum):
     RANDOM: He-normal, BatchNorm folded from one calibration pass. Input-sensitive but chaotic
     (tiny input changes, e.g. INT8 rounding, change the output a lot); the output looks like
     coloured noise.
-    FACE: like a trained generator: the output reproduces the ROI, shifted smoothly by the
-    audio's change over the window; the rest of the network is random as above but only
-    reaches the output with a small gain (``_face_weights``). Survives INT8.
+    FACE: like a trained generator: the output reproduces the ROI, and around the mouth it is
+    shifted smoothly by the audio's change over the window; the rest of the network is random
+    as above but only reaches the output there, with a small gain (``_face_weights``). FULL
+    passes the rest of the ROI through exactly; SMALL keeps luma and red-minus-blue only.
+    Survives INT8.
     """
 
     RANDOM = "random"
