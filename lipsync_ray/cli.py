@@ -696,10 +696,11 @@ def _print_render_bench(r, first) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.demo import run_demo
+    from lipsync_ray.dev.demo import describe, run_demo
 
     report = run_demo(args.out_dir, seconds=args.seconds)
     print(report.summary())
+    print(describe(report, args.out_dir))
     return 0
 
 
