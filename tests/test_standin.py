@@ -27,7 +27,9 @@ from lipsync_ray.seams import measure_seam
 from lipsync_ray.synthetic import draw_face_frames, face_poses, pose_box
 
 BORDER_PX = 24  # the mouth mask is 0 this far (and further) from every side of the ROI
-MOUTH = np.s_[90:170, 120:200]  # inside the mask's plateau (ROI pixels, rows then columns)
+# Inside the mask's plateau (_face_weights.MASK_GRID: rows 2-5 and columns 3-6 of the 10x10
+# grid, cell i at i * 319 / 9 px): ROI rows 71-177, columns 106-212.
+MOUTH = np.s_[80:170, 115:205]  # rows, columns of an (H, W, 3) ROI
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,9 @@ _MASK_KERNELS = {
     "fuse.0.0": (_BLUR, True),
     "fuse.1.0": (np.outer([0.0, 1.0, 1.0], [1.0, 2.0, 1.0]) / 8.0, True),
 }
-_MASK_BLURRED = ("up3.0", "up4.0")  # smooths the bilinear ramps at 80 and 160 px; no wider
+# Blurred at 80 and 160 px only, to round off the bilinear ramps: a blur at 20 and 40 px too
+# would spread the mask ~25 px further out, towards the border that must stay untouched.
+_MASK_BLURRED = ("up3.0", "up4.0")
 # Hinges of the logit fit: (direction, knot); direction +1 is ReLU(u - t), -1 is ReLU(t - u).
 _HINGES = [(1, 0.0), (1, 0.85), (1, 0.93), (1, 0.97), (1, 0.99)] + [
     (-1, t) for t in (0.15, 0.07, 0.03, 0.01)
@@ -237,7 +239,8 @@ class FacePlan:
                 for (d, t), coef in zip(hinges, coefs, strict=True):
                     # Each hinge spans [0, ROI_SCALE] in the hidden tensor and its project
                     # weight is its logit span / ROI_SCALE: the weights of a row stay within
-                    # ~15x of each other, so one INT8 scale per row resolves them all.
+                    # ~13x (SMALL) or ~30x (FULL) of each other, so one INT8 scale per row
+                    # resolves them all.
                     span = 1.0 - t if d > 0 else t
                     taps = {c: d * w / span for c, w in basis[0].items()}
                     expand[j] = _row(cin, 1, taps, -d * ROI_SCALE * t / span)
