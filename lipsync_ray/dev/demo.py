@@ -13,7 +13,6 @@ directory: after a successful render only ``manifest.json``, which a re-run resu
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -87,8 +86,7 @@ def describe(report: RunReport, out_dir: str | Path = "lipsync-demo") -> str:
     work = Path(report.work_dir)
     left = sorted(p.name for p in work.iterdir()) if work.is_dir() else []
     seam = "-" if report.seam_score is None else f"{report.seam_score:.2f}"
-    with open(out / "avatar" / "avatar.json") as f:
-        avatar_seconds = json.load(f)["frame_count"] / avatar.fps
+    avatar_seconds = avatar.frame_count / avatar.fps
     return "\n".join(
         [
             f"Open {report.output} ({report.frames} frames, {w}x{h}, "
