@@ -22,12 +22,12 @@ from lipsync_ray.composite import (
     model_visual_input,
     prediction_to_uint8,
 )
-from lipsync_ray.models import Arch, Size, build_model
+from lipsync_ray.dev.models import Arch, Size, build_model
+from lipsync_ray.dev.synthetic import draw_face_frames, face_poses, pose_box
 from lipsync_ray.seams import measure_seam
-from lipsync_ray.synthetic import draw_face_frames, face_poses, pose_box
 
 BORDER_PX = 24  # the mouth mask is 0 this far (and further) from every side of the ROI
-# Inside the mask's plateau (_face_weights.MASK_GRID: rows 2-5 and columns 3-6 of the 10x10
+# Inside the mask's plateau (dev/_face_weights.py MASK_GRID: rows 2-5, columns 3-6 of the 10x10
 # grid, cell i at i * 319 / 9 px): ROI rows 71-177, columns 106-212.
 MOUTH = np.s_[80:170, 115:205]  # rows, columns of an (H, W, 3) ROI
 
@@ -142,7 +142,7 @@ def test_demo_output_matches_its_avatar(tmp_path):
     import av
 
     from lipsync_ray.avatar import Avatar
-    from lipsync_ray.demo import describe, run_demo
+    from lipsync_ray.dev.demo import describe, run_demo
 
     report = run_demo(tmp_path / "demo", seconds=1.0)
     avatar = Avatar.open(tmp_path / "demo" / "avatar")
