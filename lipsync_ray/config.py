@@ -117,11 +117,25 @@ class PoolConfig:
             gpus = GPU_SHARE if cluster_gpus > 0 else 0.0
         on_gpu = gpus > 0 and cluster_gpus > 0
         why = [f"cluster {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs"]
+        compositors, per_compositor = self.compositors, self.cpus_per_compositor
+        if compositors is None and not on_gpu:  # on the CPU, before the actors that share it
+            cpus = max(1, int(cluster_cpus))
+            compositors = min(cpus, max(2, cpus // 4))
+            why_compositors = (
+                f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)"
+            )
         actors = self.inference_actors
         if actors is None:
             if on_gpu:
                 actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
                 why.append(f"{actors} inference actors ({gpus:g} GPU each: all the GPUs)")
+            elif self.cpus_per_inference_actor:  # as many as fit beside the compositors
+                left = cluster_cpus - compositors * per_compositor
+                actors = max(1, math.floor(left / self.cpus_per_inference_actor + 1e-9))
+                why.append(
+                    f"{actors} inference actors (CPU: {self.cpus_per_inference_actor:g} CPUs "
+                    "each, beside the compositors)"
+                )
             else:
                 actors = max(1, int(cluster_cpus))
                 why.append(f"{actors} inference actors (CPU: one single-threaded session per CPU)")
@@ -132,8 +146,7 @@ class PoolConfig:
         if batch is None:
             batch = GPU_BATCH if on_gpu else CPU_BATCH
             why.append(f"batch {batch} ({'GPU' if on_gpu else 'CPU'} default)")
-        compositors, per_compositor = self.compositors, self.cpus_per_compositor
-        if compositors is None:
+        if self.compositors is None:
             if on_gpu:
                 left = cluster_cpus - DRIVER_CPUS - actors * GPU_ACTOR_CPUS
                 compositors = max(1, math.floor(left + 1e-9))
@@ -142,9 +155,7 @@ class PoolConfig:
                     f"driver - {GPU_ACTOR_CPUS:g} per inference actor)"
                 )
             else:
-                cpus = max(1, int(cluster_cpus))
-                compositors = min(cpus, max(2, cpus // 4))
-                why.append(f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)")
+                why.append(why_compositors)
             if chunks is not None and compositors > max(1, chunks):
                 compositors = max(1, chunks)
                 why.append(f"compositors capped at the render's {compositors} chunk(s)")

@@ -24,6 +24,14 @@ SIZES = [
     (PoolConfig(), 8, 0, (8, 0.0, 1, 2, 0.5, 0.75)),
     (PoolConfig(), 16, 0, (16, 0.0, 1, 4, 0.5, 0.75)),
     (PoolConfig(), 1, 0, (1, 0.0, 1, 1, 0.5, 0.5)),
+    # CPUs per actor given: as many actors as fit beside the compositors
+    (PoolConfig(cpus_per_inference_actor=1.0), 8, 0, (7, 0.0, 1, 2, 0.5, 1.0)),
+    (
+        PoolConfig(cpus_per_inference_actor=1.0, compositors=3, cpus_per_compositor=0.25),
+        2,
+        0,
+        (1, 0.0, 1, 3, 0.25, 1.0),
+    ),
     # one GPU on 16 cores: 4 x 0.25 at batch 16; 16 - 1 (driver) - 4 x 0.75 = 12 compositors
     (PoolConfig(), 16, 1, (4, 0.25, 16, 12, 0.5, 2.5)),
     (PoolConfig(), 64, 4, (16, 0.25, 16, 51, 0.5, 2.25)),
