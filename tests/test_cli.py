@@ -13,24 +13,37 @@ import pytest
 
 from lipsync_ray.cli import build_parser, config_from_args, main, render_argv
 
-COMMANDS = [
-    [],
-    ["render"],
-    ["prepare"],
-    ["models"],
-    ["models", "build"],
-    ["models", "info"],
-    ["bench"],
-    ["bench", "inference"],
-    ["demo"],
-]
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command path of ``parser``, the top level included, read from its sub-parsers."""
+    yield list(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+COMMANDS = list(_commands(build_parser()))
+
+
+def test_the_command_list_is_discovered():
+    assert ["render"] in COMMANDS and ["bench", "render"] in COMMANDS and len(COMMANDS) > 10
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
-def test_help_on_every_subcommand(command):
+def test_help_on_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" ".join(["usage: lipsync-ray", *command])), out[:200]
+
+
+def test_help_of_the_console_command():
+    """The installed entry point (or ``python -m``) starts and prints its usage."""
     exe = shutil.which("lipsync-ray")
     argv = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
-    result = subprocess.run([*argv, *command, "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: lipsync-ray" in result.stdout
 
