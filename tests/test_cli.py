@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
+from helpers import cli_command
 
 from lipsync_ray.cli import build_parser, config_from_args, main, render_argv
 
@@ -41,9 +40,7 @@ def test_help_on_every_subcommand(command, capsys):
 
 def test_help_of_the_console_command():
     """The installed entry point (or ``python -m``) starts and prints its usage."""
-    exe = shutil.which("lipsync-ray")
-    argv = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
-    result = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*cli_command(), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: lipsync-ray" in result.stdout
 
