@@ -282,3 +282,14 @@ def _action(parser, path):
         parser = sub.choices[name]
     (action,) = [a for a in parser._actions if flag in a.option_strings]
     return action
+
+
+# ------------------------------------------------- the unit tier's tripwire (tests/conftest.py)
+
+
+def test_the_unit_tier_cannot_start_ray():
+    import ray
+
+    with pytest.raises(RuntimeError, match=r"not marked `ray`.*mark the test @pytest\.mark\.ray"):
+        ray.init(address="local", num_cpus=1)
+    assert not ray.is_initialized()
