@@ -605,9 +605,24 @@ def _cmd_render_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from lipsync_ray.progress import FrameProgress
+
+    if args.video is None and not args.synctalk_dataset:
+        raise InputError("give a VIDEO, or --synctalk-dataset DIR")
+    # A bar on a terminal only, as before: prepare logs no progress lines to files.
+    with FrameProgress(None, label="prepare", log_every=None) as bar:
+        summary = _prepare(args, bar.callback())
+    print(
+        f"prepared {summary.frames} frames at {summary.fps:g} fps, "
+        f"{summary.size_wh[0]}x{summary.size_wh[1]}, detector {summary.detector}, "
+        f"in {summary.seconds:.1f} s -> {summary.path}"
+    )
+    return 0
+
+
+def _prepare(args: argparse.Namespace, progress):
     from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
 
-    progress = _progress_printer("prepare")
     if args.synctalk_dataset:
         summary = import_synctalk_dataset(
             args.synctalk_dataset,
@@ -617,8 +632,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             progress=progress,
         )
     else:
-        if args.video is None:
-            raise InputError("give a VIDEO, or --synctalk-dataset DIR")
         options = PrepareOptions(**_given(args, fps="fps", smoothing_window="smoothing"))
         summary = prepare_avatar(
             args.video,
@@ -628,34 +641,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             overwrite=bool(args.overwrite),
             progress=progress,
         )
-    _end_progress()
-    print(
-        f"prepared {summary.frames} frames at {summary.fps:g} fps, "
-        f"{summary.size_wh[0]}x{summary.size_wh[1]}, detector {summary.detector}, "
-        f"in {summary.seconds:.1f} s -> {summary.path}"
-    )
-    return 0
-
-
-_progress_open = False
-
-
-def _progress_printer(label: str):
-    def progress(done: int, total: int | None) -> None:
-        global _progress_open
-        if not sys.stderr.isatty():
-            return
-        _progress_open = True
-        of = f"/{total}" if total else ""
-        sys.stderr.write(f"\r{label}: {done}{of} frames   ")
-        sys.stderr.flush()
-
-    return progress
-
-
-def _end_progress() -> None:
-    if _progress_open:
-        sys.stderr.write("\n")
+    return summary
 
 
 # ----------------------------------------------------------------------------------- models
