@@ -9,12 +9,11 @@ so those tests are skipped there)."""
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_command
 
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
@@ -126,8 +125,7 @@ def _argv(job, out: Path, *extra: str) -> list[str]:
 def test_cli_providers_cuda_exits_2_before_ray_and_writes_nothing(job, tmp_path):
     """A fresh process (no Ray running): the driver's own check, before any cluster."""
     out = tmp_path / "out.mp4"
-    exe = shutil.which("lipsync-ray")
-    cmd = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
+    cmd = cli_command()
     result = subprocess.run(
         [*cmd, *_argv(job, out, "--providers", "cuda")],
         capture_output=True,
