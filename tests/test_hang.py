@@ -108,6 +108,9 @@ def _config(model: Path, features: Path, max_retries: int) -> RenderConfig:
         pool=PoolConfig(
             chunk_frames=CHUNK,
             gpus_per_actor=0.0,
+            # one generator: the chunk is retried on the actor whose session hung, after its
+            # restart (a second actor would take the retry with the hanging model still loaded)
+            inference_actors=1,
             compositors=1,
             batch_size=8,
             max_retries=max_retries,
