@@ -25,6 +25,7 @@ from lipsync_ray.avatar import Avatar
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
+from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -38,7 +39,6 @@ from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import (
     ShardCodec,
     ShardInfo,
-    file_sha256,
     iter_shard_frames,
     shard_path,
     write_shard,

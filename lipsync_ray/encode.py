@@ -41,7 +41,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from lipsync_ray.errors import EncodeError, InputError, LipsyncError
+from lipsync_ray.fileio import partial_path, partials
 
 __all__ = [
     "EncodeOptions",
@@ -863,16 +863,11 @@ def _verify(tmp: Path, output: Path, frames: int, fps: int, *, has_audio: bool) 
     return info
 
 
-def _partial_name(path: Path, tag: str) -> str:
-    return f".{path.stem}.{tag}.partial{path.suffix}"
-
-
 def remove_partials(path: str | Path) -> list[Path]:
     """Delete the temporary files an encoder killed while writing ``path`` left beside it
     (a SIGKILL runs no clean-up); returns what was removed. Only for a path that nothing else
     is writing."""
-    path = Path(path)
-    stale = sorted(path.parent.glob(_partial_name(path, "*")))
+    stale = partials(path)
     for leftover in stale:
         leftover.unlink(missing_ok=True)
     return stale
@@ -887,7 +882,7 @@ class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._tmp = path.with_name(_partial_name(path, uuid.uuid4().hex[:8]))
+        self._tmp = partial_path(path)
 
     def __enter__(self) -> Path:
         if not self._path.parent.is_dir():

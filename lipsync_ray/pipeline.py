@@ -46,6 +46,7 @@ from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.encode import check_video_encoder
 from lipsync_ray.errors import InputError
+from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     EncoderSession,
@@ -72,7 +73,6 @@ from lipsync_ray.scheduler import (
     plan_chunks,
     start_actors,
 )
-from lipsync_ray.shards import file_sha256
 from lipsync_ray.storage import Location, relocate, resolve, stage_out
 from lipsync_ray.vad import passthrough_weights
 from lipsync_ray.workdir import (

@@ -13,8 +13,9 @@ The file's key-value metadata holds ``lipsync_ray.fingerprint`` (the render's fi
 ``lipsync_ray.chunk`` (the chunk number), so an orphan shard (written, renamed, but not yet in
 the manifest when the driver died) can still be verified and reused.
 
-Shards are written to ``chunk-NNNNNN.parquet.tmp-<pid>`` and renamed when complete: a file
-named ``chunk-NNNNNN.parquet`` is always whole. The manifest is rewritten the same way.
+Shards are written to a temp name beside ``chunk-NNNNNN.parquet`` (:mod:`lipsync_ray.fileio`)
+and renamed when complete: a file named ``chunk-NNNNNN.parquet`` is always whole. The manifest
+is rewritten the same way.
 
 Spare files: a shard released as soon as its segment is recorded (segments mode without
 ``--keep-shards``) can be moved to ``shards/.spare/`` instead of deleted (:func:`keep_spare`),
@@ -26,7 +27,6 @@ finding fresh pages (on a VM that returns freed memory to its host, the upper en
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipsync_ray.errors import InputError, ShardError
+from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 
 __all__ = [
     "SHARD_SCHEMA",
@@ -146,14 +147,6 @@ def _claim_spare(spares: Path, tmp: Path) -> bool:
     return False
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     """What the manifest records about one complete shard."""
@@ -211,7 +204,6 @@ def write_shard(
             {FINGERPRINT_KEY: fingerprint.encode(), CHUNK_KEY: str(chunk).encode()}
         ),
     )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     small = [name for name in SHARD_SCHEMA.names if name != "image"]
     # Images neither compress (raw pixels or JPEG/PNG already) nor repeat: no codec, no
@@ -222,12 +214,9 @@ def write_shard(
         use_dictionary=small,
         write_statistics=small,
     )
-    try:
+    with atomic_path(path) as tmp:
         if not (reuse_spare and _write_over_spare(table, tmp, spare_dir(work_dir), options)):
             pq.write_table(table, tmp, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ShardInfo(
         chunk=chunk,
         start=int(frame_indices[0]),
@@ -442,9 +431,7 @@ class Manifest:
             "released": sorted(self.released),
         }
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, data, indent=1)
         if self.on_save is not None:
             self.on_save(self.path)
 

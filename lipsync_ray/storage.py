@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.fileio import atomic_path
 
 __all__ = [
     "CACHE_ROOT",
@@ -585,10 +586,5 @@ def _listing(location: Location) -> dict[str, pafs.FileInfo]:
 def _download(fs: pafs.FileSystem, path: str, local: Path) -> None:
     """Copy one file to ``local``, atomically (temp name + rename)."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, _BLOCK)
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(local) as tmp, fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, _BLOCK)

@@ -46,7 +46,7 @@ def test_round_trip_with_plain_pyarrow(tmp_path, codec):
     )
     assert path.name == "chunk-000003.parquet"
     assert (info.chunk, info.start, info.stop, info.rows) == (3, 10, 15, 5)
-    assert not list(path.parent.glob("*.tmp-*"))
+    assert not list(path.parent.glob("*.tmp-*")) and not list(path.parent.glob(".*.partial*"))
 
     table = pq.read_table(path)
     assert table.schema.field("frame_index").type == pa.int64()
