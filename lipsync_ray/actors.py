@@ -22,6 +22,7 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
@@ -67,7 +68,10 @@ CONCURRENCY_GROUPS = {"control": 1}
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """One chunk of output frames ``[start, stop)``, with everything needed to render it."""
+    """One chunk of output frames ``[start, stop)``, with everything needed to render it.
+
+    The range travels as three ints (not a :class:`ChunkRange`) to keep what Ray pickles for
+    every chunk flat; :attr:`range` gives it back."""
 
     chunk: int
     start: int
@@ -80,11 +84,15 @@ class ChunkSpec:
     weights: np.ndarray | None = None
 
     @property
+    def range(self) -> ChunkRange:
+        return ChunkRange(self.chunk, self.start, self.stop)
+
+    @property
     def frames(self) -> int:
         return self.stop - self.start
 
     def describe(self) -> str:
-        return f"chunk {self.chunk} (frames {self.start}-{self.stop - 1})"
+        return self.range.describe()
 
 
 @dataclass(frozen=True)

@@ -448,23 +448,22 @@ class Renderer:
         features_s = time.perf_counter() - t0  # decoding and features, Ray's start beside them
         frames = len(feats)
         avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
-        chunks = plan_chunks(frames, config.pool.chunk_frames)
+        plan = plan_chunks(frames, config.pool.chunk_frames)
         fingerprint = self._fingerprint(job, feats)
         job.work_dir.mkdir(parents=True, exist_ok=True)
         manifest = open_manifest(job.work_dir, config, fingerprint, frames)
         if job.remote is not None:
             job.remote.attach(manifest)
         segments = config.encode_mode is EncodeMode.SEGMENTS
-        adopt_orphans(manifest, chunks, fingerprint, segments)
-        todo = [
-            (c, s, e) for c, s, e in chunks if not manifest.complete(c, s, e, segments=segments)
-        ]
-        for c, _, _ in todo:
-            manifest.forget(c)
-        reused = len(chunks) - len(todo)
+        adopt_orphans(manifest, plan, fingerprint, segments)
+        todo = [r for r in plan if not manifest.complete(r, segments=segments)]
+        for r in todo:
+            manifest.forget(r.chunk)
+        reused = len(plan) - len(todo)
+        rendered_frames = sum(r.frames for r in todo)
         log.info(
             "%d frames in %d chunks of %d (%d reused); features %.1f s",
-            frames, len(chunks), config.pool.chunk_frames, reused, features_s,
+            frames, len(plan), config.pool.chunk_frames, reused, features_s,
         )  # fmt: skip
         totals = ChunkTotals()
         if todo:
@@ -486,12 +485,12 @@ class Renderer:
             )
             specs = (
                 ChunkSpec(
-                    c, s, e, avatar_idx[s:e], padded_rows(feats, s, e),
-                    None if weights is None else weights[s:e],
+                    r.chunk, r.start, r.stop, avatar_idx[r.start : r.stop], padded_rows(feats, r),
+                    None if weights is None else weights[r.start : r.stop],
                 )
-                for c, s, e in todo
+                for r in todo
             )  # fmt: skip
-            progress = _Progress(frames, done=frames - sum(e - s for _, s, e in todo))
+            progress = _Progress(frames, done=frames - rendered_frames)
             try:
                 totals = ChunkScheduler(
                     self._ray,
@@ -512,7 +511,7 @@ class Renderer:
             timings["download"] = time.perf_counter() - t0
             cpu["download"] = time.process_time() - c0
             t0, c0 = time.perf_counter(), time.process_time()
-        media = encode_output(job, config, manifest, frames)
+        media = encode_output(job, config, manifest, plan, frames)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
         self.timeline.mark("join")
@@ -529,14 +528,14 @@ class Renderer:
             output=str(job.output),
             work_dir=str(job.work_dir),
             frames=frames,
-            chunks=len(chunks),
+            chunks=len(plan),
             chunks_rendered=len(todo),
             chunks_reused=reused,
             wall_s=wall,
             fps=frames / wall,
             stages=StageTimes(
-                _per_frame(timings, rendered=sum(e - s for _, s, e in todo), total=frames),
-                _per_frame(cpu, rendered=sum(e - s for _, s, e in todo), total=frames),
+                _per_frame(timings, rendered=rendered_frames, total=frames),
+                _per_frame(cpu, rendered=rendered_frames, total=frames),
             ),
             retries=totals.retries,
             frames_generated=totals.generated,

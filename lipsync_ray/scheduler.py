@@ -4,7 +4,7 @@
 
     start_actors(ray, pool, ...)       InferenceActor and CompositorActor pools (Ray restarts
                                        them without limit; the chunks bound the retries)
-    plan_chunks(frames, C)             (chunk, start, stop) ranges of C output frames
+    plan_chunks(frames, C)             ChunkRange values of C output frames (lipsync_ray.chunks)
     ChunkScheduler(...).run(specs)     InferenceActor ──predictions (ObjectRef)──▶ CompositorActor
                                          at most `in_flight` chunks submitted at once
                                          a failed chunk: retried (max_retries), or, when a worker
@@ -38,6 +38,7 @@ from lipsync_ray.actors import (
     InferenceActor,
     JobContext,
 )
+from lipsync_ray.chunks import ChunkRange, plan_chunks
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
@@ -62,17 +63,9 @@ SYSTEM_RETRIES = 8
 _UNORDERED = {"allow_out_of_order_execution": True}
 
 
-def plan_chunks(frames: int, chunk_frames: int) -> list[tuple[int, int, int]]:
-    """Split ``frames`` output frames into ``(chunk, start, stop)`` ranges of ``chunk_frames``."""
-    return [
-        (i, start, min(start + chunk_frames, frames))
-        for i, start in enumerate(range(0, frames, chunk_frames))
-    ]
-
-
-def padded_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Feature rows ``[start - 8, stop + 8)`` with zeros where they run off either end."""
-    lo, hi = start - AUDIO_CONTEXT, stop + AUDIO_CONTEXT
+def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
+    """Feature rows ``[start - 8, stop + 8)`` of ``chunk``, zero where they run off either end."""
+    lo, hi = chunk.start - AUDIO_CONTEXT, chunk.stop + AUDIO_CONTEXT
     rows = np.zeros((hi - lo, features.shape[1]), dtype=np.float32)
     a, b = max(lo, 0), min(hi, len(features))
     rows[a - lo : b - lo] = features[a:b]

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError, ShardError
 from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 
@@ -395,21 +396,19 @@ class Manifest:
         """Note a chunk's segment; saved together with the chunk's shard by :meth:`record`."""
         self.segments[info.chunk] = info
 
-    def adopt(
-        self, path: Path, chunk: int, start: int, stop: int, *, segment: bool = False
-    ) -> None:
+    def adopt(self, path: Path, chunk: ChunkRange, *, segment: bool = False) -> None:
         """Record a file that is known to be whole (renamed into place) but not yet listed."""
         info = ShardInfo(
-            chunk=chunk,
-            start=start,
-            stop=stop,
-            rows=stop - start,
+            chunk=chunk.chunk,
+            start=chunk.start,
+            stop=chunk.stop,
+            rows=chunk.frames,
             sha256=file_sha256(path),
             bytes=path.stat().st_size,
             file=str(path.relative_to(self.work_dir)),
         )
         if segment:
-            self.segments[chunk] = info
+            self.segments[chunk.chunk] = info
         else:
             self.record(info)
 
@@ -435,25 +434,29 @@ class Manifest:
         if self.on_save is not None:
             self.on_save(self.path)
 
-    def verified(self, chunk: int, start: int, stop: int) -> bool:
+    def verified(self, chunk: ChunkRange) -> bool:
         """True when the chunk's shard is recorded, present, whole and unchanged."""
-        return self._verified(self.chunks.get(chunk), start, stop)
+        return self._verified(self.chunks.get(chunk.chunk), chunk)
 
-    def complete(self, chunk: int, start: int, stop: int, *, segments: bool) -> bool:
+    def complete(self, chunk: ChunkRange, *, segments: bool) -> bool:
         """Whether a chunk needs no more work: its segment verifies (segments mode) and its
         shard verifies or was released after the segment was made."""
         if not segments:
-            return self.verified(chunk, start, stop)
-        if not self.verified_segment(chunk, start, stop):
+            return self.verified(chunk)
+        if not self.verified_segment(chunk):
             return False
-        return chunk in self.released or self.verified(chunk, start, stop)
+        return chunk.chunk in self.released or self.verified(chunk)
 
-    def verified_segment(self, chunk: int, start: int, stop: int) -> bool:
+    def verified_segment(self, chunk: ChunkRange) -> bool:
         """True when the chunk's H.264 segment is recorded, present, whole and unchanged."""
-        return self._verified(self.segments.get(chunk), start, stop)
+        return self._verified(self.segments.get(chunk.chunk), chunk)
 
-    def _verified(self, info: ShardInfo | None, start: int, stop: int) -> bool:
-        if info is None or (info.start, info.stop, info.rows) != (start, stop, stop - start):
+    def _verified(self, info: ShardInfo | None, chunk: ChunkRange) -> bool:
+        if info is None or (info.start, info.stop, info.rows) != (
+            chunk.start,
+            chunk.stop,
+            chunk.frames,
+        ):
             return False
         path = self.work_dir / info.file
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +30,10 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.actors import segment_path
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.config import EncodeMode, RenderConfig
 from lipsync_ray.encode import concat_segments, encode_video, probe, remove_partials
 from lipsync_ray.errors import InputError, LipsyncError
-from lipsync_ray.scheduler import plan_chunks
 from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
 from lipsync_ray.storage import (
     Location,
@@ -222,19 +222,20 @@ def open_manifest(work_dir: Path, config: RenderConfig, fingerprint: str, frames
 
 
 def adopt_orphans(
-    manifest: Manifest, chunks: Iterable[tuple[int, int, int]], fingerprint: str, segments: bool
+    manifest: Manifest, plan: Iterable[ChunkRange], fingerprint: str, segments: bool
 ) -> None:
     """Record files that were renamed into place but not yet listed (the driver died between
     a compositor's rename and the manifest update)."""
-    for chunk, start, stop in chunks:
+    for rng in plan:
+        chunk = rng.chunk
         path = shard_path(manifest.work_dir, chunk)
         if chunk not in manifest.chunks and path.exists():
             try:
                 fp, number, rows = shard_metadata(path)
             except Exception:  # an unreadable file is simply rendered again
                 continue
-            if fp == fingerprint and number == chunk and rows == stop - start:
-                manifest.adopt(path, chunk, start, stop)
+            if fp == fingerprint and number == chunk and rows == rng.frames:
+                manifest.adopt(path, rng)
         seg = segment_path(manifest.work_dir, chunk)
         if (
             segments
@@ -245,30 +246,31 @@ def adopt_orphans(
             # Same fingerprint (the work dir was wiped otherwise) and renamed into place whole;
             # the frame count is checked by demuxing.
             try:
-                ok = probe(seg).video_frames == stop - start
+                ok = probe(seg).video_frames == rng.frames
             except LipsyncError:
                 ok = False
             if ok:
-                manifest.adopt(seg, chunk, start, stop, segment=True)
+                manifest.adopt(seg, rng, segment=True)
 
 
-def encode_output(job: Job, config: RenderConfig, manifest: Manifest, frames: int):
+def encode_output(
+    job: Job, config: RenderConfig, manifest: Manifest, plan: Sequence[ChunkRange], frames: int
+):
     """Write ``job.output`` from the manifest's segments (stream copy) or shards (one encoder),
     with the job's audio as the AAC track; returns the encoder's media summary."""
     track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
     for stale in remove_partials(job.output):  # from a driver killed mid-encode
         log.info("removed %s, left by an interrupted encode", stale)
-    chunks = plan_chunks(frames, config.pool.chunk_frames)
     if config.encode_mode is EncodeMode.SEGMENTS:
-        segments = [job.work_dir / manifest.segments[c].file for c, _, _ in chunks]
+        segments = [job.work_dir / manifest.segments[r.chunk].file for r in plan]
         return concat_segments(
             segments, track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
         )
 
     def shard_frames() -> Iterator[np.ndarray]:
-        for c, start, stop in chunks:
-            path = job.work_dir / manifest.chunks[c].file
-            yield from iter_shard_frames(path, range(start, stop))
+        for r in plan:
+            path = job.work_dir / manifest.chunks[r.chunk].file
+            yield from iter_shard_frames(path, r.frame_range)
 
     return encode_video(
         shard_frames(), track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError, ShardError
 from lipsync_ray.shards import (
     Manifest,
@@ -95,24 +96,24 @@ def test_manifest_verifies_checksums(tmp_path):
     manifest.record(info)
     loaded = Manifest.load(tmp_path)
     assert loaded is not None and loaded.chunks[0] == info and loaded.fingerprint == "fp"
-    assert loaded.verified(0, 0, 4)
-    assert not loaded.verified(0, 0, 5)  # another plan
-    assert not loaded.verified(1, 4, 8)  # never written
+    assert loaded.verified(ChunkRange(0, 0, 4))
+    assert not loaded.verified(ChunkRange(0, 0, 5))  # another plan
+    assert not loaded.verified(ChunkRange(1, 4, 8))  # never written
 
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     path.write_bytes(bytes(data))
-    assert not loaded.verified(0, 0, 4)
+    assert not loaded.verified(ChunkRange(0, 0, 4))
     path.unlink()
-    assert not loaded.verified(0, 0, 4)
+    assert not loaded.verified(ChunkRange(0, 0, 4))
 
 
 def test_orphan_adoption_and_forget(tmp_path):
     path = shard_path(tmp_path, 2)
     write_shard(path, 2, np.arange(8, 12), np.arange(4), _frames(4), ShardCodec.RAW, "fp", tmp_path)
     manifest = Manifest(tmp_path, "fp", {}, frames=12, chunk_frames=4)
-    manifest.adopt(path, 2, 8, 12)
-    assert Manifest.load(tmp_path).verified(2, 8, 12)
+    manifest.adopt(path, ChunkRange(2, 8, 12))
+    assert Manifest.load(tmp_path).verified(ChunkRange(2, 8, 12))
     manifest.forget(2)
     assert 2 not in Manifest.load(tmp_path).chunks
 
@@ -176,7 +177,8 @@ def test_checksum_can_be_skipped_for_released_shards(tmp_path):
     assert info.sha256 == "" and info.bytes > 0
     manifest = Manifest(tmp_path, "fp", {}, 2, 2)
     manifest.record(info)
-    assert not manifest.verified(0, 0, 2)  # an unchecksummed shard is never taken as verified
+    # an unchecksummed shard is never taken as verified
+    assert not manifest.verified(ChunkRange(0, 0, 2))
 
 
 def _write_raw(work_dir, chunk: int, frames: np.ndarray, **kwargs):
