@@ -37,14 +37,10 @@ from lipsync_ray.inference import (
     with_gpu_share,
 )
 from lipsync_ray.report import ActorInfo
-from lipsync_ray.shards import (
-    ShardCodec,
-    ShardInfo,
-    iter_shard_frames,
-    shard_path,
-    write_shard,
-)
-from lipsync_ray.storage import Location, WorkStore, local_copy
+from lipsync_ray.shards import ShardCodec, ShardInfo, iter_shard_frames, write_shard
+from lipsync_ray.storage import Location, local_copy
+from lipsync_ray.workdir.layout import segment_path, shard_path
+from lipsync_ray.workdir.remote import WorkStore
 
 __all__ = [
     "AUDIO_CONTEXT",
@@ -54,7 +50,6 @@ __all__ = [
     "InferenceActor",
     "JobContext",
     "Predictions",
-    "segment_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,11 +145,6 @@ class _StageClock:
         self.wall[stage] = self.wall.get(stage, 0.0) + wall - self._wall
         self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu - self._cpu
         self._wall, self._cpu = wall, cpu
-
-
-def segment_path(work_dir: str | Path, chunk: int) -> Path:
-    """``<work_dir>/segments/chunk-NNNNNN.mp4``: the chunk's video-only H.264 segment."""
-    return Path(work_dir) / "segments" / f"chunk-{chunk:06d}.mp4"
 
 
 def _actor_info(

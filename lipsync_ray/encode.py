@@ -1,5 +1,9 @@
 """Encode stage: BGR frames and mono audio to an H.264 + AAC file, with PyAV only.
 
+(Over 700 lines on purpose: one stage whose three paths, segments, their stream-copy join and
+the single encoder, share the muxer set-up, the verification and the NVENC session cap; split,
+each part would import the others' private helpers.)
+
 Two ways to make the output:
 
 * **segment mode** (the Ray pipeline): every chunk of frames is encoded on its own by

@@ -1,5 +1,8 @@
 """Reduced precision for the generator: INT8 on the CPU, FP16 on the GPU, behind a quality gate.
 
+(Over 700 lines on purpose: the conversions, the gate that measures them and the cache that
+keys them by what the gate measured are one decision, made once on the driver.)
+
 :func:`prepare_model` runs on the driver once per render, before any actor starts; actors only
 load the path it returns (``PreparedModel.path``). What it picks::
 

@@ -14,8 +14,8 @@
                                            actor is restarted and the chunk retried
 
 The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
-with :func:`start_actors` and hands over the lists, the resolved pool settings, the manifest
-that records finished chunks, and a callback that waits for restarted actors.
+with :func:`start_actors` and hands over the lists, the resolved pool settings, the work
+directory that records finished chunks, and a callback that waits for restarted actors.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 
@@ -43,10 +44,16 @@ from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
 from lipsync_ray.inference import SessionOptions
-from lipsync_ray.shards import Manifest
 from lipsync_ray.storage import Location
 
-__all__ = ["ChunkScheduler", "ChunkTotals", "padded_rows", "plan_chunks", "start_actors"]
+__all__ = [
+    "ChunkRecorder",
+    "ChunkScheduler",
+    "ChunkTotals",
+    "padded_rows",
+    "plan_chunks",
+    "start_actors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +144,12 @@ def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
     ]
 
 
+class ChunkRecorder(Protocol):
+    """Where finished chunks go (:class:`lipsync_ray.workdir.WorkDir`)."""
+
+    def record(self, result: ChunkResult) -> None: ...
+
+
 @dataclass
 class ChunkTotals:
     """What one render's chunks add up to (summed over the chunks that ran)."""
@@ -196,9 +209,8 @@ class ChunkScheduler:
         inference: the InferenceActor handles; chunks go to the least loaded one.
         compositors: the CompositorActor handles; likewise.
         pool: the resolved pool settings (in-flight limit, max_retries, chunk_timeout_s).
-        manifest: records every finished chunk's shard (and segment).
+        recorder: records every finished chunk's shard (and segment).
         on_frames: called with the frame count of each finished chunk (progress).
-        keep_shards: keep each chunk's shard once its segment is recorded (else released).
         await_actors: ``(actors, what)`` blocks until ``actors`` answer again after a restart;
             default :func:`wait_for_actors`.
     """
@@ -209,16 +221,14 @@ class ChunkScheduler:
         inference: Sequence,
         compositors: Sequence,
         pool: PoolConfig,
-        manifest: Manifest,
+        recorder: ChunkRecorder,
         on_frames: Callable[[int], None],
         *,
-        keep_shards: bool,
         await_actors: Callable[[Sequence, str], None] | None = None,
     ) -> None:
-        self.ray, self.pool, self.manifest = ray, pool, manifest
+        self.ray, self.pool, self.recorder = ray, pool, recorder
         self.inference, self.compositors = list(inference), list(compositors)
         self.on_frames = on_frames
-        self.keep_shards = keep_shards
         self._await = await_actors or partial(wait_for_actors, ray)
         self.totals = ChunkTotals()
         self._retry: deque[tuple[ChunkSpec, int, int]] = deque()
@@ -284,7 +294,7 @@ class ChunkScheduler:
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
-        ray, manifest, totals = self.ray, self.manifest, self.totals
+        ray, totals = self.ray, self.totals
         task = self._inflight.pop(ref)
         self._load_inf[task.inference] -= 1
         self._load_comp[task.compositor] -= 1
@@ -293,14 +303,7 @@ class ChunkScheduler:
         except (ray.exceptions.RayError, LipsyncError) as exc:
             self._failed(task, exc)
             return
-        if result.segment is not None:
-            manifest.record_segment(result.segment)
-        # Released once recorded (without --keep-shards): the segment carries the
-        # chunk, and disk use stays bounded by the chunks in flight.
-        manifest.record(
-            result.shard,
-            release=result.segment is not None and not self.keep_shards,
-        )
+        self.recorder.record(result)
         for k, v in result.timings_s.items():
             totals.timings[k] = totals.timings.get(k, 0.0) + v
         for k, v in result.cpu_s.items():

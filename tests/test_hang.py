@@ -36,8 +36,9 @@ from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import RenderError
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import Manifest, ShardCodec
+from lipsync_ray.shards import ShardCodec
 from lipsync_ray.synthetic import make_demo_avatar
+from lipsync_ray.workdir import Manifest
 
 pytestmark = pytest.mark.ray
 

@@ -9,17 +9,9 @@ import pytest
 
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError, ShardError
-from lipsync_ray.shards import (
-    Manifest,
-    ShardCodec,
-    file_sha256,
-    iter_shard_frames,
-    keep_spare,
-    shard_metadata,
-    shard_path,
-    spare_dir,
-    write_shard,
-)
+from lipsync_ray.fileio import file_sha256
+from lipsync_ray.shards import ShardCodec, iter_shard_frames, shard_metadata, write_shard
+from lipsync_ray.workdir import Manifest, keep_spare, shard_path, spare_dir
 
 
 def _frames(n: int, h: int = 72, w: int = 128, seed: int = 0) -> list[np.ndarray]:
