@@ -1,6 +1,6 @@
 """The audio stage: decode speech, compute Wav2Lip mel spectrograms and per-frame audio features.
 
-Data flow (DESIGN §3)::
+Data flow (docs/model-and-audio.md §3)::
 
     any audio file ──load_audio──> float32 (S,) mono 16 kHz
         ──mel_spectrogram──> float32 (80, T), 80 mel frames per second, values in [-4, 4]
@@ -19,7 +19,6 @@ import logging
 import math
 import struct
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -44,7 +43,6 @@ __all__ = [
     "load_features",
     "mel_spectrogram",
     "synth_speech",
-    "write_audio",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,18 +70,6 @@ _STFT_BLOCK_FRAMES = 2048  # bounds the float64 STFT working set (~13 MB) for an
 # A decode that ends this far before the declared duration means a truncated or corrupt file.
 _TRUNCATION_TOLERANCE_S = 0.2
 _TRUNCATION_TOLERANCE_FRACTION = 0.05
-
-# suffix -> encoder names to try in order (the first one this PyAV build has wins)
-_ENCODERS: dict[str, tuple[str, ...]] = {
-    ".wav": ("pcm_s16le",),
-    ".mp3": ("libmp3lame",),
-    ".m4a": ("aac",),
-    ".flac": ("flac",),
-    ".ogg": ("libvorbis", "libopus"),
-    ".opus": ("libopus",),
-}
-_OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
-
 
 # --------------------------------------------------------------------------- decode / encode
 
@@ -297,74 +283,6 @@ def audio_duration_s(path: str | Path) -> float:
         ) from exc
 
 
-def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Encode samples to an audio file; the codec follows the suffix.
-
-    ``.wav`` pcm_s16le, ``.mp3`` libmp3lame, ``.m4a`` aac, ``.flac`` flac,
-    ``.ogg`` libvorbis or else libopus, ``.opus`` libopus (Opus is written at 48 kHz unless
-    ``sample_rate`` is one it supports).
-
-    Args:
-        samples: float (S,) mono or (S, C) with C in {1, 2}, in [-1, 1] (clipped). Not mutated.
-        sample_rate: Hz, of ``samples``.
-
-    Returns:
-        the path written.
-
-    Raises:
-        InputError: bad shape, non-finite samples, bad rate, unknown suffix or no encoder.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _ENCODERS:
-        raise InputError(
-            f"expected one of {sorted(_ENCODERS)} as suffix, got {suffix!r}", path=path
-        )
-    codec = next((c for c in _ENCODERS[suffix] if c in av.codecs_available), None)
-    if codec is None:
-        raise InputError(
-            f"this PyAV build has no encoder for {suffix}: expected one of {_ENCODERS[suffix]}",
-            path=path,
-        )
-    if not (isinstance(sample_rate, int | np.integer) and sample_rate > 0):
-        raise InputError(f"sample rate must be a positive integer, got {sample_rate!r}", path=path)
-    data = np.asarray(samples)
-    if data.ndim == 1:
-        data = data[:, None]
-    if data.ndim != 2 or data.shape[1] not in (1, 2) or data.shape[0] == 0:
-        raise InputError(
-            f"expected samples of shape (S,) or (S, 1|2), got {np.shape(samples)}", path=path
-        )
-    if not np.all(np.isfinite(data)):
-        raise InputError("expected finite samples, got NaN or infinity", path=path)
-    planar = np.ascontiguousarray(np.clip(data, -1.0, 1.0).T, dtype=np.float32)  # (C, S)
-    layout = "mono" if planar.shape[0] == 1 else "stereo"
-    rate = int(sample_rate)
-    if codec == "libopus" and rate not in _OPUS_RATES:
-        rate = 48_000
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream(codec, rate=rate, layout=layout)
-            # The codec context converts format, rate and frame size itself (and flushes once).
-            step = int(sample_rate)  # one second per frame
-            for start in range(0, planar.shape[1], step):
-                frame = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(planar[:, start : start + step]),
-                    format="fltp",
-                    layout=layout,
-                )
-                frame.sample_rate = int(sample_rate)
-                frame.time_base = Fraction(1, int(sample_rate))
-                frame.pts = start
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-    except av.error.FFmpegError as exc:
-        path.unlink(missing_ok=True)
-        raise InputError(f"could not encode {suffix} with {codec}: {exc}", path=path) from exc
-    return path
-
-
 # --------------------------------------------------------------------------- synthetic speech
 
 
@@ -501,7 +419,7 @@ _HANN = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic
 
 
 def mel_spectrogram(samples: np.ndarray) -> np.ndarray:
-    """Wav2Lip mel spectrogram of mono 16 kHz audio (DESIGN §3.2).
+    """Wav2Lip mel spectrogram of mono 16 kHz audio (docs/model-and-audio.md §3.2).
 
     Pre-emphasis 0.97 (``y[0] = x[0]``), centred STFT (400 zeros each side; n_fft 800,
     hop 200, periodic Hann 800), magnitude, Slaney mel 55-7600 Hz, ``20 log10(max(1e-5, m))
@@ -568,7 +486,7 @@ def _gather_windows(mel: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def encoder_windows(mel: np.ndarray, fps: float = float(VIDEO_FPS)) -> np.ndarray:
-    """All audio-encoder inputs of a mel spectrogram (DESIGN §3.3).
+    """All audio-encoder inputs of a mel spectrogram (docs/model-and-audio.md §3.3).
 
     Window k covers mel frames [int(80 k / fps), +16), shifted left to T - 16 when it runs past
     the end; W = int((T - 16) / 80 * fps) + 2.
@@ -590,7 +508,8 @@ def compute_features(
     batch_size: int = 64,
     fps: float = float(VIDEO_FPS),
 ) -> np.ndarray:
-    """Per-video-frame audio features: encode every window, pad the ends, smooth (DESIGN §3.3).
+    """Per-video-frame audio features: encode every window, pad the ends, smooth
+    (docs/model-and-audio.md §3.3).
 
     Windows are built one batch at a time, so memory stays flat for any audio length.
     After encoding, the first and the last rows are repeated once (N = W + 2), then each row
@@ -631,7 +550,8 @@ def compute_features(
 
 
 def load_features(path: str | Path) -> np.ndarray:
-    """Read precomputed audio features (DESIGN §3.6) from a ``.npy`` file; pickles are refused.
+    """Read precomputed audio features (docs/model-and-audio.md §3.6) from a ``.npy`` file;
+    pickles are refused.
 
     Returns:
         float32 (N, 512), N >= 1, C-contiguous.
@@ -669,7 +589,7 @@ def load_features(path: str | Path) -> np.ndarray:
 
 
 def audio_windows(features: np.ndarray, frame_indices: np.ndarray) -> np.ndarray:
-    """The generator's audio input for some output frames (DESIGN §3.5).
+    """The generator's audio input for some output frames (docs/model-and-audio.md §3.5).
 
     For frame i: rows [i - 8, i + 8) of ``features``, zero where that runs off either end,
     flattened (16 x 512 = 8192) and reshaped to (32, 16, 16). Gathers only the rows needed.

@@ -6,6 +6,8 @@ traceback only shows with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import logging
 import sys
@@ -45,10 +47,57 @@ def _names(text: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------- render
+#
+# Every option flag defaults to None, "not given": the config is built from the flags that were
+# given only, so each default is stated once, on its dataclass field, and the help texts read
+# it from there (_default). A switch (store_true) is None when absent as well.
+
+
+def _default(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name`` (its default_factory called)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise KeyError(f"{cls.__name__} has no field {name!r} with a default")
+
+
+def _shown(value) -> str:
+    """A default as a user types it: enum values, providers by name, floats without '.0'."""
+    if isinstance(value, enum.Enum):
+        return value.name.lower() if value.name in _PROVIDER_FLAGS else str(value.value)
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _help(text: str, cls, name: str) -> str:
+    """``text`` followed by the default of ``cls.name``, read from the dataclass."""
+    return f"{text} (default {_shown(_default(cls, name))})"
+
+
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """``{field: args.<dest>}`` for each ``field=dest`` whose flag was given (not None)."""
+    return {f: getattr(args, d) for f, d in fields.items() if getattr(args, d, None) is not None}
+
+
+def _value(args: argparse.Namespace, dest: str, cls, name: str):
+    """The flag's value, or the default of ``cls.name`` when it was not given."""
+    value = getattr(args, dest, None)
+    return _default(cls, name) if value is None else value
+
+
+_PROVIDER_FLAGS = {"TENSORRT": "tensorrt", "CUDA": "cuda", "CPU": "cpu"}
 
 
 def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     """The `render` flags; with ``batch`` the audio and output come from a jobs file."""
+
     # str, not Path: a URI (s3://bucket/avatar) must keep its "//".
     p.add_argument("avatar", help="avatar bundle directory (from `prepare`), a path or a URI")
     if batch:
@@ -63,6 +112,34 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     src = p.add_mutually_exclusive_group(required=not batch)
     src.add_argument("--audio-encoder", help="audio encoder (ONNX)")
     src.add_argument("--features", help="precomputed audio features [N, 512] float32 (.npy)")
+    output = add_render_options(p)
+    output.add_argument(
+        "--work-dir",
+        default=None,
+        help="shards, manifest, report: a path or URI (default OUT.mp4.work/)",
+    )
+    output.add_argument(
+        "--keep-shards",
+        action="store_true",
+        default=None,
+        help="keep shards after a successful encode",
+    )
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace the output / restart the work dir",
+    )
+
+
+def add_render_options(p: argparse.ArgumentParser):
+    """The render's settings, shared by `render`, `render-batch` and `bench render`: the Ray
+    address, the actor pool, the session, the encode and the picture flags (everything but the
+    inputs, the output and its work directory). Returns the "output" group."""
+    from lipsync_ray.composite import BlendOptions
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.vad import SilenceOptions
+
     p.add_argument(
         "--address", help="Ray address: none starts a local cluster; 'auto' joins `ray start`"
     )
@@ -71,57 +148,59 @@ def add_render_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g = p.add_argument_group("output")
     add_encode_args(g)
     g.add_argument(
-        "--work-dir",
+        "--start-frame",
+        type=int,
         default=None,
-        help="shards, manifest, report: a path or URI (default OUT.mp4.work/)",
+        help=_help("first avatar frame", RenderConfig, "start_frame"),
     )
-    g.add_argument(
-        "--keep-shards", action="store_true", help="keep shards after a successful encode"
-    )
-    g.add_argument("--start-frame", type=int, default=0, help="first avatar frame (default 0)")
     g.add_argument(
         "--blend",
         choices=["feather", "hard"],
-        default="feather",
-        help="paste: feathered edge (default) or the reference hard paste",
+        default=None,
+        help=_help("paste: feathered edge or the reference hard paste", BlendOptions, "mode"),
     )
     g.add_argument(
         "--feather",
         type=float,
-        default=0.1,
-        help="feather ramp as a fraction of the box side (default 0.1)",
+        default=None,
+        help=_help("feather ramp as a fraction of the box side", BlendOptions, "feather"),
     )
     g.add_argument(
         "--silence-passthrough",
         action="store_true",
+        default=None,
         help="silent stretches keep the original avatar frame (no inference)",
     )
     g.add_argument(
         "--silence-threshold-db",
         type=float,
-        default=-45.0,
-        help="RMS level per frame below which audio counts as silent (default -45)",
+        default=None,
+        help=_help(
+            "RMS level per frame below which audio counts as silent", SilenceOptions, "threshold_db"
+        ),
     )
     g.add_argument(
         "--silence-min-s",
         type=float,
-        default=0.4,
-        help="shortest silence that passes through, seconds (default 0.4)",
+        default=None,
+        help=_help(
+            "shortest silence that passes through, seconds", SilenceOptions, "min_silence_s"
+        ),
     )
     g.add_argument(
         "--silence-fade-frames",
         type=int,
-        default=4,
-        help="cross-fade frames inside a silent stretch (default 4)",
+        default=None,
+        help=_help("cross-fade frames inside a silent stretch", SilenceOptions, "fade_frames"),
     )
-    g.add_argument(
-        "--overwrite", action="store_true", help="replace the output / restart the work dir"
-    )
+    return g
 
 
 def add_pool_args(p: argparse.ArgumentParser) -> None:
     """The actor-pool flags of `render`, `render-batch` and both benchmarks. Sizes left out
     are chosen from the cluster on the driver (``PoolConfig.resolved``)."""
+    from lipsync_ray.config import PoolConfig
+
     g = p.add_argument_group("actors and chunks")
     g.add_argument(
         "--batch-size",
@@ -152,39 +231,59 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="compositing actors (default: the CPUs left after the driver and inference with "
-        "GPUs; max(1, CPUs // 4) without)",
+        "GPUs; max(2, CPUs // 4) without)",
     )
     g.add_argument(
         "--compositor-niceness",
         type=int,
         default=None,
-        help="scheduling niceness of compositors, 0-19: above 0 they use the CPU inference "
-        "leaves idle (default: PoolConfig's)",
+        help=_help(
+            "scheduling niceness of compositors, 0-19: above 0 they use the CPU inference "
+            "leaves idle",
+            PoolConfig,
+            "compositor_niceness",
+        ),
     )
     g.add_argument(
-        "--chunk-frames", type=int, default=64, help="output frames per chunk/shard (default 64)"
+        "--chunk-frames",
+        type=int,
+        default=None,
+        help=_help("output frames per chunk/shard", PoolConfig, "chunk_frames"),
     )
     g.add_argument(
-        "--max-retries", type=int, default=3, help="retries per failing chunk (default 3)"
+        "--max-retries",
+        type=int,
+        default=None,
+        help=_help("retries per failing chunk", PoolConfig, "max_retries"),
     )
     g.add_argument(
-        "--chunk-timeout", type=float, default=900.0, help="seconds before a chunk counts as hung"
+        "--chunk-timeout",
+        type=float,
+        default=None,
+        help=_help("seconds before a chunk counts as hung", PoolConfig, "chunk_timeout_s"),
     )
     g.add_argument(
         "--placement",
         choices=["auto", "split"],
-        default="auto",
-        help="auto: Ray decides (one machine); split: compositors on CPU-only nodes",
+        default=None,
+        help=_help(
+            "auto: Ray decides (one machine); split: compositors on CPU-only nodes",
+            PoolConfig,
+            "placement",
+        ),
     )
 
 
 def add_session_args(p: argparse.ArgumentParser) -> None:
     """The ONNX Runtime session flags of `render`, `render-batch` and both benchmarks."""
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.inference import SessionOptions
+
     g = p.add_argument_group("session")
     g.add_argument(
         "--providers",
-        default="tensorrt,cuda,cpu",
-        help="ONNX Runtime providers in order of preference (default tensorrt,cuda,cpu)",
+        default=None,
+        help=_help("ONNX Runtime providers in order of preference", SessionOptions, "providers"),
     )
     g.add_argument(
         "--gpu-mem-limit",
@@ -194,34 +293,45 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
         "the card, from nvidia-smi)",
     )
     g.add_argument("--trt-cache", default=None, help="TensorRT engine cache directory")
-    g.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    g.add_argument("--fp16", action="store_true", default=None, help="TensorRT FP16 kernels")
     g.add_argument(
         "--no-io-binding",
         action="store_true",
+        default=None,
         help="run the generator with plain session.run instead of an IO binding",
     )
     g.add_argument(
         "--no-graph-io",
         action="store_true",
+        default=None,
         help="run the generator as given, converting uint8 <-> float in NumPy around each call, "
         "instead of wrapped for uint8 in and out (same output, more CPU per frame)",
     )
     g.add_argument(
         "--precision",
         choices=["fp32", "int8", "fp16", "auto"],
-        default="fp32",
-        help="generator precision; int8/fp16/auto are checked by a quality gate (default fp32)",
+        default=None,
+        help=_help(
+            "generator precision; int8/fp16/auto are checked by a quality gate",
+            RenderConfig,
+            "precision",
+        ),
     )
     g.add_argument(
         "--precision-threshold",
         type=float,
-        default=35.0,
-        help="gate: face-region PSNR against FP32 on held-out frames, dB (default 35)",
+        default=None,
+        help=_help(
+            "gate: face-region PSNR against FP32 on held-out frames, dB",
+            RenderConfig,
+            "precision_threshold_db",
+        ),
     )
     g.add_argument("--precision-cache", help="where reduced models are cached (default: avatar)")
     g.add_argument(
         "--allow-cpu-fallback",
         action="store_true",
+        default=None,
         help="render on the CPU when a GPU was asked for (--providers cuda, or the actor "
         "holds a GPU) but its session cannot use it (default: stop with ONNX Runtime's reason)",
     )
@@ -229,102 +339,181 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
 
 def add_encode_args(g) -> None:
     """The shard and H.264 flags of `render`, `render-batch` and `bench render`."""
-    from lipsync_ray.config import EncodeMode
-    from lipsync_ray.encode import VideoCodec
+    from lipsync_ray.config import EncodeMode, RenderConfig
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.shards import ShardCodec
 
     g.add_argument(
         "--shard-codec",
         choices=[c.value for c in ShardCodec],
-        default="raw",
-        help="frame storage in shards: raw (default, lossless BGR, no CPU cost), png "
-        "(lossless, small, slow) or jpeg (quality 95)",
+        default=None,
+        help=_help(
+            "frame storage in shards: raw (lossless BGR, no CPU cost), png (lossless, small, "
+            "slow) or jpeg (quality 95)",
+            RenderConfig,
+            "shard_codec",
+        ),
     )
     g.add_argument(
         "--encode-mode",
         choices=[m.value for m in EncodeMode],
-        default="segments",
-        help="segments: per-chunk H.264 in parallel, joined by stream copy (default)",
+        default=None,
+        help=_help(
+            "segments: per-chunk H.264 in parallel, joined by stream copy; single: one encoder",
+            RenderConfig,
+            "encode_mode",
+        ),
     )
-    g.add_argument("--video-codec", choices=[c.value for c in VideoCodec], default="libx264")
-    g.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (default 20)")
-    g.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    g.add_argument(
+        "--video-codec",
+        choices=[c.value for c in VideoCodec],
+        default=None,
+        help=_help("H.264 encoder", EncodeOptions, "codec"),
+    )
+    add_x264_args(g)
+
+
+def add_x264_args(g) -> None:
+    """``--crf`` and ``--preset``: of the render, `bench encode` (CRF) and `reference`."""
+    from lipsync_ray.encode import EncodeOptions
+
+    add_crf_arg(g)
+    g.add_argument("--preset", default=None, help=_help("x264 preset", EncodeOptions, "preset"))
+
+
+def add_crf_arg(g) -> None:
+    from lipsync_ray.encode import EncodeOptions
+
+    g.add_argument(
+        "--crf",
+        type=int,
+        default=None,
+        help=_help("x264 constant rate factor", EncodeOptions, "crf"),
+    )
+
+
+def encode_from_args(args: argparse.Namespace):
+    """The EncodeOptions of the flags :func:`add_encode_args` / :func:`add_x264_args` add."""
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
+
+    given = _given(args, crf="crf", preset="preset")
+    if getattr(args, "video_codec", None) is not None:
+        given["codec"] = VideoCodec(args.video_codec)
+    return EncodeOptions(**given)
 
 
 def pool_from_args(args: argparse.Namespace):
     """The PoolConfig of the flags :func:`add_pool_args` adds (None: sized from the cluster)."""
     from lipsync_ray.config import Placement, PoolConfig
 
-    return PoolConfig(
-        inference_actors=args.inference_actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_inference_actor=args.cpus_per_actor,
-        compositors=args.compositors,
-        **_niceness(args),
-        batch_size=args.batch_size,
-        chunk_frames=args.chunk_frames,
-        max_retries=args.max_retries,
-        chunk_timeout_s=args.chunk_timeout,
-        placement=Placement(args.placement),
+    given = _given(
+        args,
+        inference_actors="inference_actors",
+        gpus_per_actor="gpus_per_actor",
+        cpus_per_inference_actor="cpus_per_actor",
+        compositors="compositors",
+        compositor_niceness="compositor_niceness",
+        batch_size="batch_size",
+        chunk_frames="chunk_frames",
+        max_retries="max_retries",
+        chunk_timeout_s="chunk_timeout",
     )
+    if args.placement is not None:
+        given["placement"] = Placement(args.placement)
+    return PoolConfig(**given)
 
 
 def session_from_args(args: argparse.Namespace):
     """The SessionOptions of the flags :func:`add_session_args` adds."""
-    from lipsync_ray.inference import Provider, SessionOptions
+    from lipsync_ray.inference import SessionOptions
 
-    names = {"tensorrt": Provider.TENSORRT, "cuda": Provider.CUDA, "cpu": Provider.CPU}
+    given = _given(args, trt_fp16="fp16", trt_cache_dir="trt_cache")
+    if args.providers is not None:
+        given["providers"] = _providers(args.providers)
+    if args.gpu_mem_limit is not None:
+        given["gpu_mem_limit_bytes"] = int(args.gpu_mem_limit * 2**30)
+    if args.no_io_binding:
+        given["io_binding"] = False
+    if args.no_graph_io:
+        given["graph_io"] = False
+    return SessionOptions(**given)
+
+
+def _providers(text: str) -> tuple:
+    from lipsync_ray.inference import Provider
+
+    names = {flag: Provider[name] for name, flag in _PROVIDER_FLAGS.items()}
     try:
-        providers = tuple(names[n.strip().lower()] for n in args.providers.split(",") if n.strip())
+        providers = tuple(names[n.strip().lower()] for n in text.split(",") if n.strip())
     except KeyError as exc:
         raise InputError(
             f"unknown provider {exc.args[0]!r}, expected tensorrt, cuda or cpu"
         ) from None
     if not providers:
-        raise InputError(f"expected providers such as cuda,cpu, got {args.providers!r}")
-    return SessionOptions(
-        providers=providers,
-        gpu_mem_limit_bytes=None if args.gpu_mem_limit is None else int(args.gpu_mem_limit * 2**30),
-        trt_fp16=args.fp16,
-        trt_cache_dir=args.trt_cache,
-        io_binding=not args.no_io_binding,
-        graph_io=not args.no_graph_io,
+        raise InputError(f"expected providers such as cuda,cpu, got {text!r}")
+    return providers
+
+
+def precision_from_args(args: argparse.Namespace):
+    """``--precision`` as a Precision (RenderConfig's default when not given)."""
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.precision import Precision
+
+    return Precision.parse(_value(args, "precision", RenderConfig, "precision"))
+
+
+def render_options_from_args(args: argparse.Namespace) -> dict:
+    """RenderConfig keywords of the flags :func:`add_render_options` adds (and, where the
+    parser has them, `render`'s work-dir flags): only those given, as typed values."""
+    from lipsync_ray.composite import Blend, BlendOptions
+    from lipsync_ray.config import EncodeMode
+    from lipsync_ray.shards import ShardCodec
+    from lipsync_ray.vad import SilenceOptions
+
+    options = _given(
+        args,
+        address="address",
+        allow_cpu_fallback="allow_cpu_fallback",
+        precision_threshold_db="precision_threshold",
+        precision_cache="precision_cache",
+        start_frame="start_frame",
+        work_dir="work_dir",
+        keep_shards="keep_shards",
+        overwrite="overwrite",
     )
+    options.update(pool=pool_from_args(args), session=session_from_args(args))
+    options["encode"] = encode_from_args(args)
+    if args.precision is not None:
+        options["precision"] = precision_from_args(args)
+    if args.encode_mode is not None:
+        options["encode_mode"] = EncodeMode(args.encode_mode)
+    if args.shard_codec is not None:
+        options["shard_codec"] = ShardCodec(args.shard_codec)
+    blend = _given(args, feather="feather")
+    if args.blend is not None:
+        blend["mode"] = Blend(args.blend)
+    options["blend"] = BlendOptions(**blend)
+    if args.silence_passthrough:
+        options["silence"] = SilenceOptions(
+            **_given(
+                args,
+                threshold_db="silence_threshold_db",
+                min_silence_s="silence_min_s",
+                fade_frames="silence_fade_frames",
+            )
+        )
+    return options
 
 
 def config_from_args(args: argparse.Namespace):
     """Build the one RenderConfig from parsed CLI flags (also used by jobs/render_job.py)."""
-    from lipsync_ray.composite import BlendOptions
-    from lipsync_ray.config import EncodeMode, RenderConfig
-    from lipsync_ray.encode import EncodeOptions, VideoCodec
-    from lipsync_ray.precision import Precision
-    from lipsync_ray.shards import ShardCodec
-    from lipsync_ray.vad import SilenceOptions
+    from lipsync_ray.config import RenderConfig
 
     return RenderConfig(
         model=args.model,
         audio_encoder=args.audio_encoder,
         features=args.features,
-        address=args.address,
-        pool=pool_from_args(args),
-        session=session_from_args(args),
-        allow_cpu_fallback=args.allow_cpu_fallback,
-        encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
-        encode_mode=EncodeMode(args.encode_mode),
-        shard_codec=ShardCodec(args.shard_codec),
-        work_dir=args.work_dir,
-        keep_shards=args.keep_shards,
-        start_frame=args.start_frame,
-        overwrite=args.overwrite,
-        precision=Precision.parse(args.precision),
-        precision_threshold_db=args.precision_threshold,
-        precision_cache=args.precision_cache,
-        blend=BlendOptions(args.blend, args.feather),
-        silence=SilenceOptions(
-            args.silence_threshold_db, args.silence_min_s, args.silence_fade_frames
-        )
-        if args.silence_passthrough
-        else None,
+        **render_options_from_args(args),
     )
 
 
@@ -333,7 +522,6 @@ def render_argv(config) -> list[str]:
     it; tested): every setting is written out, defaults included. Used by ``bench render`` to
     run the real command line as a user does."""
     pool, session, encode = config.pool, config.session, config.encode
-    names = {"TENSORRT": "tensorrt", "CUDA": "cuda", "CPU": "cpu"}
     argv = ["--model", str(config.model)]
     if config.audio_encoder:
         argv += ["--audio-encoder", str(config.audio_encoder)]
@@ -347,7 +535,7 @@ def render_argv(config) -> list[str]:
         "--max-retries", str(pool.max_retries),
         "--chunk-timeout", repr(pool.chunk_timeout_s),
         "--placement", pool.placement.value,
-        "--providers", ",".join(names[p.name] for p in session.providers),
+        "--providers", ",".join(_PROVIDER_FLAGS[p.name] for p in session.providers),
         "--precision", config.precision.value,
         "--precision-threshold", repr(config.precision_threshold_db),
         "--shard-codec", config.shard_codec.value,
@@ -416,30 +604,13 @@ def _cmd_render_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
+    from lipsync_ray.progress import FrameProgress
 
-    progress = _progress_printer("prepare")
-    if args.synctalk_dataset:
-        summary = import_synctalk_dataset(
-            args.synctalk_dataset,
-            args.output,
-            fps=args.fps,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
-    else:
-        if args.video is None:
-            raise InputError("give a VIDEO, or --synctalk-dataset DIR")
-        options = PrepareOptions(fps=args.fps, smoothing_window=args.smoothing)
-        summary = prepare_avatar(
-            args.video,
-            args.output,
-            options,
-            boxes_file=args.boxes,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
-    _end_progress()
+    if args.video is None and not args.synctalk_dataset:
+        raise InputError("give a VIDEO, or --synctalk-dataset DIR")
+    # A bar on a terminal only, as before: prepare logs no progress lines to files.
+    with FrameProgress(None, label="prepare", log_every=None) as bar:
+        summary = _prepare(args, bar.callback())
     print(
         f"prepared {summary.frames} frames at {summary.fps:g} fps, "
         f"{summary.size_wh[0]}x{summary.size_wh[1]}, detector {summary.detector}, "
@@ -448,32 +619,35 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-_progress_open = False
+def _prepare(args: argparse.Namespace, progress):
+    from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
 
-
-def _progress_printer(label: str):
-    def progress(done: int, total: int | None) -> None:
-        global _progress_open
-        if not sys.stderr.isatty():
-            return
-        _progress_open = True
-        of = f"/{total}" if total else ""
-        sys.stderr.write(f"\r{label}: {done}{of} frames   ")
-        sys.stderr.flush()
-
-    return progress
-
-
-def _end_progress() -> None:
-    if _progress_open:
-        sys.stderr.write("\n")
+    if args.synctalk_dataset:
+        summary = import_synctalk_dataset(
+            args.synctalk_dataset,
+            args.output,
+            **_given(args, fps="fps"),
+            overwrite=bool(args.overwrite),
+            progress=progress,
+        )
+    else:
+        options = PrepareOptions(**_given(args, fps="fps", smoothing_window="smoothing"))
+        summary = prepare_avatar(
+            args.video,
+            args.output,
+            options,
+            boxes_file=args.boxes,
+            overwrite=bool(args.overwrite),
+            progress=progress,
+        )
+    return summary
 
 
 # ----------------------------------------------------------------------------------- models
 
 
 def _cmd_models_build(args: argparse.Namespace) -> int:
-    from lipsync_ray.models import Arch, Size, build_model, model_stats, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, model_stats, save_model
 
     model = build_model(
         Arch(args.arch),
@@ -495,8 +669,8 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
 def _cmd_models_info(args: argparse.Namespace) -> int:
     import onnx
 
+    from lipsync_ray.dev.models import model_stats
     from lipsync_ray.inference import check_model_file
-    from lipsync_ray.models import model_stats
 
     path = check_model_file(args.model)
     model = onnx.load(str(path))
@@ -521,14 +695,15 @@ def _cmd_models_info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ bench
+# The tables these commands print are in lipsync_ray.dev.bench_print.
 
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_inference
+    from lipsync_ray.dev.bench import bench_inference
     from lipsync_ray.pipeline import check_gpu_request
     from lipsync_ray.precision import Precision
 
-    precision = Precision.parse(args.precision)
+    precision = precision_from_args(args)
     if precision not in (Precision.FP32, Precision.FP16):
         raise InputError(
             f"bench inference runs fp32 or fp16 (converted, not gated), got {precision.value}: "
@@ -537,28 +712,21 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
     session = session_from_args(args)
     from lipsync_ray.config import RenderConfig
 
+    fallback = _value(args, "allow_cpu_fallback", RenderConfig, "allow_cpu_fallback")
     check_gpu_request(
-        RenderConfig(model=str(args.model), session=session,
-                     allow_cpu_fallback=args.allow_cpu_fallback)
-    )  # fmt: skip
+        RenderConfig(model=str(args.model), session=session, allow_cpu_fallback=fallback)
+    )
     results = bench_inference(
         args.model, args.batch, threads=args.threads, min_seconds=args.seconds,
-        options=session, fp16=precision is Precision.FP16,
-        allow_cpu_fallback=args.allow_cpu_fallback,
+        options=session, fp16=precision is Precision.FP16, allow_cpu_fallback=fallback,
     )  # fmt: skip
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
         return 0
-    print(f"{'batch':>5} {'ms/frame':>9} {'FPS':>7}  provider, threads")
-    for r in results:
-        print(f"{r.batch:>5} {r.ms_per_frame:>9.1f} {r.fps:>7.2f}  {r.provider}, {r.threads}")
+    from lipsync_ray.dev.bench_print import print_inference_bench
+
+    print_inference_bench(results)
     return 0
-
-
-def _niceness(args: argparse.Namespace) -> dict:
-    """``compositor_niceness`` for PoolConfig when given on the command line."""
-    n = args.compositor_niceness
-    return {} if n is None else {"compositor_niceness": n}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -570,30 +738,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_render
-    from lipsync_ray.config import EncodeMode, RenderConfig
-    from lipsync_ray.encode import EncodeOptions, VideoCodec
-    from lipsync_ray.precision import Precision
-    from lipsync_ray.shards import ShardCodec
-    from lipsync_ray.vad import SilenceOptions
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.dev.bench import bench_render
 
-    # The render's own pool and session flags: the pool is sized from the cluster, as a
+    # The render's own flags (add_render_options): the pool is sized from the cluster, as a
     # flag-less `render` would be, and bare inference runs on the render's provider.
-    config = RenderConfig(
-        model="-",
-        audio_encoder="-",
-        address=args.address,
-        pool=pool_from_args(args),
-        session=session_from_args(args),
-        allow_cpu_fallback=args.allow_cpu_fallback,
-        encode=EncodeOptions(crf=args.crf, preset=args.preset, codec=VideoCodec(args.video_codec)),
-        encode_mode=EncodeMode(args.encode_mode),
-        shard_codec=ShardCodec(args.shard_codec),
-        precision=Precision.parse(args.precision),
-        precision_threshold_db=args.precision_threshold,
-        precision_cache=args.precision_cache,
-        silence=SilenceOptions() if args.silence_passthrough else None,
-    )
+    config = RenderConfig(model="-", audio_encoder="-", **render_options_from_args(args))
     if not args.address:  # an embedded cluster: this machine runs the actors
         from lipsync_ray.pipeline import check_gpu_request
 
@@ -608,7 +758,9 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
         )  # fmt: skip
         batch = result.render_batch
         runs.append(result)
-        _print_render_bench(result, runs[0])
+        from lipsync_ray.dev.bench_print import print_render_bench
+
+        print_render_bench(result, runs[0])
     out: dict = {"runs": [r.to_dict() for r in runs]}
     if len(runs) > 1:
         out["memory_ratio"] = runs[-1].peak_pss_mb / runs[0].peak_pss_mb
@@ -621,96 +773,40 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
-    from lipsync_ray.bench import bench_encode
+    from lipsync_ray.dev.bench import bench_encode
+    from lipsync_ray.encode import EncodeOptions
 
+    crf = _value(args, "crf", EncodeOptions, "crf")
     results = bench_encode(
-        args.presets, crf=args.crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
+        args.presets, crf=crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
     )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
-          f"   ({args.avatar} footage, CRF {args.crf}, 1 thread, 64-frame segments)")  # fmt: skip
-    for r in results:
-        print(f"{r.preset:>10} {r.cpu_ms_per_frame:>13.1f} {r.mbit_per_s:>7.2f} "
-              f"{r.psnr_db:>8.2f} {r.worst_psnr_db:>6.2f}")  # fmt: skip
+    from lipsync_ray.dev.bench_print import print_encode_bench
+
+    print_encode_bench(results, avatar=args.avatar, crf=crf)
     return 0
-
-
-def _print_render_bench(r, first) -> None:
-    print(f"== {r.model} model, {r.avatar} avatar, {r.seconds:g} s of audio, {r.frames} frames "
-          f"at {r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
-    if r.bare:
-        print(f"bare inference after {r.settings['bare_warmup_s']:g} s of untimed warm-up:")
-    for b in r.bare:
-        print(f"bare inference batch {b.batch}: {b.fps:.2f} FPS ({b.ms_per_frame:.1f} ms/frame, "
-              f"{b.threads} threads)")  # fmt: skip
-    if r.bare_after is not None:
-        print(f"bare inference batch {r.bare_after.batch} after the render: "
-              f"{r.bare_after.fps:.2f} FPS; bare figure used: {r.bare_fps:.2f} FPS (mean of "
-              f"before and after)")  # fmt: skip
-    reduced = r.precision.get("precision", "fp32")
-    for b in r.bare_reduced:
-        print(f"bare {reduced} inference batch {b.batch}: {b.fps:.2f} FPS "
-              f"({b.ms_per_frame:.1f} ms/frame, {b.threads} threads)")  # fmt: skip
-    bare = r.bare_fps or first.bare_fps
-    ratio = r.e2e_fps / bare if bare else 0.0
-    print(f"lipsync-ray render, whole process: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s from start "
-          f"to exit, batch {r.render_batch})")  # fmt: skip
-    print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.phases_s.items())
-          + " (ray_init is inside start)")  # fmt: skip
-    chunks_s = r.phases_s.get("chunks", 0.0)
-    if chunks_s > 0:
-        print(f"  steady state (chunks phase): {r.frames / chunks_s:.2f} FPS")
-    if r.precision_prepare_s:
-        print(f"{r.precision.get('precision')} generator quantised and gated before the render "
-              f"(once per model, avatar and settings; the render loads it from the cache): "
-              f"{r.precision_prepare_s:.1f} s")  # fmt: skip
-    if bare:
-        print(f"ratio end-to-end / bare inference: {ratio:.3f}")
-    if r.bare_reduced:
-        best = max(b.fps for b in r.bare_reduced)
-        print(f"end to end / bare {reduced} inference: {r.e2e_fps / best:.3f}")
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
-    print(f"CPU ms/frame by stage: {stages}")
-    print(f"frames generated: {r.frames_generated} of {r.frames}; precision: "
-          f"{r.precision.get('precision', 'fp32')} {r.precision.get('gate') or ''}")  # fmt: skip
-    print(
-        f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f} ("
-        + ", ".join(f"{k} {v:.1f}" for k, v in r.process_cpu_ms_per_frame.items())
-        + ")"
-    )
-    print(
-        f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
-    )
-    if r.reference:
-        ref = r.reference
-        print(f"reference single-process script, whole process: {ref['fps']:.2f} FPS "
-              f"({ref['wall_s']:.1f} s; {ref['cpu_ms_per_frame']:.1f} CPU ms/frame, peak RSS "
-              f"{ref['peak_rss_mb']:.0f} MB)")  # fmt: skip
-        print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ref["phases_s"].items()))
-        print(f"lipsync-ray render vs the reference, same footage and model: {r.speedup:.2f}x "
-              f"faster (wall of the reference / wall of the render)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lipsync_ray.demo import run_demo
+    from lipsync_ray.dev.demo import describe, run_demo
 
     report = run_demo(args.out_dir, seconds=args.seconds)
     print(report.summary())
+    print(describe(report, args.out_dir))
     return 0
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from lipsync_ray.encode import EncodeOptions
-    from lipsync_ray.reference import run_reference
+    from lipsync_ray.dev.reference import run_reference
 
     result = run_reference(
         args.avatar, args.audio, args.output, model=args.model,
         audio_encoder=args.audio_encoder, batch_size=args.batch_size,
-        composite_threads=args.threads, encode=EncodeOptions(crf=args.crf, preset=args.preset),
+        composite_threads=args.threads, encode=encode_from_args(args),
     )  # fmt: skip
     print(json.dumps(result.to_dict()))
     return 0
@@ -720,6 +816,8 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lipsync_ray.prepare import PrepareOptions
+
     parser = argparse.ArgumentParser(
         prog="lipsync-ray",
         description="Re-render a talking-head video so the lips follow a new speech track, on Ray.",
@@ -745,13 +843,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes", type=Path, help='JSON {"boxes": [[x1,y1,x2,y2], ...]} per source frame'
     )
     p.add_argument("--synctalk-dataset", type=Path, help="import a SyncTalk_2D dataset directory")
-    p.add_argument("--fps", type=float, default=25.0, help="output frame rate (default 25)")
+    p.add_argument("--fps", type=float, help=_help("output frame rate", PrepareOptions, "fps"))
     p.add_argument(
         "--smoothing",
         type=int,
-        default=5,
-        help="temporal box smoothing window, frames (default 5; 1 = none)",
-    )
+        help=_help("temporal box smoothing window, frames (1 = none)", PrepareOptions,
+                   "smoothing_window"),
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing avatar directory")
     p.set_defaults(func=_cmd_prepare)
 
@@ -813,15 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
     b.add_argument("--batch", type=_positive_ints, default=[1, 4, 8], help="bare batches to try")
     b.add_argument("--no-bare", action="store_true", help="skip bare inference")
-    b.add_argument(
-        "--address", help="Ray address: none starts a local cluster; 'auto' joins `ray start`"
-    )
     # The render's flags, defined once (the bare figure stays FP32, on the render's provider
     # and batch).
-    add_pool_args(b)
-    add_session_args(b)
-    add_encode_args(b.add_argument_group("output"))
-    b.add_argument("--silence-passthrough", action="store_true")
+    add_render_options(b)
     b.add_argument(
         "--pause-every",
         type=float,
@@ -844,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["ultrafast", "superfast", "veryfast", "faster"],
         help="comma-separated x264 presets (default ultrafast,superfast,veryfast,faster)",
     )
-    b.add_argument("--crf", type=int, default=20, help="x264 CRF (default 20, the render's)")
+    add_crf_arg(b)  # the render's
     b.add_argument("--seconds", type=float, default=10.0, help="footage length (default 10)")
     b.add_argument("--size", type=_size, default=(1280, 720), help="frame size WxH")
     b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
@@ -875,8 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-encoder", required=True, help="audio encoder (ONNX)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
     p.add_argument("--threads", type=_positive_int, default=4, help="compositing threads (4)")
-    p.add_argument("--crf", type=int, default=20, help="x264 CRF (default 20)")
-    p.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    add_x264_args(p)
     p.set_defaults(func=_cmd_reference)
     return parser
 

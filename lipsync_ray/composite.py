@@ -1,7 +1,7 @@
 """Compositing: build the generator's visual input and paste its prediction back.
 
-The reference algorithm (DESIGN.md §4), for one avatar frame ``full`` (uint8 (H, W, 3) BGR)
-with crop box ``(x1, y1, x2, y2)``:
+The reference algorithm (docs/compositing.md §3), for one avatar frame ``full``
+(uint8 (H, W, 3) BGR) with crop box ``(x1, y1, x2, y2)``:
 
 1. ``crop328 = resize(full[y1:y2, x1:x2], 328x328, bicubic)``
 2. ``roi = crop328[4:324, 4:324]`` (320x320), ``masked = roi`` with a filled black rectangle from
@@ -28,15 +28,14 @@ passthrough, ``vad.py``).
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from lipsync_ray.errors import InputError
+from lipsync_ray.options import DEFAULT_FEATHER, Blend, BlendOptions
 
 __all__ = [
     "CROP_SIZE",
@@ -161,42 +160,6 @@ def _paste(frame: np.ndarray, box_xyxy, crop328: np.ndarray, pred: np.ndarray) -
 
 
 # --- blending -----------------------------------------------------------------------------------
-
-# Feather ramp width as a fraction of the box's shorter side: 0.1 is 22 px on a 220 px box, wide
-# enough that an imperfect generator's colour or texture difference fades over many pixels, and
-# narrow enough to leave the central 80 % (mouth, jaw) fully generated. Chosen by looking at
-# docs/blend.png (scripts/blend_figure.py) and at seams.measure_seam on its "nearly right"
-# patch: 1.81 hard, 1.53 / 1.24 / 1.13 / 1.12 at 0.03 / 0.05 / 0.1 / 0.2, untouched photo 1.11;
-# at 0.05 the box edge is still faintly visible, from 0.1 on it is not.
-DEFAULT_FEATHER = 0.1
-
-
-class Blend(enum.Enum):
-    """How a prediction is pasted back into its frame."""
-
-    HARD = "hard"  # the reference paste: the whole box replaced (composite_frame)
-    FEATHER = "feather"  # the hard paste mixed into the frame with feather_mask
-
-
-@dataclass(frozen=True)
-class BlendOptions:
-    """Paste settings, built once on the driver and passed to compositors."""
-
-    mode: Blend = Blend.FEATHER
-    # feather ramp width / shorter box side, in (0, 0.5]; unused by Blend.HARD
-    feather: float = DEFAULT_FEATHER
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.mode, Blend):
-            try:
-                object.__setattr__(self, "mode", Blend(self.mode))
-            except ValueError:
-                raise InputError(
-                    f"blend mode must be one of {[b.value for b in Blend]}, got {self.mode!r}"
-                ) from None
-        f = self.feather
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 0.5:
-            raise InputError(f"feather must be a number in (0, 0.5], got {f!r}")
 
 
 def feather_px(size_wh: tuple[int, int], feather: float = DEFAULT_FEATHER) -> int:

@@ -11,12 +11,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from lipsync_ray.composite import BlendOptions
-from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import SessionOptions
-from lipsync_ray.precision import Precision
-from lipsync_ray.shards import ShardCodec
+from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
 __all__ = ["EncodeMode", "Placement", "PoolConfig", "RenderConfig"]
@@ -72,7 +69,12 @@ class PoolConfig:
         return self.max_chunks_in_flight or 2 * (self.inference_actors or 1) + 1
 
     def resolved(
-        self, cluster_cpus: float, cluster_gpus: float, *, cpu_step: float = 0.25
+        self,
+        cluster_cpus: float,
+        cluster_gpus: float,
+        *,
+        cpu_step: float = 0.25,
+        chunks: int | None = None,
     ) -> PoolConfig:
         """Fill the automatic fields (None) from the cluster's resources; explicit values win.
 
@@ -91,36 +93,60 @@ class PoolConfig:
         down to ``cpu_step`` (at least one step each), so the whole pool fits the cluster:
         four actors on two CPUs get 0.25 CPU (one thread) each rather than waiting forever
         for CPUs that do not exist.
-        """
-        return self._resolve(cluster_cpus, cluster_gpus, cpu_step)[0]
 
-    def explain(self, cluster_cpus: float, cluster_gpus: float) -> str:
+        ``chunks``: the number of chunks the pool will ever render (one render's, when the
+        pool serves only it), or None. Automatic pool sizes are capped at it: a 1-second clip
+        is one chunk, and every actor beyond the first would only cost its start-up (a second
+        of CPU each on the 2-vCPU machine); the one inference actor then gets the CPUs the
+        others would have had (its session gets their threads).
+        """
+        return self._resolve(cluster_cpus, cluster_gpus, cpu_step, chunks)[0]
+
+    def explain(
+        self, cluster_cpus: float, cluster_gpus: float, *, chunks: int | None = None
+    ) -> str:
         """One line: how ``resolved`` sized the automatic fields for this cluster (the run
         report keeps it next to the resolved pool)."""
-        return self._resolve(cluster_cpus, cluster_gpus, 0.25)[1]
+        return self._resolve(cluster_cpus, cluster_gpus, 0.25, chunks)[1]
 
     def _resolve(
-        self, cluster_cpus: float, cluster_gpus: float, cpu_step: float
+        self, cluster_cpus: float, cluster_gpus: float, cpu_step: float, chunks: int | None
     ) -> tuple[PoolConfig, str]:
         gpus = self.gpus_per_actor
         if gpus is None:
             gpus = GPU_SHARE if cluster_gpus > 0 else 0.0
         on_gpu = gpus > 0 and cluster_gpus > 0
         why = [f"cluster {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs"]
+        compositors, per_compositor = self.compositors, self.cpus_per_compositor
+        if compositors is None and not on_gpu:  # on the CPU, before the actors that share it
+            cpus = max(1, int(cluster_cpus))
+            compositors = min(cpus, max(2, cpus // 4))
+            why_compositors = (
+                f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)"
+            )
         actors = self.inference_actors
         if actors is None:
             if on_gpu:
                 actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
                 why.append(f"{actors} inference actors ({gpus:g} GPU each: all the GPUs)")
+            elif self.cpus_per_inference_actor:  # as many as fit beside the compositors
+                left = cluster_cpus - compositors * per_compositor
+                actors = max(1, math.floor(left / self.cpus_per_inference_actor + 1e-9))
+                why.append(
+                    f"{actors} inference actors (CPU: {self.cpus_per_inference_actor:g} CPUs "
+                    "each, beside the compositors)"
+                )
             else:
                 actors = max(1, int(cluster_cpus))
                 why.append(f"{actors} inference actors (CPU: one single-threaded session per CPU)")
+            if chunks is not None and actors > max(1, chunks):
+                actors = max(1, chunks)
+                why.append(f"capped at the render's {actors} chunk(s)")
         batch = self.batch_size
         if batch is None:
             batch = GPU_BATCH if on_gpu else CPU_BATCH
             why.append(f"batch {batch} ({'GPU' if on_gpu else 'CPU'} default)")
-        compositors, per_compositor = self.compositors, self.cpus_per_compositor
-        if compositors is None:
+        if self.compositors is None:
             if on_gpu:
                 left = cluster_cpus - DRIVER_CPUS - actors * GPU_ACTOR_CPUS
                 compositors = max(1, math.floor(left + 1e-9))
@@ -129,9 +155,10 @@ class PoolConfig:
                     f"driver - {GPU_ACTOR_CPUS:g} per inference actor)"
                 )
             else:
-                cpus = max(1, int(cluster_cpus))
-                compositors = min(cpus, max(2, cpus // 4))
-                why.append(f"{compositors} compositors (CPU: max(2, CPUs // 4), at most the CPUs)")
+                why.append(why_compositors)
+            if chunks is not None and compositors > max(1, chunks):
+                compositors = max(1, chunks)
+                why.append(f"compositors capped at the render's {compositors} chunk(s)")
         cpus = self.cpus_per_inference_actor
         if cpus is None:
             share = (cluster_cpus - compositors * per_compositor) / max(actors, 1)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import fcntl
 import functools
 import io
@@ -56,6 +55,14 @@ from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTr
 
 from lipsync_ray.errors import EncodeError, InputError, LipsyncError
 from lipsync_ray.fileio import partial_path, partials
+from lipsync_ray.options import (
+    _NVENC_PRESETS,
+    NVENC_SESSIONS_GEFORCE,
+    X264_PRESETS,  # noqa: F401  (still importable from here)
+    EncodeOptions,
+    VideoCodec,
+    _require,
+)
 
 __all__ = [
     "EncodeOptions",
@@ -78,67 +85,11 @@ AAC_FRAME_SAMPLES = 1024  # samples per AAC frame (AAC-LC)
 KEYINT_S = 10  # seconds between IDR frames inside one encode (x264's default 250 at 25 fps)
 _AUDIO_CHUNK_S = 1  # seconds of input audio pushed through the resampler at a time
 _PTS_TOLERANCE_FRAMES = 0.1  # a packet time must sit this close to a whole frame
-# Concurrent NVENC sessions per machine. GeForce drivers cap them for the whole system, all
-# cards together (2, then 3, 5 from March 2023, 8 from the January 2024 drivers); data-centre
-# and RTX professional cards have no such cap, so 8 is safe everywhere NVENC exists.
-NVENC_SESSIONS_GEFORCE = 8
 NVENC_SLOT_TIMEOUT_S = 600.0  # waiting longer for a free session means something hangs
 # GPUs made without an NVENC engine: compute parts, whose video blocks only decode.
 _NO_NVENC_GPUS = ("A100", "A800", "A30", "H100", "H800", "H200")
 
-# x264 preset names, each with the step of NVENC's ladder p1 (fastest) .. p7 (best) it maps to.
-_NVENC_PRESETS = {
-    "ultrafast": "p1",
-    "superfast": "p1",
-    "veryfast": "p2",
-    "faster": "p3",
-    "fast": "p4",
-    "medium": "p4",
-    "slow": "p5",
-    "slower": "p6",
-    "veryslow": "p7",
-}
-X264_PRESETS = tuple(_NVENC_PRESETS)
 _CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
-
-
-class VideoCodec(enum.Enum):
-    """H.264 encoders this stage can drive (names are FFmpeg encoder names)."""
-
-    LIBX264 = "libx264"
-    H264_NVENC = "h264_nvenc"
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeOptions:
-    """Encoder settings; validated on construction (raises InputError)."""
-
-    fps: int = 25  # output frame rate; constant, one picture per output frame
-    crf: int = 20  # x264 constant rate factor (0-51, lower is better); NVENC: its cq value
-    preset: str = "veryfast"  # an x264 preset name; mapped to p1..p7 for NVENC
-    codec: VideoCodec = VideoCodec.LIBX264
-    threads: int = 0  # 0 = let the encoder choose; the pipeline passes the CPUs it was given
-    audio_bitrate: int = 128_000  # AAC bit rate in bit/s
-    # NVENC: sessions this machine's encoders may hold at once (every process of this user
-    # takes a slot, waiting when all are held); 0: no cap. See NVENC_SESSIONS_GEFORCE.
-    nvenc_sessions: int = NVENC_SESSIONS_GEFORCE
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.fps, int) and self.fps > 0, "fps must be an int > 0", self.fps)
-        _require(
-            isinstance(self.crf, int) and 0 <= self.crf <= 51, "crf must be in 0..51", self.crf
-        )
-        _require(self.preset in X264_PRESETS, f"preset must be one of {X264_PRESETS}", self.preset)
-        _require(isinstance(self.codec, VideoCodec), "codec must be a VideoCodec", self.codec)
-        _require(
-            isinstance(self.threads, int) and self.threads >= 0,
-            "threads must be >= 0",
-            self.threads,
-        )
-        ok = isinstance(self.audio_bitrate, int) and self.audio_bitrate > 0
-        _require(ok, "audio_bitrate must be > 0", self.audio_bitrate)
-        ok = isinstance(self.nvenc_sessions, int) and self.nvenc_sessions >= 0
-        _require(ok, "nvenc_sessions must be >= 0", self.nvenc_sessions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -935,8 +886,3 @@ def _mux_options(fmt: str) -> dict[str, str]:
 def _check_expected_frames(expected_frames: int) -> None:
     ok = isinstance(expected_frames, int) and expected_frames > 0
     _require(ok, "expected_frames must be an int > 0", expected_frames)
-
-
-def _require(ok: bool, message: str, got: object) -> None:
-    if not ok:
-        raise InputError(f"{message}, got {got!r}")

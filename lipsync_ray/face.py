@@ -19,8 +19,8 @@ The pipeline (thresholds 0.6/0.7/0.7, pyramid factor 0.709, NMS) follows ipazc/m
 were trained on RGB with x and y swapped, so each image is converted to RGB and transposed for
 the detector only; nothing else in the project leaves BGR.
 
-Boxes (DESIGN §4): from each detection, a square lower-face box, in the spirit of the SyncTalk
-crop (cheek to cheek wide, top on the nose bridge, bottom below the chin):
+Boxes (docs/compositing.md §2): from each detection, a square lower-face box, in the spirit of
+the SyncTalk crop (cheek to cheek wide, top on the nose bridge, bottom below the chin):
 ``side = width_scale * face_width``, centred on the midpoint of the nose tip and the mouth centre,
 ``top = eye_y + top_frac * (nose_y - eye_y)``. Frames without a detection take values linearly
 interpolated from their neighbours (held at the ends), then the box parameters (centre x, top,

@@ -30,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ from lipsync_ray.precision import (
     default_cache_dir,
     prepare_model,
 )
+from lipsync_ray.progress import FrameProgress
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes, Timeline
 from lipsync_ray.scheduler import (
     ACTOR_START_TIMEOUT_S,
@@ -81,32 +82,8 @@ __all__ = ["Renderer", "plan_chunks", "render"]
 log = logging.getLogger(__name__)
 
 
-class _Progress:
-    """Frames, FPS and ETA: a live line on a terminal, a log line every 10 % otherwise."""
-
-    def __init__(self, total: int, done: int = 0) -> None:
-        self.total, self.done, self.start = total, done, time.monotonic()
-        self.rendered = 0
-        self.tty = sys.stderr.isatty()
-        self._next_log = 0.1
-
-    def update(self, frames: int) -> None:
-        self.done += frames
-        self.rendered += frames
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        fps = self.rendered / elapsed
-        eta = (self.total - self.done) / fps if fps > 0 else float("inf")
-        line = f"{self.done}/{self.total} frames  {fps:.1f} FPS  ETA {eta:.0f} s"
-        if self.tty:
-            sys.stderr.write(f"\r{line}   ")
-            sys.stderr.flush()
-        elif self.done / self.total >= self._next_log or self.done == self.total:
-            log.info(line)
-            self._next_log = self.done / self.total + 0.1
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+# Frames, FPS and ETA: a live tqdm bar on a terminal, a log line every 10 % otherwise.
+_Progress = partial(FrameProgress, logger=log)
 
 
 def cluster_pool(pool: PoolConfig, ray) -> PoolConfig:

@@ -71,7 +71,8 @@ from lipsync_ray.inference import (
     SessionOptions,
     check_model_file,
 )
-from lipsync_ray.models import save_model
+from lipsync_ray.onnx_io import save_model
+from lipsync_ray.options import Precision
 
 __all__ = [
     "GateResult",
@@ -102,23 +103,6 @@ FACE_RECT_XYWH = MASK_RECT_XYWH
 _X, _Y, _W, _H = FACE_RECT_XYWH
 _FACE = (slice(None), slice(_Y, _Y + _H), slice(_X, _X + _W))  # index of (k, 320, 320, 3)
 _GATE_BATCH = 4
-
-
-class Precision(enum.Enum):
-    """Numeric precision of the generator; ``AUTO`` picks the fastest that passes the gate."""
-
-    FP32 = "fp32"
-    INT8 = "int8"
-    FP16 = "fp16"
-    AUTO = "auto"
-
-    @classmethod
-    def parse(cls, value: Precision | str) -> Precision:
-        try:
-            return cls(value.lower() if isinstance(value, str) else value)
-        except ValueError:
-            choices = "|".join(p.value for p in cls)
-            raise InputError(f"precision must be one of {choices}, got {value!r}") from None
 
 
 class QuantFormat(enum.Enum):
@@ -204,7 +188,8 @@ def calibration_features(
     audio_encoder: str | Path, *, seconds: float = 8.0, seed: int = 0
 ) -> np.ndarray:
     """Calibration audio: seeded synthetic speech through the real encoder (one CPU thread, so
-    the bytes, hence the cache key, are reproducible). Returns float32 (N, 512), DESIGN §3.3."""
+    the bytes, hence the cache key, are reproducible). Returns float32 (N, 512),
+    docs/model-and-audio.md §3.3."""
     mel = audio_mod.mel_spectrogram(audio_mod.synth_speech(seconds, seed=seed))
     options = SessionOptions(providers=(Provider.CPU,), intra_op_threads=1)
     return audio_mod.compute_features(mel, EncoderSession(Path(audio_encoder), options, cpus=1))

@@ -20,6 +20,7 @@ directory that records finished chunks, and a callback that waits for restarted 
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
@@ -47,9 +48,12 @@ from lipsync_ray.inference import SessionOptions
 from lipsync_ray.storage import Location
 
 __all__ = [
+    "ChunkDecision",
     "ChunkRecorder",
     "ChunkScheduler",
     "ChunkTotals",
+    "Next",
+    "decide_failure",
     "padded_rows",
     "plan_chunks",
     "start_actors",
@@ -201,6 +205,74 @@ def wait_for_actors(ray, actors: Sequence, what: str) -> None:
                 ) from exc
 
 
+class Next(enum.Enum):
+    """What the scheduler does with a chunk that failed."""
+
+    RETRY = "retry"  # run it again as its next attempt (uses its max_retries budget)
+    RERUN = "rerun"  # its workers died: run it again, same attempt (SYSTEM_RETRIES budget)
+    FAIL = "fail"  # stop the render with ``ChunkDecision.error``
+
+
+@dataclass(frozen=True)
+class ChunkDecision:
+    """:func:`decide_failure`'s verdict on one failed chunk."""
+
+    next: Next
+    attempt: int  # the attempt the chunk runs as next (0 is the first run)
+    system_failures: int  # its workers lost so far, this failure included
+    wait_for_actors: bool  # block until its actors answer again (Ray restarts them) first
+    reason: str  # for the log line: the last error, or that it hung
+    error: LipsyncError | None = None  # Next.FAIL: what the render raises
+
+
+def decide_failure(
+    cause: BaseException,
+    *,
+    chunk: str,
+    attempt: int,
+    system_failures: int,
+    system: bool,
+    timed_out: bool,
+    max_retries: int,
+    chunk_timeout_s: float,
+) -> ChunkDecision:
+    """Retry a failed chunk or give up; pure (no Ray), so the rules have a table test.
+
+    Args:
+        cause: the chunk's own exception (:func:`root_cause` of what Ray raised).
+        chunk: the chunk named in errors (``ChunkSpec.describe()``).
+        attempt: the attempt that failed (0: the first run).
+        system_failures: workers the chunk lost before this failure.
+        system: the failure is the machinery's (:func:`is_system_failure`: a worker or node
+            died, or an actor this scheduler restarted).
+        timed_out: the scheduler restarted the chunk's actor because it hung.
+
+    Rules, in order: an :class:`InputError` fails the render at once (bad input fails the same
+    way every time), re-raised with the chunk named. A lost worker that was not a hang is not
+    the chunk's fault: wait for the actors, run it again without using ``max_retries``, up to
+    ``SYSTEM_RETRIES`` times. Anything else, a hang included, uses one retry; after
+    ``max_retries`` retries the render stops with a RenderError naming the chunk, the attempts
+    and the last error (the hang's timeout). A hung chunk waits for its restarted actor only
+    when it is retried.
+    """
+    if isinstance(cause, InputError):
+        error = type(cause)(f"{chunk}: {cause.message}", path=cause.path)
+        return ChunkDecision(Next.FAIL, attempt, system_failures, False, cause.message, error)
+    if system and not timed_out:
+        lost = system_failures + 1
+        if lost > SYSTEM_RETRIES:
+            error = RenderError(f"{chunk}: its workers died {lost} times; last: {short(cause)}")
+            return ChunkDecision(Next.FAIL, attempt, lost, True, short(cause), error)
+        return ChunkDecision(Next.RERUN, attempt, lost, True, short(cause))
+    reason = f"no result within {chunk_timeout_s:g} s (hung)" if timed_out else short(cause)
+    if attempt >= max_retries:
+        error = RenderError(f"{chunk} failed {attempt + 1} times; last error: {reason}")
+        return ChunkDecision(Next.FAIL, attempt, system_failures, False, reason, error)
+    # A hang we answered by restarting its actor: retry once the actor answers again.
+    # (Checked after the budget: the last hang names the chunk, not a used-up restart.)
+    return ChunkDecision(Next.RETRY, attempt + 1, system_failures, system, reason)
+
+
 class ChunkScheduler:
     """Runs chunks through both pools with bounded in-flight work, retries and timeouts.
 
@@ -313,41 +385,37 @@ class ChunkScheduler:
         self.on_frames(result.shard.rows)
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
-        ray, pool = self.ray, self.pool
-        cause = root_cause(ray, exc)
+        """Retry, re-run or give up on a failed chunk, as :func:`decide_failure` rules.
+
+        Called inside the ``except`` that caught ``exc``: a RenderError raised here chains it.
+        """
+        cause = root_cause(self.ray, exc)
         chunk = task.spec.describe()
-        if isinstance(cause, InputError):
-            # Bad input (a model that outputs NaN, say) fails the same way every time.
-            raise type(cause)(f"{chunk}: {cause.message}", path=cause.path) from None
-        system = is_system_failure(ray, cause)
-        if system and not task.timed_out:
-            # The machinery failed (a worker or node died): wait for the actors to come
-            # back (within ACTOR_START_TIMEOUT_S), then run the chunk again without using
-            # its retry budget: not the chunk's fault.
-            self._await_actors(task)
-            task.system_failures += 1
-            if task.system_failures > SYSTEM_RETRIES:
-                raise RenderError(
-                    f"{chunk}: its workers died {task.system_failures} times; last: {short(cause)}"
-                )
-            log.warning("%s lost its worker (%s); running it again", chunk, short(cause))
-            self.totals.retries += 1
-            self._retry.append((task.spec, task.attempt, task.system_failures))
-            return
-        reason = (
-            f"no result within {pool.chunk_timeout_s:g} s (hung)"
-            if task.timed_out
-            else short(cause)
+        decision = decide_failure(
+            cause,
+            chunk=chunk,
+            attempt=task.attempt,
+            system_failures=task.system_failures,
+            system=is_system_failure(self.ray, cause),
+            timed_out=task.timed_out,
+            max_retries=self.pool.max_retries,
+            chunk_timeout_s=self.pool.chunk_timeout_s,
         )
-        if task.attempt >= pool.max_retries:
-            raise RenderError(f"{chunk} failed {task.attempt + 1} times; last error: {reason}")
-        if system:
-            # We restarted its hung actor: retry once the actor answers again. (Checked
-            # after the budget: the last hang names the chunk, not a used-up restart.)
+        if isinstance(decision.error, InputError):
+            raise decision.error from None
+        if decision.wait_for_actors:  # within ACTOR_START_TIMEOUT_S, else a RenderError
             self._await_actors(task)
+        task.system_failures = decision.system_failures
+        if decision.error is not None:
+            raise decision.error
+        if decision.next is Next.RERUN:
+            log.warning("%s lost its worker (%s); running it again", chunk, decision.reason)
+        else:
+            log.warning(
+                "%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, decision.reason
+            )
         self.totals.retries += 1
-        log.warning("%s failed (attempt %d), retrying: %s", chunk, task.attempt + 1, reason)
-        self._retry.append((task.spec, task.attempt + 1, task.system_failures))
+        self._retry.append((task.spec, decision.attempt, decision.system_failures))
 
     def _await_actors(self, task: _Task) -> None:
         """Block until the two actors of a failed chunk answer again (Ray restarts them)."""

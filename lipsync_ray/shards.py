@@ -27,7 +27,6 @@ its host, the upper end).
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 
 from lipsync_ray.errors import ShardError
 from lipsync_ray.fileio import atomic_path, file_sha256
+from lipsync_ray.options import ShardCodec
 from lipsync_ray.workdir.layout import spare_dir
 
 __all__ = [
@@ -68,14 +68,6 @@ SHARD_SCHEMA = pa.schema(
         pa.field("image", pa.binary(), nullable=False),
     ]
 )
-
-
-class ShardCodec(enum.Enum):
-    """How frames are stored in a shard's ``image`` column."""
-
-    JPEG = "jpeg"  # lossy, quality 95: ~15x smaller than raw
-    PNG = "png"  # lossless, slow to write
-    RAW = "raw"  # lossless BGR uint8 bytes: no CPU cost, 2.76 MB per 1280x720 frame
 
 
 def encode_image(frame: np.ndarray, codec: ShardCodec) -> bytes:

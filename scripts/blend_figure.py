@@ -35,8 +35,8 @@ from lipsync_ray.composite import (
     model_visual_input,
     prediction_to_uint8,
 )
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, Size, build_model, save_model
 from lipsync_ray.seams import measure_seam
 
 FRAME_WH = (1280, 720)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync_ray.dev.models import Arch, build_model, save_model
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, build_model, save_model
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one small local Ray cluster for the integration tier, small models."""
+"""Shared fixtures: one small local Ray cluster for the integration tier, small models, and a
+tripwire that keeps the unit tier off Ray."""
 
 from __future__ import annotations
 
@@ -6,6 +7,30 @@ import os
 from pathlib import Path
 
 import pytest
+
+
+class RayInUnitTestError(RuntimeError):
+    """A test not marked ``ray`` started (or joined) a Ray cluster."""
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_unit_tier(request, monkeypatch):
+    """Tests not marked ``ray`` (the unit tier, ``-m "not ray"``) must not start Ray: here
+    ``ray.init`` raises for them, and asking for ``ray_cluster`` fails. Only this process is
+    covered: a subprocess that starts Ray is not seen."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    if "ray_cluster" in request.fixturenames:
+        pytest.fail(f"{request.node.nodeid} uses ray_cluster: mark it @pytest.mark.ray")
+    import ray
+
+    def tripwire(*args, **kwargs):
+        raise RayInUnitTestError(
+            f"ray.init called by {request.node.nodeid}, which is not marked `ray`: the unit "
+            "tier never starts Ray; mark the test @pytest.mark.ray (integration tier)"
+        )
+
+    monkeypatch.setattr(ray, "init", tripwire)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +63,12 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def small_models(tmp_path_factory) -> dict[str, Path]:
     """The small stand-in generator, audio encoder and identity model, built once."""
-    from lipsync_ray.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 
     root = tmp_path_factory.mktemp("models")
     return {
         # RANDOM weights: an output visibly unlike the input, which the seam and fault tests
-        # need; the default FACE weights (lipsync_ray.models) reproduce the face instead.
+        # need; the default FACE weights (lipsync_ray.dev.models) reproduce the face instead.
         "unet": save_model(
             build_model(Arch.UNET328, Size.SMALL, seed=0, weights="random"),
             root / "unet-small.onnx",

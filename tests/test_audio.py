@@ -25,9 +25,8 @@ from lipsync_ray.audio import (
     load_audio,
     load_features,
     mel_spectrogram,
-    synth_speech,
-    write_audio,
 )
+from lipsync_ray.dev.speech import synth_speech, write_audio
 from lipsync_ray.errors import InputError, ModelError
 
 librosa = pytest.importorskip("librosa")

@@ -12,8 +12,8 @@ import pytest
 
 from lipsync_ray.avatar import Avatar, pingpong_indices, write_avatar
 from lipsync_ray.composite import crop_face, model_visual_input
+from lipsync_ray.dev.synthetic import face_poses, make_demo_avatar, pose_box
 from lipsync_ray.errors import InputError
-from lipsync_ray.synthetic import face_poses, make_demo_avatar, pose_box
 
 W, H, N = 96, 80, 12
 

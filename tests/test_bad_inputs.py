@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import cli_command, demo_inputs
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import draw_face_frames, write_video
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import (
     GeneratorSession,
@@ -38,7 +39,6 @@ from lipsync_ray.inference import (
     check_encoder_model,
     check_generator_model,
 )
-from lipsync_ray.synthetic import draw_face_frames, make_demo_avatar, write_video
 
 _CPU = SessionOptions(providers=(Provider.CPU,))
 AVATAR_FRAMES = 5
@@ -52,16 +52,15 @@ AVATAR_SIZE_WH = (320, 240)
 def good(tmp_path_factory, small_models) -> dict[str, Path]:
     """A valid avatar (5 frames, 320x240), 1 s of speech and the small models."""
     root = tmp_path_factory.mktemp("good-inputs")
-    avatar = make_demo_avatar(
-        root / "avatar", seconds=AVATAR_FRAMES / 25, size_wh=AVATAR_SIZE_WH, seed=2
+    inputs = demo_inputs(
+        root,
+        avatar_seconds=AVATAR_FRAMES / 25,
+        size_wh=AVATAR_SIZE_WH,
+        avatar_seed=2,
+        audio_seconds=1.0,
+        audio_seed=4,
     )
-    speech = write_audio(root / "speech.wav", synth_speech(1.0, seed=4))
-    return {
-        "avatar": Path(avatar.info.path),
-        "audio": speech,
-        "model": small_models["unet"],
-        "encoder": small_models["encoder"],
-    }
+    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}
 
 
 class _RayStartedError(RuntimeError):
@@ -464,11 +463,6 @@ def test_render_rejects_bad_input_before_ray(case: Case, good, tmp_path, capsys,
 # --------------------------------------------------------------------- a few as subprocesses
 
 
-def _cli() -> list[str]:
-    exe = shutil.which("lipsync-ray")
-    return [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
-
-
 @pytest.mark.parametrize(
     "case",
     [
@@ -484,7 +478,7 @@ def test_render_bad_input_subprocess(case: Case, good, tmp_path):
     before = out.read_bytes() if out.is_file() else None
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
-        [*_cli(), *_render_argv(good, out, **over)],
+        [*cli_command(), *_render_argv(good, out, **over)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.batch import BatchJob, load_jobs, render_batch
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.encode import probe
 from lipsync_ray.errors import InputError
-from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lipsync_ray.bench import bench_render
 from lipsync_ray.config import CPU_BATCH, RenderConfig
+from lipsync_ray.dev.bench import bench_render
 from lipsync_ray.precision import Precision
 
 pytest.importorskip("skimage.data")
@@ -74,7 +74,7 @@ def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
 
 
 def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
-    from lipsync_ray.bench import bench_encode
+    from lipsync_ray.dev.bench import bench_encode
 
     results = bench_encode(
         ("ultrafast", "veryfast"), crf=20, seconds=0.5, size_wh=(320, 180), work_root=tmp_path
@@ -108,7 +108,7 @@ def test_process_monitor_names_a_worker_once_it_becomes_an_actor(tmp_path):
     import sys
     import textwrap
 
-    from lipsync_ray.bench import ProcessTreeMonitor
+    from lipsync_ray.dev.bench import ProcessTreeMonitor
 
     child = textwrap.dedent(
         """

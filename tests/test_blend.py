@@ -73,7 +73,7 @@ def test_hard_blend_is_the_reference_paste(box):
     crop = crop_face(frame, box)
     hard = blend_frame(frame, box, crop, pred, BlendOptions(Blend.HARD))
     np.testing.assert_array_equal(hard, composite_frame(frame, box, crop, pred))
-    # the reference paste, step by step (DESIGN.md section 4)
+    # the reference paste, step by step (docs/compositing.md §3)
     x1, y1, x2, y2 = box
     patched = crop.copy()
     patched[4:324, 4:324] = pred

@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
-import shutil
+import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
+from helpers import cli_command
 
-from lipsync_ray.cli import build_parser, config_from_args, main
+from lipsync_ray.cli import build_parser, config_from_args, main, render_argv
 
-COMMANDS = [
-    [],
-    ["render"],
-    ["prepare"],
-    ["models"],
-    ["models", "build"],
-    ["models", "info"],
-    ["bench"],
-    ["bench", "inference"],
-    ["demo"],
-]
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command path of ``parser``, the top level included, read from its sub-parsers."""
+    yield list(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+COMMANDS = list(_commands(build_parser()))
+
+
+def test_the_command_list_is_discovered():
+    assert ["render"] in COMMANDS and ["bench", "render"] in COMMANDS and len(COMMANDS) > 10
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
-def test_help_on_every_subcommand(command):
-    exe = shutil.which("lipsync-ray")
-    argv = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
-    result = subprocess.run([*argv, *command, "--help"], capture_output=True, text=True, timeout=60)
+def test_help_on_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" ".join(["usage: lipsync-ray", *command])), out[:200]
+
+
+def test_help_of_the_console_command():
+    """The installed entry point (or ``python -m``) starts and prints its usage."""
+    result = subprocess.run([*cli_command(), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: lipsync-ray" in result.stdout
 
@@ -203,3 +214,82 @@ def _configs():
 def test_render_argv_rebuilds_the_config(index):
     config = list(_configs())[index]
     assert _round_trip(config) == config
+
+
+# ------------------------------------------- flag defaults: the dataclasses' own, said once
+
+
+def test_no_flags_give_the_dataclass_defaults():
+    from lipsync_ray.config import RenderConfig
+
+    args = build_parser().parse_args(
+        ["render", "avatar", "a.wav", "-o", "o.mp4", "--model", "m", "--audio-encoder", "e"]
+    )
+    assert config_from_args(args) == RenderConfig(model="m", audio_encoder="e")
+
+
+def test_bench_render_builds_its_config_with_the_render_flags():
+    from dataclasses import replace
+
+    from lipsync_ray.cli import render_options_from_args
+    from lipsync_ray.config import RenderConfig
+
+    config = replace(list(_configs())[1], features=None, work_dir=None, address=None)
+    config = replace(config, keep_shards=False, overwrite=False)
+    flags = render_argv(config)[2:]  # without --model; bench render makes its own models
+    flags = [f for f in flags if f not in ("--features", "f.npy")]
+    args = build_parser().parse_args(["bench", "render", *flags])
+    built = RenderConfig(model="-", audio_encoder="-", **render_options_from_args(args))
+    assert built == replace(config, model="-", audio_encoder="-")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "cls_field"),
+    [
+        (["render"], "--chunk-frames", ("config.PoolConfig", "chunk_frames")),
+        (["render"], "--crf", ("encode.EncodeOptions", "crf")),
+        (["render-batch"], "--silence-min-s", ("vad.SilenceOptions", "min_silence_s")),
+        (
+            ["bench", "render"],
+            "--precision-threshold",
+            ("config.RenderConfig", "precision_threshold_db"),
+        ),
+        (["bench", "encode"], "--crf", ("encode.EncodeOptions", "crf")),
+        (["reference"], "--preset", ("encode.EncodeOptions", "preset")),
+        (["prepare"], "--smoothing", ("prepare.PrepareOptions", "smoothing_window")),
+    ],
+)
+def test_help_shows_the_dataclass_default(command, flag, cls_field, monkeypatch):
+    """The help text reads the default from the field: change the field, the help follows."""
+    import dataclasses
+    import importlib
+
+    from lipsync_ray import cli
+
+    module, name = cls_field[0].split(".")
+    cls = getattr(importlib.import_module(f"lipsync_ray.{module}"), name)
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == cls_field[1]]
+    monkeypatch.setattr(field, "default", 77)
+    action = _action(cli.build_parser(), [*command, flag])
+    assert action.default is None
+    assert action.help.endswith("(default 77)"), action.help
+
+
+def _action(parser, path):
+    *commands, flag = path
+    for name in commands:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[name]
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    return action
+
+
+# ------------------------------------------------- the unit tier's tripwire (tests/conftest.py)
+
+
+def test_the_unit_tier_cannot_start_ray():
+    import ray
+
+    with pytest.raises(RuntimeError, match=r"not marked `ray`.*mark the test @pytest\.mark\.ray"):
+        ray.init(address="local", num_cpus=1)
+    assert not ray.is_initialized()

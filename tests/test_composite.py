@@ -1,4 +1,5 @@
-"""Compositing against a direct OpenCV computation of the reference algorithm (DESIGN.md §4)."""
+"""Compositing against a direct OpenCV computation of the reference algorithm
+(docs/compositing.md §3)."""
 
 from __future__ import annotations
 

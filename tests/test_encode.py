@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import psnr_db
 
 from lipsync_ray.encode import (
     EncodeOptions,
@@ -66,11 +67,6 @@ def read_index(frame: np.ndarray) -> int:
         block = frame[2 : BIT_PX - 2, bit * BIT_PX + 2 : (bit + 1) * BIT_PX - 2]
         index |= int(block.mean() > 127) << bit
     return index
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def tone(duration_s: float, start_s: float = 0.0, hz: float = 440.0, sr: int = SR) -> np.ndarray:
@@ -129,7 +125,7 @@ def check_frames(decoded: Decoded, n: int) -> list[float]:
     assert decoded.frames[0].shape == (H, W, 3)
     assert np.allclose(np.diff(decoded.frame_times_s), 1 / FPS)
     assert decoded.frame_times_s[0] == pytest.approx(0.0)
-    values = [psnr(f, make_frame(i)) for i, f in enumerate(decoded.frames)]
+    values = [psnr_db(f, make_frame(i)) for i, f in enumerate(decoded.frames)]
     assert min(values) > MIN_PSNR_DB
     assert np.mean(values) > MIN_MEAN_PSNR_DB
     return values
@@ -230,7 +226,7 @@ def test_segment_mode_matches_source_and_single_mode(
     # Same encoder settings, so the same quality to within noise, frame by frame too.
     assert abs(np.mean(joined_psnr) - np.mean(single_psnr)) < 1.0
     for a, b in zip(joined.frames, single.frames, strict=True):
-        assert psnr(a, b) > MIN_PSNR_DB
+        assert psnr_db(a, b) > MIN_PSNR_DB
     # Only the final file and the segments are left: no temp files.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*(s.name for s in segments), "joined.mp4", "single.mp4"]

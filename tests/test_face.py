@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lipsync_ray.dev.synthetic import draw_face_frames, face_poses
 from lipsync_ray.errors import InputError
 from lipsync_ray.face import (
     BoxOptions,
@@ -17,7 +18,6 @@ from lipsync_ray.face import (
     make_detector,
     smooth_series,
 )
-from lipsync_ray.synthetic import draw_face_frames, face_poses
 
 skimage_data = pytest.importorskip("skimage.data")
 

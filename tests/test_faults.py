@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,15 +37,14 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers import cli_command, demo_inputs
 from onnx import helper, numpy_helper
 from roi_models import save_roi_generator
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import LipsyncError
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import ShardCodec
-from lipsync_ray.synthetic import make_demo_avatar
 from lipsync_ray.workdir import Manifest, shard_path, spare_dir
 
 pytestmark = pytest.mark.ray
@@ -84,9 +82,10 @@ def _config(models: dict[str, Path], **over) -> RenderConfig:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fault-inputs")
-    avatar = make_demo_avatar(root / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)
-    speech = write_audio(root / "speech.wav", synth_speech(SECONDS, seed=3))
-    return {"avatar": Path(avatar.info.path), "audio": speech}
+    return demo_inputs(
+        root, avatar_seconds=1.0, size_wh=(320, 240), avatar_seed=1, audio_seconds=SECONDS,
+        audio_seed=3,
+    )  # fmt: skip
 
 
 def _shard_frames(work_dir: Path) -> dict[int, tuple[int, str]]:
@@ -346,11 +345,6 @@ def test_node_killed_mid_render(small_models, inputs, reference, tmp_path):
 # ------------------------------------------------------------------ killing the driver
 
 
-def _cli() -> list[str]:
-    exe = shutil.which("lipsync-ray")
-    return [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
-
-
 def _kill_driver_when(
     command: list[str], log_path: Path, ready, what: str, *, poll_s: float
 ) -> None:
@@ -380,7 +374,7 @@ def test_driver_killed_then_resumed(ray_cluster, small_models, inputs, reference
     out = tmp_path / "out.mp4"
     shards = Path(f"{out}.work") / "shards"
     command = [
-        *_cli(),
+        *cli_command(),
         "render",
         str(inputs["avatar"]),
         str(inputs["audio"]),
@@ -427,7 +421,7 @@ def test_driver_killed_mid_encode_then_resumed(
     no file at the output path, and the same command reuses every chunk and finishes."""
     out = tmp_path / "out.mp4"
     command = [
-        *_cli(), "render", str(inputs["avatar"]), str(inputs["audio"]), "-o", str(out),
+        *cli_command(), "render", str(inputs["avatar"]), str(inputs["audio"]), "-o", str(out),
         "--model", str(small_models["unet"]), "--audio-encoder", str(small_models["encoder"]),
         "--chunk-frames", str(CHUNK), "--shard-codec", "raw", "--keep-shards",
         "--encode-mode", "single", "--preset", "veryslow", "--gpus-per-actor", "0",

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import av
 import numpy as np
 import pytest
+from helpers import cli_command, psnr_db
 
 from lipsync_ray.avatar import Avatar, pingpong_indices
+from lipsync_ray.dev.synthetic import PHOTO_NOISE_STD, make_photo_avatar, photo_frames
 from lipsync_ray.face import MtcnnDetector
-from lipsync_ray.synthetic import PHOTO_NOISE_STD, make_photo_avatar, photo_frames
 
 pytest.importorskip("skimage.data")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
 def test_photo_frames_are_a_real_face_moving_with_noise():
@@ -61,7 +56,7 @@ def test_photo_avatar_bundle_matches_its_frames(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_inputs(tmp_path_factory, small_models):
-    from lipsync_ray.audio import synth_speech, write_audio
+    from lipsync_ray.dev.speech import synth_speech, write_audio
 
     root = tmp_path_factory.mktemp("reference")
     avatar = make_photo_avatar(root / "avatar", seconds=0.6, size_wh=(320, 180))
@@ -75,7 +70,7 @@ def test_reference_with_the_identity_model_reproduces_the_avatar(reference_input
     avatar, audio, root = reference_inputs
     out = root / "ref.mp4"
     argv = [
-        sys.executable, "-m", "lipsync_ray.cli", "reference", str(avatar.path), str(audio),
+        *cli_command(), "reference", str(avatar.path), str(audio),
         "-o", str(out), "--model", str(small_models["identity"]),
         "--audio-encoder", str(small_models["encoder"]), "--crf", "18",
     ]  # fmt: skip
@@ -87,6 +82,6 @@ def test_reference_with_the_identity_model_reproduces_the_avatar(reference_input
     assert len(video) == result["frames"] and abs(len(video) - 1.2 * 25) <= 2
     bundle = Avatar.open(avatar.path)
     expected = bundle.read_frames(pingpong_indices(len(video), bundle.frame_count))
-    worst = min(_psnr(v, e) for v, e in zip(video, expected, strict=True))
+    worst = min(psnr_db(v, e) for v, e in zip(video, expected, strict=True))
     assert worst > 30, worst
     assert set(result["phases_s"]) == {"load", "features", "session", "generate", "encode"}

@@ -9,16 +9,16 @@ so those tests are skipped there)."""
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_command
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError
 from lipsync_ray.inference import (
     Provider,
@@ -28,7 +28,6 @@ from lipsync_ray.inference import (
     requires_gpu,
 )
 from lipsync_ray.pipeline import check_gpu_request, render
-from lipsync_ray.synthetic import make_demo_avatar
 
 CUDA_LOADS = provider_library_error(Provider.CUDA) is None
 no_cuda = pytest.mark.skipif(CUDA_LOADS, reason="this machine loads the CUDA provider")
@@ -126,8 +125,7 @@ def _argv(job, out: Path, *extra: str) -> list[str]:
 def test_cli_providers_cuda_exits_2_before_ray_and_writes_nothing(job, tmp_path):
     """A fresh process (no Ray running): the driver's own check, before any cluster."""
     out = tmp_path / "out.mp4"
-    exe = shutil.which("lipsync-ray")
-    cmd = [exe] if exe else [sys.executable, "-m", "lipsync_ray.cli"]
+    cmd = cli_command()
     result = subprocess.run(
         [*cmd, *_argv(job, out, "--providers", "cuda")],
         capture_output=True,

@@ -32,12 +32,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from roi_models import save_roi_generator
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import RenderError
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import ShardCodec
-from lipsync_ray.synthetic import make_demo_avatar
 from lipsync_ray.workdir import Manifest
 
 pytestmark = pytest.mark.ray

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import (
     DEFAULT_PROVIDERS,
@@ -26,7 +27,6 @@ from lipsync_ray.inference import (
     device_memory_bytes,
     with_gpu_share,
 )
-from lipsync_ray.models import Arch, Size, build_model, save_model
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from lipsync_ray.audio import synth_speech, write_audio
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.encode import probe
-from lipsync_ray.synthetic import make_demo_avatar
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray

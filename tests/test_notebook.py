@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lipsync_ray.config import PoolConfig
+from lipsync_ray.dev.experiments import COLUMNS, GridPoint, fit_pool, grid_points, sweep
 from lipsync_ray.errors import InputError
-from lipsync_ray.experiments import COLUMNS, GridPoint, fit_pool, grid_points, sweep
 from lipsync_ray.report import STAGES
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "throughput.ipynb"

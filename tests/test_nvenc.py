@@ -35,8 +35,8 @@ needs_no_nvenc = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def render_inputs(tmp_path_factory, small_models):
-    from lipsync_ray.audio import synth_speech, write_audio
-    from lipsync_ray.synthetic import make_demo_avatar
+    from lipsync_ray.dev.speech import synth_speech, write_audio
+    from lipsync_ray.dev.synthetic import make_demo_avatar
 
     root = tmp_path_factory.mktemp("nvenc-inputs")
     avatar = make_demo_avatar(root / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.config import Placement, PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.encode import probe
 from lipsync_ray.pipeline import render
-from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
 

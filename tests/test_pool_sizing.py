@@ -24,6 +24,14 @@ SIZES = [
     (PoolConfig(), 8, 0, (8, 0.0, 1, 2, 0.5, 0.75)),
     (PoolConfig(), 16, 0, (16, 0.0, 1, 4, 0.5, 0.75)),
     (PoolConfig(), 1, 0, (1, 0.0, 1, 1, 0.5, 0.5)),
+    # CPUs per actor given: as many actors as fit beside the compositors
+    (PoolConfig(cpus_per_inference_actor=1.0), 8, 0, (7, 0.0, 1, 2, 0.5, 1.0)),
+    (
+        PoolConfig(cpus_per_inference_actor=1.0, compositors=3, cpus_per_compositor=0.25),
+        2,
+        0,
+        (1, 0.0, 1, 3, 0.25, 1.0),
+    ),
     # one GPU on 16 cores: 4 x 0.25 at batch 16; 16 - 1 (driver) - 4 x 0.75 = 12 compositors
     (PoolConfig(), 16, 1, (4, 0.25, 16, 12, 0.5, 2.5)),
     (PoolConfig(), 64, 4, (16, 0.25, 16, 51, 0.5, 2.25)),
@@ -75,6 +83,28 @@ def test_the_sizing_reason_names_every_automatic_value(pool, cpus, gpus, words):
     reason = pool.explain(cpus, gpus)
     assert all(w in reason for w in words), reason
     assert "\n" not in reason
+
+
+# (pool, cluster CPUs, GPUs, chunks of the render) -> (inference actors, compositors, CPUs/actor)
+CAPPED = [
+    # a 1-second clip is one chunk: one actor gets every CPU the compositor leaves
+    (PoolConfig(), 2, 0, 1, (1, 1, 1.5)),
+    (PoolConfig(), 16, 0, 3, (3, 3, 4.75)),
+    (PoolConfig(), 2, 0, 2, (2, 2, 0.5)),  # as many chunks as actors: no cap
+    (PoolConfig(), 2, 0, None, (2, 2, 0.5)),  # a pool for many renders: no cap
+    (PoolConfig(), 16, 1, 1, (1, 1, 15.5)),  # on GPUs too
+    (PoolConfig(inference_actors=2, compositors=2), 2, 0, 1, (2, 2, 0.5)),  # flags win
+]
+
+
+@pytest.mark.parametrize(("pool", "cpus", "gpus", "chunks", "expected"), CAPPED)
+def test_automatic_sizes_are_capped_at_the_chunks_of_the_render(pool, cpus, gpus, chunks, expected):
+    r = pool.resolved(cpus, gpus, chunks=chunks)
+    assert (r.inference_actors, r.compositors, r.cpus_per_inference_actor) == expected
+    capped = chunks is not None and pool.inference_actors is None and expected[0] == chunks
+    assert ("capped at the render's" in pool.explain(cpus, gpus, chunks=chunks)) is (
+        capped and chunks < pool.resolved(cpus, gpus).inference_actors
+    )
 
 
 def _parse(*argv: str):

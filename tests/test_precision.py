@@ -16,11 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray import precision as prec
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, Size, build_model, save_model
 from lipsync_ray.precision import Int8Options, Precision
-from lipsync_ray.synthetic import make_demo_avatar
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 FAST = {"calibration_frames": 8, "holdout_frames": 4, "threads": 2}
@@ -194,8 +194,8 @@ def test_calibration_features_are_cached_by_encoder_and_recipe(models, tmp_path,
 def test_calibration_features_are_reproducible(models):
     a = prec.calibration_features(models["encoder"], seconds=2.0)
     b = prec.calibration_features(models["encoder"], seconds=2.0)
-    # DESIGN §3.3: W = int((T - 16) / 80 * 25) + 2 windows of T = 1 + 32000 // 200 mel frames,
-    # N = W + 2 feature rows.
+    # docs/model-and-audio.md §3.3: W = int((T - 16) / 80 * 25) + 2 windows of
+    # T = 1 + 32000 // 200 mel frames, N = W + 2 feature rows.
     assert a.shape == (int((1 + 32000 // 200 - 16) / 80 * 25) + 4, 512) and a.dtype == np.float32
     assert a.tobytes() == b.tobytes()  # the cache key depends on these bytes
 

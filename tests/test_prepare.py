@@ -9,11 +9,12 @@ import av
 import cv2
 import numpy as np
 import pytest
+from helpers import psnr_db
 
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.dev.synthetic import draw_face_frames, face_poses, pose_box, write_video
 from lipsync_ray.errors import InputError
 from lipsync_ray.prepare import PrepareOptions, import_synctalk_dataset, prepare_avatar
-from lipsync_ray.synthetic import draw_face_frames, face_poses, pose_box, write_video
 
 SIZE = (320, 240)
 
@@ -25,10 +26,6 @@ def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
 def _numbered_frames(n: int) -> list[np.ndarray]:
     """Flat grey frames whose level encodes their index (survives lossless codecs exactly)."""
     return [np.full((48, 64, 3), 10 + 7 * i, np.uint8) for i in range(n)]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(cv2.PSNR(a, b))
 
 
 @pytest.mark.parametrize(
@@ -55,7 +52,7 @@ def test_prepare_codecs(tmp_path, codec, ext, crf, lossless):
         if lossless:
             np.testing.assert_array_equal(got[k], src[k])
         else:
-            assert _psnr(got[k], src[k]) > 30
+            assert psnr_db(got[k], src[k]) > 30
     # detector-derived boxes sit on the drawn face
     poses = face_poses(12, SIZE)
     boxes = avatar.boxes(np.arange(12))

@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import demo_inputs, psnr_db
 
 from lipsync_ray.actors import (
     ChunkSpec,
@@ -20,15 +21,14 @@ from lipsync_ray.actors import (
     Predictions,
     session_options_here,
 )
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
 from lipsync_ray.encode import EncodeOptions, probe
 from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames
-from lipsync_ray.synthetic import make_demo_avatar
 from lipsync_ray.vad import SilenceOptions, passthrough_weights
 from lipsync_ray.workdir import spare_dir
 
@@ -40,9 +40,11 @@ SECONDS = 2.4  # audio: 2.4 s → about 62 output frames, longer than the 1 s av
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("render-inputs")
-    avatar = make_demo_avatar(root / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)
-    speech = write_audio(root / "speech.wav", synth_speech(SECONDS, seed=3))
-    return {"avatar": Path(avatar.info.path), "audio": speech, "root": root}
+    inputs = demo_inputs(
+        root, avatar_seconds=1.0, size_wh=(320, 240), avatar_seed=1, audio_seconds=SECONDS,
+        audio_seed=3,
+    )  # fmt: skip
+    return {**inputs, "root": root}
 
 
 def _config(models, model: str = "identity", **kw) -> RenderConfig:
@@ -55,11 +57,6 @@ def _config(models, model: str = "identity", **kw) -> RenderConfig:
 def _decode(path: Path) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _shard_table(work_dir: Path):
@@ -79,7 +76,7 @@ def test_identity_render_reproduces_the_avatar(ray_cluster, small_models, inputs
     assert len(frames) == report.frames
     assert report.chunks == -(-report.frames // 16)
     expected = avatar.read_frames(pingpong_indices(report.frames, avatar.frame_count))
-    psnrs = [_psnr(f, e) for f, e in zip(frames, expected, strict=True)]
+    psnrs = [psnr_db(f, e) for f, e in zip(frames, expected, strict=True)]
     # measured 38.1 dB worst frame: H.264 CRF 20 + two bicubic resizes in the box
     assert min(psnrs) > 32.0, min(psnrs)
 

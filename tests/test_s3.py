@@ -25,16 +25,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import cli_command
 from s3server import s3_server
-from test_faults import _child_env, _cli, _kill_driver_when
+from test_faults import _child_env, _kill_driver_when
 from test_storage import _decode, _same_video
 
 from lipsync_ray import storage
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.cli import main
 from lipsync_ray.config import Placement, PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
+from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.pipeline import render
-from lipsync_ray.synthetic import make_demo_avatar
 
 pytestmark = pytest.mark.ray
 
@@ -155,7 +156,7 @@ def test_driver_killed_then_resumed_from_s3(s3, cluster, small_models, inputs, r
     """The CLI joins the module's cluster (``--address``); its environment, inherited, points
     it at the server. SIGKILLed once two segments are on the store; the same command again
     resumes from the manifest and chunk files it reads back from S3."""
-    command = [*_cli(), "render", inputs["avatar_uri"], inputs["audio_uri"],
+    command = [*cli_command(), "render", inputs["avatar_uri"], inputs["audio_uri"],
                "-o", s3.uri("b/out.mp4"), "--work-dir", s3.uri("b/work"), "--keep-shards",
                *_flags(small_models), "--address", cluster.address]  # fmt: skip
 

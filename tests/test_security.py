@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import demo_inputs
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray.audio import load_features, synth_speech, write_audio
+from lipsync_ray.audio import load_features
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import check_generator_model, check_model_file
 from lipsync_ray.pipeline import render
-from lipsync_ray.synthetic import make_demo_avatar
 
 # ---------------------------------------------------------------- features: no pickles
 
@@ -62,13 +62,10 @@ def test_object_npy_features_are_refused_unread(tmp_path):
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, small_models) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("security-inputs")
-    avatar = make_demo_avatar(root / "avatar", seconds=0.2, size_wh=(320, 240), seed=2)
-    return {
-        "avatar": Path(avatar.info.path),
-        "audio": write_audio(root / "speech.wav", synth_speech(1.0, seed=4)),
-        "model": small_models["unet"],
-        "encoder": small_models["encoder"],
-    }
+    inputs = demo_inputs(
+        root, avatar_seconds=0.2, size_wh=(320, 240), avatar_seed=2, audio_seconds=1.0, audio_seed=4
+    )
+    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}
 
 
 def test_object_npy_features_refused_by_the_cli_before_ray(good, tmp_path, capsys, monkeypatch):

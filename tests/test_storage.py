@@ -11,15 +11,15 @@ import av
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+from helpers import demo_inputs
 
-from lipsync_ray.audio import synth_speech, write_audio
 from lipsync_ray.batch import load_jobs
 from lipsync_ray.cli import main
 from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.dev.speech import synth_speech, write_audio
 from lipsync_ray.errors import InputError
 from lipsync_ray.pipeline import check_job_paths, render
 from lipsync_ray.storage import resolve, stage_in, stage_out
-from lipsync_ray.synthetic import make_demo_avatar
 
 SECONDS = 2.0  # about 52 output frames: four chunks of 16
 
@@ -243,9 +243,10 @@ def test_jobs_file_keeps_uris(tmp_path):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("storage-inputs")
-    avatar = make_demo_avatar(root / "avatar", seconds=0.6, size_wh=(256, 192), seed=4)
-    audio = write_audio(root / "speech.wav", synth_speech(SECONDS, seed=6))
-    return {"avatar": Path(avatar.info.path), "audio": audio}
+    return demo_inputs(
+        root, avatar_seconds=0.6, size_wh=(256, 192), avatar_seed=4, audio_seconds=SECONDS,
+        audio_seed=6,
+    )  # fmt: skip
 
 
 def _config(models, **kw) -> RenderConfig:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import lipsync_ray.inference as inference
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, Size, build_model, save_model
 from lipsync_ray.trt import engine_build_lock, file_key, tensorrt_loads, tensorrt_options
 
 TRT = Provider.TENSORRT.value

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lipsync_ray.audio import synth_speech
+from lipsync_ray.dev.speech import synth_speech
 from lipsync_ray.errors import InputError
 from lipsync_ray.vad import (
     SilenceOptions,

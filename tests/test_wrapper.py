@@ -19,9 +19,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.composite import prediction_to_uint8
+from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import DeviceBuffers, GeneratorSession, Provider, SessionOptions
-from lipsync_ray.models import Arch, Size, build_model, save_model
 from lipsync_ray.wrapper import default_wrapper_dir, wrap_generator
 
 CPU = SessionOptions(providers=(Provider.CPU,))
@@ -270,11 +270,11 @@ def test_actors_render_the_same_frames_with_and_without_graph_io(
     """Through the real actors: lossless shards are byte-identical either way."""
     import pyarrow.parquet as pq
 
-    from lipsync_ray.audio import synth_speech, write_audio
     from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+    from lipsync_ray.dev.speech import synth_speech, write_audio
+    from lipsync_ray.dev.synthetic import make_demo_avatar
     from lipsync_ray.pipeline import render
     from lipsync_ray.shards import ShardCodec
-    from lipsync_ray.synthetic import make_demo_avatar
 
     avatar = make_demo_avatar(tmp_path / "avatar", seconds=1.0, size_wh=(320, 240), seed=1)
     speech = write_audio(tmp_path / "speech.wav", synth_speech(1.0, seed=3))

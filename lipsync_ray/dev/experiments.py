@@ -178,9 +178,9 @@ def _build_inputs(
     avatar_seconds: float,
     size_wh: tuple[int, int],
 ) -> _Inputs:
-    from lipsync_ray.audio import synth_speech, write_audio
-    from lipsync_ray.models import Arch, Size, build_model, save_model
-    from lipsync_ray.synthetic import make_demo_avatar
+    from lipsync_ray.dev.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.speech import synth_speech, write_audio
+    from lipsync_ray.dev.synthetic import make_demo_avatar
 
     if str(model) in STAND_INS:
         arch = Arch.IDENTITY if model == "identity" else Arch.UNET328
@@ -207,7 +207,7 @@ def _row(point_index: int, repeat: int, point: GridPoint) -> dict:
 
 def _render_point(config: RenderConfig, inputs: _Inputs, output: Path, row: dict) -> None:
     """Render once with a fresh Renderer; fill ``row`` from the report and the monitor."""
-    from lipsync_ray.bench import ProcessTreeMonitor
+    from lipsync_ray.dev.bench import ProcessTreeMonitor
     from lipsync_ray.pipeline import Renderer
 
     t0 = time.perf_counter()
@@ -279,7 +279,7 @@ def sweep(
     import pandas as pd
     import ray
 
-    from lipsync_ray.bench import bench_inference
+    from lipsync_ray.dev.bench import bench_inference
     from lipsync_ray.pipeline import init_ray
 
     if not (seconds > 0 and avatar_seconds > 0 and bare_seconds >= 0):

@@ -1,6 +1,6 @@
 """Stand-in ONNX models with the real architectures, built without PyTorch.
 
-Three models (DESIGN.md §2, §3):
+Three models (docs/model-and-audio.md §2, §3):
 
 - ``Arch.UNET328``: the SyncTalk_2D UNet-328 generator ("ave" audio mode).
   Inputs ``visual`` float32 ``[B, 6, 320, 320]`` in [0, 1] (BGR ROI, then the
@@ -25,27 +25,27 @@ Random weights without this give a constant grey output.
 ``Weights.FACE`` (the UNet's default) replaces some channels of some convolutions with
 designed rows (``_face_weights``): a linear path carries the ROI from ``inc`` through the
 skip connection to the output, and a smooth audio term and a small share of the random
-network are added to it, so the output looks like the input face and INT8 stays within the
-35 dB gate. ``Weights.RANDOM`` keeps the all-random network (chaotic: INT8 ~15 dB).
+network are added to it inside a mouth mask only, so the output looks like the input face
+(FULL: every level of the ROI outside the mask comes back exactly, so a paste does not show)
+and INT8 stays within the 35 dB gate. ``Weights.RANDOM`` keeps the all-random network
+(chaotic: INT8 ~15 dB).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lipsync_ray import _face_weights as face
+from lipsync_ray.dev import _face_weights as face
 from lipsync_ray.errors import InputError, ModelError
+from lipsync_ray.onnx_io import save_model
 
 __all__ = ["Arch", "ModelStats", "Size", "Weights", "build_model", "model_stats", "save_model"]
 
@@ -70,7 +70,7 @@ FEATURE_DIM = 512
 # layers, and /4 ran at ~2x the < 10 ms/frame CPU budget of the test tier.
 UNET_LADDER = {"full": (32, 64, 128, 256, 512), "small": (4, 8, 16, 32, 64)}
 ENCODER_WIDTHS = {"full": (32, 64, 128, 256, 512), "small": (8, 16, 32, 64, 128)}
-# Masked copy of the ROI (DESIGN.md §4): cv2.rectangle with Rect(5, 5, 310, 305).
+# Masked copy of the ROI (docs/compositing.md §3.2): cv2.rectangle with Rect(5, 5, 310, 305).
 MASK_ROWS = slice(5, 5 + 305)
 MASK_COLS = slice(5, 5 + 310)
 
@@ -101,9 +101,11 @@ class Weights(enum.Enum):
     RANDOM: He-normal, BatchNorm folded from one calibration pass. Input-sensitive but chaotic
     (tiny input changes, e.g. INT8 rounding, change the output a lot); the output looks like
     coloured noise.
-    FACE: like a trained generator: the output reproduces the ROI, shifted smoothly by the
-    audio's change over the window; the rest of the network is random as above but only
-    reaches the output with a small gain (``_face_weights``). Survives INT8.
+    FACE: like a trained generator: the output reproduces the ROI, and around the mouth it is
+    shifted smoothly by the audio's change over the window; the rest of the network is random
+    as above but only reaches the output there, with a small gain (``_face_weights``). FULL
+    passes the rest of the ROI through exactly; SMALL keeps luma and red-minus-blue only.
+    Survives INT8.
     """
 
     RANDOM = "random"
@@ -577,30 +579,6 @@ def build_model(
     elapsed_s = time.perf_counter() - started
     logger.debug("built %s/%s seed %d in %.2f s", arch.value, size.value, seed, elapsed_s)
     return model
-
-
-def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file + rename); returns the path.
-
-    Raises:
-        InputError: the parent directory does not exist (it is not created).
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(
-            "expected an existing directory for the model file, got a missing one", path=path.parent
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:

@@ -6,7 +6,7 @@
   next to the bare FPS of the same model (one session, best batch) measured in the same run,
   with per-stage CPU, the phases of its wall time and the peak memory of the whole process
   tree (driver, raylet, workers); optionally beside ``lipsync-ray reference``, the
-  single-process script it replaces (:mod:`lipsync_ray.reference`), on the same footage.
+  single-process script it replaces (:mod:`lipsync_ray.dev.reference`), on the same footage.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ class RenderBench:
     render_batch: int = 0  # frames per generator call in the render
     frames_generated: int = 0  # frames that went through the generator (silence skips some)
     precision: dict = field(default_factory=dict)
-    # The single-process reference (lipsync_ray.reference) on the same footage and model, as
+    # The single-process reference (lipsync_ray.dev.reference) on the same footage and model, as
     # a process: {"wall_s", "fps", "cpu_ms_per_frame", "peak_rss_mb", "phases_s", ...}; its
     # wall over the render's is ``speedup``. Empty without ``reference``.
     reference: dict = field(default_factory=dict)
@@ -379,7 +379,7 @@ def _local_gpus() -> int:
 
 
 def _resolve_model(model: str, root: Path) -> Path:
-    from lipsync_ray.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 
     if model in ("full", "small", "identity"):
         arch = Arch.IDENTITY if model == "identity" else Arch.UNET328
@@ -389,8 +389,8 @@ def _resolve_model(model: str, root: Path) -> Path:
 
 
 def _make_avatar(kind: str, path: Path, seconds: float, size_wh: tuple[int, int]):
+    from lipsync_ray.dev.synthetic import make_demo_avatar, make_photo_avatar
     from lipsync_ray.errors import InputError
-    from lipsync_ray.synthetic import make_demo_avatar, make_photo_avatar
 
     if kind == "photo":
         return make_photo_avatar(path, seconds=seconds, size_wh=size_wh)
@@ -442,15 +442,15 @@ def bench_render(
             bare batch: bare runs one session with every thread, the render one per CPU.
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
-        reference: also run ``lipsync-ray reference`` (lipsync_ray.reference) on the same
+        reference: also run ``lipsync-ray reference`` (lipsync_ray.dev.reference) on the same
             avatar, audio and model, with the render's preset and CRF.
     """
     import json
 
-    from lipsync_ray.audio import synth_speech, write_audio
     from lipsync_ray.cli import render_argv
     from lipsync_ray.config import RenderConfig
-    from lipsync_ray.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.models import Arch, Size, build_model, save_model
+    from lipsync_ray.dev.speech import synth_speech, write_audio
     from lipsync_ray.pipeline import prepare_generator
     from lipsync_ray.precision import Precision
 
@@ -639,8 +639,8 @@ def bench_encode(
     """
     import av
 
+    from lipsync_ray.dev.synthetic import draw_face_frames, photo_frames
     from lipsync_ray.encode import EncodeOptions, encode_segment
-    from lipsync_ray.synthetic import draw_face_frames, photo_frames
 
     n = max(1, round(seconds * 25))
     if avatar == "photo":

@@ -1,0 +1,83 @@
+"""What the ``lipsync-ray bench`` commands print: their results as text tables and lines.
+
+Kept apart from the measuring code (``lipsync_ray.dev.bench``) and the argument parsing
+(``lipsync_ray.cli``); each function takes the benchmark's result values and only prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def print_inference_bench(results: Sequence) -> None:
+    """``bench inference``'s table: one ``bench.InferenceBench`` per batch size."""
+    print(f"{'batch':>5} {'ms/frame':>9} {'FPS':>7}  provider, threads")
+    for r in results:
+        print(f"{r.batch:>5} {r.ms_per_frame:>9.1f} {r.fps:>7.2f}  {r.provider}, {r.threads}")
+
+
+def print_encode_bench(results: Sequence, *, avatar: str, crf: int) -> None:
+    """``bench encode``'s table: one ``bench.EncodeBench`` per preset."""
+    print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
+          f"   ({avatar} footage, CRF {crf}, 1 thread, 64-frame segments)")  # fmt: skip
+    for r in results:
+        print(f"{r.preset:>10} {r.cpu_ms_per_frame:>13.1f} {r.mbit_per_s:>7.2f} "
+              f"{r.psnr_db:>8.2f} {r.worst_psnr_db:>6.2f}")  # fmt: skip
+
+
+def print_render_bench(r, first) -> None:
+    """One ``bench render`` run (a ``bench.RenderBench``); ``first`` is the first run of the
+    command, whose bare figure is used when ``r`` has none."""
+    print(f"== {r.model} model, {r.avatar} avatar, {r.seconds:g} s of audio, {r.frames} frames "
+          f"at {r.size_wh[0]}x{r.size_wh[1]} ==")  # fmt: skip
+    if r.bare:
+        print(f"bare inference after {r.settings['bare_warmup_s']:g} s of untimed warm-up:")
+    for b in r.bare:
+        print(f"bare inference batch {b.batch}: {b.fps:.2f} FPS ({b.ms_per_frame:.1f} ms/frame, "
+              f"{b.threads} threads)")  # fmt: skip
+    if r.bare_after is not None:
+        print(f"bare inference batch {r.bare_after.batch} after the render: "
+              f"{r.bare_after.fps:.2f} FPS; bare figure used: {r.bare_fps:.2f} FPS (mean of "
+              f"before and after)")  # fmt: skip
+    reduced = r.precision.get("precision", "fp32")
+    for b in r.bare_reduced:
+        print(f"bare {reduced} inference batch {b.batch}: {b.fps:.2f} FPS "
+              f"({b.ms_per_frame:.1f} ms/frame, {b.threads} threads)")  # fmt: skip
+    bare = r.bare_fps or first.bare_fps
+    ratio = r.e2e_fps / bare if bare else 0.0
+    print(f"lipsync-ray render, whole process: {r.e2e_fps:.2f} FPS ({r.wall_s:.1f} s from start "
+          f"to exit, batch {r.render_batch})")  # fmt: skip
+    print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.phases_s.items())
+          + " (ray_init is inside start)")  # fmt: skip
+    chunks_s = r.phases_s.get("chunks", 0.0)
+    if chunks_s > 0:
+        print(f"  steady state (chunks phase): {r.frames / chunks_s:.2f} FPS")
+    if r.precision_prepare_s:
+        print(f"{r.precision.get('precision')} generator quantised and gated before the render "
+              f"(once per model, avatar and settings; the render loads it from the cache): "
+              f"{r.precision_prepare_s:.1f} s")  # fmt: skip
+    if bare:
+        print(f"ratio end-to-end / bare inference: {ratio:.3f}")
+    if r.bare_reduced:
+        best = max(b.fps for b in r.bare_reduced)
+        print(f"end to end / bare {reduced} inference: {r.e2e_fps / best:.3f}")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stage_cpu_ms_per_frame.items())
+    print(f"CPU ms/frame by stage: {stages}")
+    print(f"frames generated: {r.frames_generated} of {r.frames}; precision: "
+          f"{r.precision.get('precision', 'fp32')} {r.precision.get('gate') or ''}")  # fmt: skip
+    print(
+        f"CPU ms/frame of the whole process tree: {r.tree_cpu_ms_per_frame:.1f} ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.process_cpu_ms_per_frame.items())
+        + ")"
+    )
+    print(
+        f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
+    )
+    if r.reference:
+        ref = r.reference
+        print(f"reference single-process script, whole process: {ref['fps']:.2f} FPS "
+              f"({ref['wall_s']:.1f} s; {ref['cpu_ms_per_frame']:.1f} CPU ms/frame, peak RSS "
+              f"{ref['peak_rss_mb']:.0f} MB)")  # fmt: skip
+        print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ref["phases_s"].items()))
+        print(f"lipsync-ray render vs the reference, same footage and model: {r.speedup:.2f}x "
+              f"faster (wall of the reference / wall of the render)")  # fmt: skip

@@ -1,0 +1,162 @@
+"""Option values of the stages whose modules load heavy libraries, importable without them.
+
+``RenderConfig`` (``config.py``) is built from these, so ``from lipsync_ray import
+RenderConfig`` loads neither OpenCV, PyAV, pyarrow nor ONNX. Each stage re-exports its own
+(``composite.BlendOptions``, ``encode.EncodeOptions``, ``shards.ShardCodec``,
+``precision.Precision``); the stages with light modules keep theirs (``inference.SessionOptions``,
+``vad.SilenceOptions``). All are validated on construction (``InputError``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from lipsync_ray.errors import InputError
+
+__all__ = [
+    "DEFAULT_FEATHER",
+    "NVENC_SESSIONS_GEFORCE",
+    "X264_PRESETS",
+    "Blend",
+    "BlendOptions",
+    "EncodeOptions",
+    "Precision",
+    "ShardCodec",
+    "VideoCodec",
+]
+
+# --------------------------------------------------------------------------- composite
+
+# Feather ramp width as a fraction of the box's shorter side: 0.1 is 22 px on a 220 px box, wide
+# enough that an imperfect generator's colour or texture difference fades over many pixels, and
+# narrow enough to leave the central 80 % (mouth, jaw) fully generated. Chosen by looking at
+# docs/blend.png (scripts/blend_figure.py) and at seams.measure_seam on its "nearly right"
+# patch: 1.81 hard, 1.53 / 1.24 / 1.13 / 1.12 at 0.03 / 0.05 / 0.1 / 0.2, untouched photo 1.11;
+# at 0.05 the box edge is still faintly visible, from 0.1 on it is not.
+DEFAULT_FEATHER = 0.1
+
+
+class Blend(enum.Enum):
+    """How a prediction is pasted back into its frame."""
+
+    HARD = "hard"  # the reference paste: the whole box replaced (composite_frame)
+    FEATHER = "feather"  # the hard paste mixed into the frame with feather_mask
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    """Paste settings, built once on the driver and passed to compositors."""
+
+    mode: Blend = Blend.FEATHER
+    # feather ramp width / shorter box side, in (0, 0.5]; unused by Blend.HARD
+    feather: float = DEFAULT_FEATHER
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, Blend):
+            try:
+                object.__setattr__(self, "mode", Blend(self.mode))
+            except ValueError:
+                raise InputError(
+                    f"blend mode must be one of {[b.value for b in Blend]}, got {self.mode!r}"
+                ) from None
+        f = self.feather
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 0.5:
+            raise InputError(f"feather must be a number in (0, 0.5], got {f!r}")
+
+
+# --------------------------------------------------------------------------- encode
+
+# Concurrent NVENC sessions per machine. GeForce drivers cap them for the whole system, all
+# cards together (2, then 3, 5 from March 2023, 8 from the January 2024 drivers); data-centre
+# and RTX professional cards have no such cap, so 8 is safe everywhere NVENC exists.
+NVENC_SESSIONS_GEFORCE = 8
+
+# x264 preset names, each with the step of NVENC's ladder p1 (fastest) .. p7 (best) it maps to.
+_NVENC_PRESETS = {
+    "ultrafast": "p1",
+    "superfast": "p1",
+    "veryfast": "p2",
+    "faster": "p3",
+    "fast": "p4",
+    "medium": "p4",
+    "slow": "p5",
+    "slower": "p6",
+    "veryslow": "p7",
+}
+X264_PRESETS = tuple(_NVENC_PRESETS)
+
+
+class VideoCodec(enum.Enum):
+    """H.264 encoders this stage can drive (names are FFmpeg encoder names)."""
+
+    LIBX264 = "libx264"
+    H264_NVENC = "h264_nvenc"
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Encoder settings; validated on construction (raises InputError)."""
+
+    fps: int = 25  # output frame rate; constant, one picture per output frame
+    crf: int = 20  # x264 constant rate factor (0-51, lower is better); NVENC: its cq value
+    preset: str = "veryfast"  # an x264 preset name; mapped to p1..p7 for NVENC
+    codec: VideoCodec = VideoCodec.LIBX264
+    threads: int = 0  # 0 = let the encoder choose; the pipeline passes the CPUs it was given
+    audio_bitrate: int = 128_000  # AAC bit rate in bit/s
+    # NVENC: sessions this machine's encoders may hold at once (every process of this user
+    # takes a slot, waiting when all are held); 0: no cap. See NVENC_SESSIONS_GEFORCE.
+    nvenc_sessions: int = NVENC_SESSIONS_GEFORCE
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.fps, int) and self.fps > 0, "fps must be an int > 0", self.fps)
+        _require(
+            isinstance(self.crf, int) and 0 <= self.crf <= 51, "crf must be in 0..51", self.crf
+        )
+        _require(self.preset in X264_PRESETS, f"preset must be one of {X264_PRESETS}", self.preset)
+        _require(isinstance(self.codec, VideoCodec), "codec must be a VideoCodec", self.codec)
+        _require(
+            isinstance(self.threads, int) and self.threads >= 0,
+            "threads must be >= 0",
+            self.threads,
+        )
+        ok = isinstance(self.audio_bitrate, int) and self.audio_bitrate > 0
+        _require(ok, "audio_bitrate must be > 0", self.audio_bitrate)
+        ok = isinstance(self.nvenc_sessions, int) and self.nvenc_sessions >= 0
+        _require(ok, "nvenc_sessions must be >= 0", self.nvenc_sessions)
+
+
+def _require(ok: bool, message: str, got: object) -> None:
+    if not ok:
+        raise InputError(f"{message}, got {got!r}")
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class ShardCodec(enum.Enum):
+    """How frames are stored in a shard's ``image`` column."""
+
+    JPEG = "jpeg"  # lossy, quality 95: ~15x smaller than raw
+    PNG = "png"  # lossless, slow to write
+    RAW = "raw"  # lossless BGR uint8 bytes: no CPU cost, 2.76 MB per 1280x720 frame
+
+
+# --------------------------------------------------------------------------- precision
+
+
+class Precision(enum.Enum):
+    """Numeric precision of the generator; ``AUTO`` picks the fastest that passes the gate."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+    FP16 = "fp16"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value: Precision | str) -> Precision:
+        try:
+            return cls(value.lower() if isinstance(value, str) else value)
+        except ValueError:
+            choices = "|".join(p.value for p in cls)
+            raise InputError(f"precision must be one of {choices}, got {value!r}") from None

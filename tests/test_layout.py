@@ -1,0 +1,113 @@
+"""The package layout's import rules: the runtime never imports the dev tooling, and the config
+types load no heavy library."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lipsync_ray
+
+PACKAGE = Path(lipsync_ray.__file__).parent
+RUNTIME = sorted(PACKAGE.glob("*.py"))  # lipsync_ray/dev/ is the tooling; everything else runs
+# The CLI fronts the tooling commands (demo, models, bench, reference): it may import
+# lipsync_ray.dev inside those commands' functions, never at module level.
+FRONTS_TOOLING = {"cli.py"}
+HEAVY = ("cv2", "av", "pyarrow", "onnx", "onnxruntime", "ray")
+
+
+def _imported(node: ast.AST, module: str) -> list[str]:
+    """Absolute names an Import/ImportFrom node of ``module`` (a lipsync_ray submodule) names."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:  # relative: resolve against the package
+        parts = module.split(".")[: -node.level]
+        base = ".".join([*parts, base] if base else parts)
+    return [base] + [f"{base}.{alias.name}" for alias in node.names]
+
+
+def _names_dev(name: str) -> bool:
+    return name == "lipsync_ray.dev" or name.startswith("lipsync_ray.dev.")
+
+
+def _outside_functions(node: ast.AST):
+    """``node`` and everything below it that runs on import (function bodies do not)."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield from _outside_functions(child)
+
+
+def _dev_imports(path: Path, *, module_level_only: bool) -> list[str]:
+    """``FILE:LINE: NAME`` of every import in ``path`` that names lipsync_ray.dev."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    module = f"lipsync_ray.{path.stem}"
+    nodes = _outside_functions(tree) if module_level_only else ast.walk(tree)
+    return [
+        f"{path.name}:{node.lineno}: {name}"
+        for node in nodes
+        for name in _imported(node, module)
+        if _names_dev(name)
+    ]
+
+
+def test_runtime_modules_are_found() -> None:
+    names = {p.name for p in RUNTIME}
+    assert {"pipeline.py", "config.py", "precision.py", "cli.py"} <= names
+    assert not names & {"models.py", "synthetic.py", "bench.py", "demo.py"}
+
+
+@pytest.mark.parametrize("path", RUNTIME, ids=lambda p: p.name)
+def test_runtime_never_imports_dev_tooling(path: Path) -> None:
+    module_level_only = path.name in FRONTS_TOOLING
+    assert _dev_imports(path, module_level_only=module_level_only) == []
+
+
+def test_the_check_sees_dev_imports(tmp_path: Path) -> None:
+    """The checker itself: every spelling of an import of the tooling is caught."""
+    spellings = [
+        "import lipsync_ray.dev.models",
+        "from lipsync_ray.dev.models import save_model",
+        "from lipsync_ray.dev import synthetic",
+        "from lipsync_ray import dev",
+        "from .dev import bench",
+        "from .dev.speech import write_audio",
+        "if True:\n    from lipsync_ray.dev import demo",
+    ]
+    for source in spellings:
+        path = tmp_path / "mod.py"
+        path.write_text(source + "\n")
+        assert _dev_imports(path, module_level_only=False), source
+        assert _dev_imports(path, module_level_only=True), source
+    path.write_text("def f():\n    from lipsync_ray.dev.models import build_model\n")
+    assert _dev_imports(path, module_level_only=False)
+    assert not _dev_imports(path, module_level_only=True)
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_config_types_load_no_heavy_library() -> None:
+    loaded = _loaded_after("from lipsync_ray import RenderConfig, PoolConfig")
+    assert [m for m in HEAVY if m in loaded] == []
+    assert not [m for m in loaded if _names_dev(m)]
+
+
+def test_importing_the_runtime_loads_no_dev_tooling() -> None:
+    modules = [f"lipsync_ray.{p.stem}" for p in RUNTIME if p.stem != "__init__"]
+    loaded = _loaded_after("\n".join(f"import {m}" for m in modules))
+    assert set(modules) <= set(loaded)
+    assert [m for m in loaded if _names_dev(m)] == []
