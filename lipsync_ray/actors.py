@@ -22,9 +22,11 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
+from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -35,15 +37,10 @@ from lipsync_ray.inference import (
     with_gpu_share,
 )
 from lipsync_ray.report import ActorInfo
-from lipsync_ray.shards import (
-    ShardCodec,
-    ShardInfo,
-    file_sha256,
-    iter_shard_frames,
-    shard_path,
-    write_shard,
-)
-from lipsync_ray.storage import Location, WorkStore, local_copy
+from lipsync_ray.shards import ShardCodec, ShardInfo, iter_shard_frames, write_shard
+from lipsync_ray.storage import Location, local_copy
+from lipsync_ray.workdir.layout import segment_path, shard_path
+from lipsync_ray.workdir.remote import WorkStore
 
 __all__ = [
     "AUDIO_CONTEXT",
@@ -53,7 +50,6 @@ __all__ = [
     "InferenceActor",
     "JobContext",
     "Predictions",
-    "segment_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,7 +63,10 @@ CONCURRENCY_GROUPS = {"control": 1}
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """One chunk of output frames ``[start, stop)``, with everything needed to render it."""
+    """One chunk of output frames ``[start, stop)``, with everything needed to render it.
+
+    The range travels as three ints (not a :class:`ChunkRange`) to keep what Ray pickles for
+    every chunk flat; :attr:`range` gives it back."""
 
     chunk: int
     start: int
@@ -80,11 +79,15 @@ class ChunkSpec:
     weights: np.ndarray | None = None
 
     @property
+    def range(self) -> ChunkRange:
+        return ChunkRange(self.chunk, self.start, self.stop)
+
+    @property
     def frames(self) -> int:
         return self.stop - self.start
 
     def describe(self) -> str:
-        return f"chunk {self.chunk} (frames {self.start}-{self.stop - 1})"
+        return self.range.describe()
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,6 @@ class _StageClock:
         self.wall[stage] = self.wall.get(stage, 0.0) + wall - self._wall
         self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu - self._cpu
         self._wall, self._cpu = wall, cpu
-
-
-def segment_path(work_dir: str | Path, chunk: int) -> Path:
-    """``<work_dir>/segments/chunk-NNNNNN.mp4``: the chunk's video-only H.264 segment."""
-    return Path(work_dir) / "segments" / f"chunk-{chunk:06d}.mp4"
 
 
 def _actor_info(

@@ -1,5 +1,9 @@
 """Encode stage: BGR frames and mono audio to an H.264 + AAC file, with PyAV only.
 
+(Over 700 lines on purpose: one stage whose three paths, segments, their stream-copy join and
+the single encoder, share the muxer set-up, the verification and the NVENC session cap; split,
+each part would import the others' private helpers.)
+
 Two ways to make the output:
 
 * **segment mode** (the Ray pipeline): every chunk of frames is encoded on its own by
@@ -40,7 +44,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -51,6 +54,7 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from lipsync_ray.errors import EncodeError, InputError, LipsyncError
+from lipsync_ray.fileio import partial_path, partials
 from lipsync_ray.options import (
     _NVENC_PRESETS,
     NVENC_SESSIONS_GEFORCE,
@@ -814,16 +818,11 @@ def _verify(tmp: Path, output: Path, frames: int, fps: int, *, has_audio: bool) 
     return info
 
 
-def _partial_name(path: Path, tag: str) -> str:
-    return f".{path.stem}.{tag}.partial{path.suffix}"
-
-
 def remove_partials(path: str | Path) -> list[Path]:
     """Delete the temporary files an encoder killed while writing ``path`` left beside it
     (a SIGKILL runs no clean-up); returns what was removed. Only for a path that nothing else
     is writing."""
-    path = Path(path)
-    stale = sorted(path.parent.glob(_partial_name(path, "*")))
+    stale = partials(path)
     for leftover in stale:
         leftover.unlink(missing_ok=True)
     return stale
@@ -838,7 +837,7 @@ class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._tmp = path.with_name(_partial_name(path, uuid.uuid4().hex[:8]))
+        self._tmp = partial_path(path)
 
     def __enter__(self) -> Path:
         if not self._path.parent.is_dir():

@@ -1,5 +1,9 @@
 """ONNX Runtime sessions: the one factory every actor, benchmark and test uses.
 
+(Over 700 lines on purpose: provider selection, the CPU-fallback diagnosis and the I/O binding
+of :class:`GeneratorSession` act on the same session and options; one module keeps the one
+factory in one place.)
+
 A session is opened from a model *path* (never at import time), with:
 
 - providers tried in order TensorRT → CUDA → CPU (configurable). A provider that is asked for

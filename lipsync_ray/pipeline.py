@@ -16,8 +16,9 @@
     render_batch(avatar, jobs, config)        = a Renderer used for every job (lipsync_ray.batch)
 
 Where the parts live: the actor pools and the chunk scheduling loop (retries, hung chunks) in
-:mod:`lipsync_ray.scheduler`; the job's paths, the manifest and the final encode in
-:mod:`lipsync_ray.workdir`.
+:mod:`lipsync_ray.scheduler`; the job's paths, the manifest, resume, the final encode and the
+store behind a remote work directory in :mod:`lipsync_ray.workdir` (one ``WorkDir`` per
+render).
 
 Chunks are idempotent: a retried or re-run chunk rewrites the same shard atomically, and the
 manifest only records shards whose checksum it has seen, so Ray's at-least-once execution can
@@ -27,25 +28,24 @@ neither duplicate nor drop frames.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import ChunkSpec, JobContext
+from lipsync_ray.actors import ChunkSpec
 from lipsync_ray.avatar import Avatar, pingpong_indices
-from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
+from lipsync_ray.chunks import ChunkRange, plan_chunks
+from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.encode import check_video_encoder
 from lipsync_ray.errors import InputError
+from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     EncoderSession,
@@ -70,21 +70,12 @@ from lipsync_ray.scheduler import (
     ChunkTotals,
     gather,
     padded_rows,
-    plan_chunks,
     start_actors,
 )
-from lipsync_ray.shards import file_sha256
-from lipsync_ray.storage import Location, relocate, resolve, stage_out
+from lipsync_ray.storage import Location, resolve
 from lipsync_ray.vad import passthrough_weights
-from lipsync_ray.workdir import (
-    Job,
-    adopt_orphans,
-    check_job_paths,
-    encode_output,
-    make_job,
-    open_avatar,
-    open_manifest,
-)
+from lipsync_ray.workdir import Job, Joined, WorkDir, check_job_paths, make_job, open_avatar
+from lipsync_ray.workdir.fingerprint import avatar_identity, render_fingerprint
 
 __all__ = ["Renderer", "plan_chunks", "render"]
 
@@ -194,7 +185,7 @@ class Renderer:
         check_video_encoder(config.encode, self.avatar.size_wh)  # NVENC fails here, not in Ray
         self._prepared: PreparedModel | None = None
         self._model_sha = ""
-        self._avatar_sha = self._hash_avatar()
+        self._avatar_sha = avatar_identity(self.avatar.path)
         self._encoder: EncoderSession | None = None
         self._ray = None
         self._owns_ray = False
@@ -229,12 +220,6 @@ class Renderer:
             if self._owns_ray:
                 self._ray.shutdown()
             self._ray = None
-
-    def _hash_avatar(self) -> str:
-        root = Path(self.avatar.path)
-        parts = [file_sha256(root / "avatar.json")]
-        parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(root.iterdir()) if p.is_file()]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def _ensure_ray(self):
         if self._ray is None:
@@ -333,21 +318,14 @@ class Renderer:
 
     def _fingerprint(self, job: Job, features: np.ndarray) -> str:
         """Hash of everything that decides the pixels of the shards and segments."""
-        config = self.config
-        parts = {
-            "avatar": self._avatar_sha,
-            "features": hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(),
-            "model": self._model_sha,  # the file the actors run (FP32, INT8 or FP16)
-            "chunk_frames": config.pool.chunk_frames,
-            "batch_size": self.pool.batch_size,  # resolved: the batch the actors run
-            "start_frame": job.start_frame,
-            "shard_codec": config.shard_codec.value,
-            "encode_mode": config.encode_mode.value,
-            "encode": [config.encode.crf, config.encode.preset, config.encode.codec.value],
-            "blend": [config.blend.mode.value, config.blend.feather],
-            "silence": None if config.silence is None else asdict(config.silence),
-        }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        return render_fingerprint(
+            self.config,
+            self.pool,
+            avatar=self._avatar_sha,
+            model=self._model_sha,
+            features=features,
+            start_frame=job.start_frame,
+        )
 
     def render(
         self,
@@ -373,27 +351,88 @@ class Renderer:
             features=features,
             filesystem=self.filesystem,
         )
-        if job.output_location is None and job.remote is None:
-            return self._render(job, t_start)
-        if job.remote is not None:
-            job.remote.pull()
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            report = self._render(job, t_start)
-        finally:
-            if job.remote is not None:
-                job.remote.publish_manifest()  # a resume from any node keeps finished chunks
-        if job.output_location is not None:
-            stage_out(job.output, job.output_location)
-            job.output.unlink(missing_ok=True)
-        report = relocate(report, job.output_location, job.remote and job.remote.location)
-        if job.remote is not None:
-            job.remote.finish(report)
-        else:
-            report.save(job.work_dir / "report.json")
-        return report
+        with WorkDir.open(job, self.config) as work:
+            return work.finish(self._render(job, work, t_start))
 
-    def _render(self, job: Job, t_start: float) -> RunReport:
+    def _render(self, job: Job, work: WorkDir, t_start: float) -> RunReport:
+        config = self.config
+        inputs = self._inputs(job)
+        frames = len(inputs.features)
+        plan = plan_chunks(frames, config.pool.chunk_frames)
+        # Spare files for released shards: one per compositor and one more.
+        work.begin(self._fingerprint(job, inputs.features), frames,
+                   spares=self.pool.compositors + 1)  # fmt: skip
+        todo = work.pending(plan)
+        log.info(
+            "%d frames in %d chunks of %d (%d reused); features %.1f s",
+            frames, len(plan), config.pool.chunk_frames, len(plan) - len(todo), inputs.elapsed_s,
+        )  # fmt: skip
+        totals = self._run_chunks(job, work, todo, inputs) if todo else ChunkTotals()
+        self.timeline.mark("chunks")
+        joined = work.join(plan)
+        self.timeline.mark("join")
+        self.renders += 1
+        return self._report(job, work, plan, todo, inputs, totals, joined, t_start)
+
+    def _report(
+        self,
+        job: Job,
+        work: WorkDir,
+        plan: list[ChunkRange],
+        todo: list[ChunkRange],
+        inputs: _Inputs,
+        totals: ChunkTotals,
+        joined: Joined,
+        t_start: float,
+    ) -> RunReport:
+        config = self.config
+        frames = len(inputs.features)
+        # Decoding, the mel spectrogram and the encoder: wall and CPU of the driver meanwhile
+        # (its main thread mostly waits for Ray's processes then; their CPU is not counted).
+        timings = {**totals.timings, **joined.timings_s, "features": inputs.wall_s}
+        cpu = {**totals.cpu, **joined.cpu_s, "features": inputs.cpu_s}
+        wall = time.perf_counter() - t_start
+        rendered = sum(r.frames for r in todo)
+        return RunReport(
+            output=str(job.output),
+            work_dir=str(job.work_dir),
+            frames=frames,
+            chunks=len(plan),
+            chunks_rendered=len(todo),
+            chunks_reused=len(plan) - len(todo),
+            wall_s=wall,
+            fps=frames / wall,
+            stages=StageTimes(
+                _per_frame(timings, rendered=rendered, total=frames),
+                _per_frame(cpu, rendered=rendered, total=frames),
+            ),
+            retries=totals.retries,
+            frames_generated=totals.generated,
+            precision=self._prepared.to_dict() if self._prepared else {},
+            seam_score=totals.seam(),
+            actors=tuple(self.actor_infos),
+            providers=tuple(
+                sorted({i.providers[0] for i in self.actor_infos if i.role == "inference"})
+            ),
+            audio_duration_s=float(joined.media.audio_duration_s or 0.0),
+            video_duration_s=float(joined.media.video_duration_s),
+            settings={
+                **config.to_dict(),
+                "start_frame": job.start_frame,
+                "work_dir": str(job.work_dir),
+                "pool_resolved": asdict(self.pool),
+                "pool_sizing": self.pool_sizing,
+                "fingerprint": work.fingerprint,
+                "renders_on_these_actors": self.renders,
+            },
+            ray_address=self._ray.get_runtime_context().gcs_address if self._ray else "",
+            shards_kept=config.keep_shards,
+            phases_s=self.timeline.phases(),
+        )
+
+    def _inputs(self, job: Job) -> _Inputs:
+        """Decode the audio and compute its features while Ray, the generator's precision and
+        the actors start; the silence passthrough weights when asked for."""
         config = self.config
         t0, c_start = time.perf_counter(), time.process_time()
         decoded, samples = self._decode(job)
@@ -421,125 +460,49 @@ class Renderer:
                 "silence passthrough: %d of %d frames keep the avatar frame",
                 int((weights == 0).sum()), len(weights),
             )  # fmt: skip
-        del samples
-        features_s = time.perf_counter() - t0  # decoding and features, Ray's start beside them
+        return _Inputs(
+            features=feats,
+            weights=weights,
+            wall_s=features_wall + decode_wall,
+            cpu_s=features_cpu + decode_cpu,
+            elapsed_s=time.perf_counter() - t0,  # Ray's start beside decoding and features
+        )
+
+    def _run_chunks(
+        self, job: Job, work: WorkDir, todo: list[ChunkRange], inputs: _Inputs
+    ) -> ChunkTotals:
+        """Render the chunks ``todo`` through the actor pools; each is recorded in ``work``."""
+        self._ensure_pools()
+        self.timeline.mark("actors_ready")
+        feats, weights = inputs.features, inputs.weights
         frames = len(feats)
         avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
-        chunks = plan_chunks(frames, config.pool.chunk_frames)
-        fingerprint = self._fingerprint(job, feats)
-        job.work_dir.mkdir(parents=True, exist_ok=True)
-        manifest = open_manifest(job.work_dir, config, fingerprint, frames)
-        if job.remote is not None:
-            job.remote.attach(manifest)
-        segments = config.encode_mode is EncodeMode.SEGMENTS
-        adopt_orphans(manifest, chunks, fingerprint, segments)
-        todo = [
-            (c, s, e) for c, s, e in chunks if not manifest.complete(c, s, e, segments=segments)
-        ]
-        for c, _, _ in todo:
-            manifest.forget(c)
-        reused = len(chunks) - len(todo)
-        log.info(
-            "%d frames in %d chunks of %d (%d reused); features %.1f s",
-            frames, len(chunks), config.pool.chunk_frames, reused, features_s,
-        )  # fmt: skip
-        totals = ChunkTotals()
-        if todo:
-            self._ensure_pools()
-            self.timeline.mark("actors_ready")
-            # Released shards (segments mode, shards not kept) are kept as spare files for
-            # the next shards to overwrite: one per compositor and one more.
-            recycle = segments and not config.keep_shards and job.remote is None
-            manifest.spares = self.pool.compositors + 1 if recycle else 0
-            context = JobContext(
-                str(job.work_dir),
-                fingerprint,
-                config.shard_codec,
-                segments,
-                shard_checksums=config.keep_shards or not segments,
-                reuse_spares=recycle,
-                blend=config.blend,
-                store=job.remote.store if job.remote is not None else None,
+        specs = (
+            ChunkSpec(
+                r.chunk, r.start, r.stop, avatar_idx[r.start : r.stop], padded_rows(feats, r),
+                None if weights is None else weights[r.start : r.stop],
             )
-            specs = (
-                ChunkSpec(
-                    c, s, e, avatar_idx[s:e], padded_rows(feats, s, e),
-                    None if weights is None else weights[s:e],
-                )
-                for c, s, e in todo
-            )  # fmt: skip
-            progress = _Progress(frames, done=frames - sum(e - s for _, s, e in todo))
-            try:
-                totals = ChunkScheduler(
-                    self._ray,
-                    self._inference,
-                    self._compositors,
-                    self.pool,
-                    manifest,
-                    progress.update,
-                    keep_shards=config.keep_shards,
-                ).run(specs, context)
-            finally:
-                progress.close()
-        self.timeline.mark("chunks")
-        timings, cpu = totals.timings, totals.cpu
-        t0, c0 = time.perf_counter(), time.process_time()
-        if job.remote is not None:
-            job.remote.fetch(manifest, segments=segments)
-            timings["download"] = time.perf_counter() - t0
-            cpu["download"] = time.process_time() - c0
-            t0, c0 = time.perf_counter(), time.process_time()
-        media = encode_output(job, config, manifest, frames)
-        timings["encode_join"] = time.perf_counter() - t0
-        cpu["encode_join"] = time.process_time() - c0
-        self.timeline.mark("join")
-        # Decoding, the mel spectrogram and the encoder: wall and CPU of the driver meanwhile
-        # (its main thread mostly waits for Ray's processes then; their CPU is not counted).
-        timings["features"] = features_wall + decode_wall
-        cpu["features"] = features_cpu + decode_cpu
-        if not config.keep_shards:
-            shutil.rmtree(job.work_dir / "shards", ignore_errors=True)
-            shutil.rmtree(job.work_dir / "segments", ignore_errors=True)
-        wall = time.perf_counter() - t_start
-        self.renders += 1
-        report = RunReport(
-            output=str(job.output),
-            work_dir=str(job.work_dir),
-            frames=frames,
-            chunks=len(chunks),
-            chunks_rendered=len(todo),
-            chunks_reused=reused,
-            wall_s=wall,
-            fps=frames / wall,
-            stages=StageTimes(
-                _per_frame(timings, rendered=sum(e - s for _, s, e in todo), total=frames),
-                _per_frame(cpu, rendered=sum(e - s for _, s, e in todo), total=frames),
-            ),
-            retries=totals.retries,
-            frames_generated=totals.generated,
-            precision=self._prepared.to_dict() if self._prepared else {},
-            seam_score=totals.seam(),
-            actors=tuple(self.actor_infos),
-            providers=tuple(
-                sorted({i.providers[0] for i in self.actor_infos if i.role == "inference"})
-            ),
-            audio_duration_s=float(media.audio_duration_s or 0.0),
-            video_duration_s=float(media.video_duration_s),
-            settings={
-                **config.to_dict(),
-                "start_frame": job.start_frame,
-                "work_dir": str(job.work_dir),
-                "pool_resolved": asdict(self.pool),
-                "pool_sizing": self.pool_sizing,
-                "fingerprint": fingerprint,
-                "renders_on_these_actors": self.renders,
-            },
-            ray_address=self._ray.get_runtime_context().gcs_address if self._ray else "",
-            shards_kept=config.keep_shards,
-            phases_s=self.timeline.phases(),
-        )
-        report.save(job.work_dir / "report.json")
-        return report
+            for r in todo
+        )  # fmt: skip
+        progress = _Progress(frames, done=frames - sum(r.frames for r in todo))
+        try:
+            scheduler = ChunkScheduler(
+                self._ray, self._inference, self._compositors, self.pool, work, progress.update
+            )
+            return scheduler.run(specs, work.context())
+        finally:
+            progress.close()
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """A render's audio, made ready on the driver."""
+
+    features: np.ndarray  # float32 (N, 512): one row per output frame
+    weights: np.ndarray | None  # float32 (N,) silence passthrough weights, or None
+    wall_s: float  # decoding and features: wall seconds
+    cpu_s: float  # ... and the driver's CPU seconds meanwhile
+    elapsed_s: float  # from the start of decoding to the features (Ray's start beside them)
 
 
 def _timed(fn, *args):

@@ -1,5 +1,8 @@
 """Reduced precision for the generator: INT8 on the CPU, FP16 on the GPU, behind a quality gate.
 
+(Over 700 lines on purpose: the conversions, the gate that measures them and the cache that
+keys them by what the gate measured are one decision, made once on the driver.)
+
 :func:`prepare_model` runs on the driver once per render, before any actor starts; actors only
 load the path it returns (``PreparedModel.path``). What it picks::
 
@@ -60,6 +63,7 @@ from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
 from lipsync_ray.composite import MASK_RECT_XYWH
 from lipsync_ray.errors import InputError, ModelError
+from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 from lipsync_ray.inference import (
     EncoderSession,
     GeneratorSession,
@@ -207,7 +211,7 @@ def cached_calibration_features(
     import onnxruntime as ort
 
     encoder = check_model_file(audio_encoder)
-    parts = [CACHE_VERSION, _sha256(_model_files(encoder)), seconds, seed, ort.__version__]
+    parts = [CACHE_VERSION, file_sha256(*_model_files(encoder)), seconds, seed, ort.__version__]
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
     path = Path(cache_dir) / f"calibration-{key}.npy"
     try:
@@ -222,15 +226,12 @@ def cached_calibration_features(
     except (OSError, ValueError):
         pass
     features = calibration_features(encoder, seconds=seconds, seed=seed)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, features, allow_pickle=False)
-        os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not cache the calibration features in %s: %s", path.parent, exc)
-        tmp.unlink(missing_ok=True)
     return features
 
 
@@ -490,13 +491,8 @@ def convert_fp16(model: str | Path, out: str | Path) -> Path:
 # ---------------------------------------------------------------------------- cache
 
 
-def _sha256(paths: list[Path], extra: bytes = b"") -> str:
-    digest = hashlib.sha256(extra)
-    for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
 def _model_files(model: Path) -> list[Path]:
@@ -518,7 +514,7 @@ def _load_entry(entry: Path, key: str) -> dict | None:
     """The entry's metadata if it is complete and its model matches its recorded hash."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if meta["key"] == key and _sha256([entry / "model.onnx"]) == meta["sha256"]:
+        if meta["key"] == key and file_sha256(entry / "model.onnx") == meta["sha256"]:
             return meta
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -536,11 +532,8 @@ def _store_entry(entry: Path, key: str, build) -> dict:
     tmp.mkdir()
     try:
         meta = build(tmp)
-        meta = {**meta, "key": key, "sha256": _sha256([tmp / "model.onnx"])}
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        meta = {**meta, "key": key, "sha256": file_sha256(tmp / "model.onnx")}
+        write_json(tmp / "meta.json", meta, fsync=True, indent=2, sort_keys=True)
         if (theirs := _load_entry(entry, key)) is not None:
             return theirs
         if entry.exists():
@@ -688,9 +681,9 @@ def _prepare_reduced(r: _Request, avatar: Avatar, features: np.ndarray | None) -
     parts = {
         "version": CACHE_VERSION,
         "precision": r.target.value,
-        "model": _sha256(_model_files(r.model)),
+        "model": file_sha256(*_model_files(r.model)),
         "avatar": avatar_digest.hexdigest(),
-        "features": None if features is None else _sha256([], np.ascontiguousarray(features).data),
+        "features": None if features is None else _array_sha256(features),
         "frames": [r.calibration_frames, r.holdout_frames, r.seed],
         "int8": json.loads(json.dumps(asdict(r.int8), default=lambda e: e.value))
         if r.target is Precision.INT8

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lipsync_ray.fileio import write_json
 
 __all__ = ["ActorInfo", "RunReport", "StageTimes", "Timeline"]
 
@@ -123,11 +123,7 @@ class RunReport:
 
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return write_json(Path(path), self.to_dict(), indent=2, default=str)
 
     def summary(self) -> str:
         """A few human-readable lines: the key figures."""

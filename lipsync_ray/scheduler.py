@@ -4,7 +4,7 @@
 
     start_actors(ray, pool, ...)       InferenceActor and CompositorActor pools (Ray restarts
                                        them without limit; the chunks bound the retries)
-    plan_chunks(frames, C)             (chunk, start, stop) ranges of C output frames
+    plan_chunks(frames, C)             ChunkRange values of C output frames (lipsync_ray.chunks)
     ChunkScheduler(...).run(specs)     InferenceActor ──predictions (ObjectRef)──▶ CompositorActor
                                          at most `in_flight` chunks submitted at once
                                          a failed chunk: retried (max_retries), or, when a worker
@@ -14,8 +14,8 @@
                                            actor is restarted and the chunk retried
 
 The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
-with :func:`start_actors` and hands over the lists, the resolved pool settings, the manifest
-that records finished chunks, and a callback that waits for restarted actors.
+with :func:`start_actors` and hands over the lists, the resolved pool settings, the work
+directory that records finished chunks, and a callback that waits for restarted actors.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 
@@ -39,15 +40,16 @@ from lipsync_ray.actors import (
     InferenceActor,
     JobContext,
 )
+from lipsync_ray.chunks import ChunkRange, plan_chunks
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
 from lipsync_ray.inference import SessionOptions
-from lipsync_ray.shards import Manifest
 from lipsync_ray.storage import Location
 
 __all__ = [
     "ChunkDecision",
+    "ChunkRecorder",
     "ChunkScheduler",
     "ChunkTotals",
     "Next",
@@ -72,17 +74,9 @@ SYSTEM_RETRIES = 8
 _UNORDERED = {"allow_out_of_order_execution": True}
 
 
-def plan_chunks(frames: int, chunk_frames: int) -> list[tuple[int, int, int]]:
-    """Split ``frames`` output frames into ``(chunk, start, stop)`` ranges of ``chunk_frames``."""
-    return [
-        (i, start, min(start + chunk_frames, frames))
-        for i, start in enumerate(range(0, frames, chunk_frames))
-    ]
-
-
-def padded_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Feature rows ``[start - 8, stop + 8)`` with zeros where they run off either end."""
-    lo, hi = start - AUDIO_CONTEXT, stop + AUDIO_CONTEXT
+def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
+    """Feature rows ``[start - 8, stop + 8)`` of ``chunk``, zero where they run off either end."""
+    lo, hi = chunk.start - AUDIO_CONTEXT, chunk.stop + AUDIO_CONTEXT
     rows = np.zeros((hi - lo, features.shape[1]), dtype=np.float32)
     a, b = max(lo, 0), min(hi, len(features))
     rows[a - lo : b - lo] = features[a:b]
@@ -152,6 +146,12 @@ def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
         {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
         for node in sorted(cpu_nodes)
     ]
+
+
+class ChunkRecorder(Protocol):
+    """Where finished chunks go (:class:`lipsync_ray.workdir.WorkDir`)."""
+
+    def record(self, result: ChunkResult) -> None: ...
 
 
 @dataclass
@@ -281,9 +281,8 @@ class ChunkScheduler:
         inference: the InferenceActor handles; chunks go to the least loaded one.
         compositors: the CompositorActor handles; likewise.
         pool: the resolved pool settings (in-flight limit, max_retries, chunk_timeout_s).
-        manifest: records every finished chunk's shard (and segment).
+        recorder: records every finished chunk's shard (and segment).
         on_frames: called with the frame count of each finished chunk (progress).
-        keep_shards: keep each chunk's shard once its segment is recorded (else released).
         await_actors: ``(actors, what)`` blocks until ``actors`` answer again after a restart;
             default :func:`wait_for_actors`.
     """
@@ -294,16 +293,14 @@ class ChunkScheduler:
         inference: Sequence,
         compositors: Sequence,
         pool: PoolConfig,
-        manifest: Manifest,
+        recorder: ChunkRecorder,
         on_frames: Callable[[int], None],
         *,
-        keep_shards: bool,
         await_actors: Callable[[Sequence, str], None] | None = None,
     ) -> None:
-        self.ray, self.pool, self.manifest = ray, pool, manifest
+        self.ray, self.pool, self.recorder = ray, pool, recorder
         self.inference, self.compositors = list(inference), list(compositors)
         self.on_frames = on_frames
-        self.keep_shards = keep_shards
         self._await = await_actors or partial(wait_for_actors, ray)
         self.totals = ChunkTotals()
         self._retry: deque[tuple[ChunkSpec, int, int]] = deque()
@@ -369,7 +366,7 @@ class ChunkScheduler:
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
-        ray, manifest, totals = self.ray, self.manifest, self.totals
+        ray, totals = self.ray, self.totals
         task = self._inflight.pop(ref)
         self._load_inf[task.inference] -= 1
         self._load_comp[task.compositor] -= 1
@@ -378,14 +375,7 @@ class ChunkScheduler:
         except (ray.exceptions.RayError, LipsyncError) as exc:
             self._failed(task, exc)
             return
-        if result.segment is not None:
-            manifest.record_segment(result.segment)
-        # Released once recorded (without --keep-shards): the segment carries the
-        # chunk, and disk use stays bounded by the chunks in flight.
-        manifest.record(
-            result.shard,
-            release=result.segment is not None and not self.keep_shards,
-        )
+        self.recorder.record(result)
         for k, v in result.timings_s.items():
             totals.timings[k] = totals.timings.get(k, 0.0) + v
         for k, v in result.cpu_s.items():

@@ -1,4 +1,4 @@
-"""Parquet shards (one per chunk of output frames) and the work directory's manifest.
+"""Parquet shards: one file per chunk of output frames, its schema, writing, reading, checks.
 
 Shard schema (one row per output frame, in frame order)::
 
@@ -13,23 +13,23 @@ The file's key-value metadata holds ``lipsync_ray.fingerprint`` (the render's fi
 ``lipsync_ray.chunk`` (the chunk number), so an orphan shard (written, renamed, but not yet in
 the manifest when the driver died) can still be verified and reused.
 
-Shards are written to ``chunk-NNNNNN.parquet.tmp-<pid>`` and renamed when complete: a file
-named ``chunk-NNNNNN.parquet`` is always whole. The manifest is rewritten the same way.
+Shards are written to a temp name beside ``chunk-NNNNNN.parquet`` (:mod:`lipsync_ray.fileio`)
+and renamed when complete: a file named ``chunk-NNNNNN.parquet`` is always whole. Where the
+files live is :mod:`lipsync_ray.workdir.layout`.
 
 Spare files: a shard released as soon as its segment is recorded (segments mode without
-``--keep-shards``) can be moved to ``shards/.spare/`` instead of deleted (:func:`keep_spare`),
-and the next :func:`write_shard` overwrites it in place. Writing 180 MB into pages the file
-already has costs ~0.6 CPU ms per 720p frame; a new file costs 1-5 ms, most of it the kernel
-finding fresh pages (on a VM that returns freed memory to its host, the upper end).
+``--keep-shards``) can be moved to ``shards/.spare/`` instead of deleted (the manifest does,
+:mod:`lipsync_ray.workdir.manifest`), and the next :func:`write_shard` overwrites it in place.
+Writing 180 MB into pages the file already has costs ~0.6 CPU ms per 720p frame; a new file
+costs 1-5 ms, most of it the kernel finding fresh pages (on a VM that returns freed memory to
+its host, the upper end).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -37,25 +37,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipsync_ray.errors import InputError, ShardError
+from lipsync_ray.errors import ShardError
+from lipsync_ray.fileio import atomic_path, file_sha256
 from lipsync_ray.options import ShardCodec
+from lipsync_ray.workdir.layout import spare_dir
 
 __all__ = [
     "SHARD_SCHEMA",
-    "Manifest",
     "ShardCodec",
     "ShardInfo",
     "decode_image",
     "encode_image",
     "iter_shard_frames",
-    "keep_spare",
     "read_shard",
-    "shard_path",
-    "spare_dir",
+    "verify_file",
     "write_shard",
 ]
 
-MANIFEST_VERSION = 1
 FINGERPRINT_KEY = b"lipsync_ray.fingerprint"
 CHUNK_KEY = b"lipsync_ray.chunk"
 JPEG_QUALITY = 95
@@ -100,32 +98,6 @@ def decode_image(data: bytes, codec: str, height: int, width: int) -> np.ndarray
     return frame
 
 
-def shard_path(work_dir: str | Path, chunk: int) -> Path:
-    """``<work_dir>/shards/chunk-NNNNNN.parquet``."""
-    return Path(work_dir) / "shards" / f"chunk-{chunk:06d}.parquet"
-
-
-def spare_dir(work_dir: str | Path) -> Path:
-    """``<work_dir>/shards/.spare``: released shard files kept for :func:`write_shard` to reuse."""
-    return Path(work_dir) / "shards" / ".spare"
-
-
-def keep_spare(path: Path, work_dir: str | Path, limit: int) -> bool:
-    """Move the released shard ``path`` into the spare directory, unless it holds ``limit``
-    files already. Returns whether it was kept (the caller deletes it otherwise)."""
-    if limit < 1:
-        return False
-    spares = spare_dir(work_dir)
-    spares.mkdir(parents=True, exist_ok=True)
-    if sum(1 for _ in spares.glob("*.parquet")) >= limit:
-        return False
-    try:
-        os.replace(path, spares / path.name)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def _claim_spare(spares: Path, tmp: Path) -> bool:
     """Rename one spare file to ``tmp``; compositors racing for the same file each get another
     or none."""
@@ -136,14 +108,6 @@ def _claim_spare(spares: Path, tmp: Path) -> bool:
             continue
         return True
     return False
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -203,7 +167,6 @@ def write_shard(
             {FINGERPRINT_KEY: fingerprint.encode(), CHUNK_KEY: str(chunk).encode()}
         ),
     )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     small = [name for name in SHARD_SCHEMA.names if name != "image"]
     # Images neither compress (raw pixels or JPEG/PNG already) nor repeat: no codec, no
@@ -214,12 +177,9 @@ def write_shard(
         use_dictionary=small,
         write_statistics=small,
     )
-    try:
+    with atomic_path(path) as tmp:
         if not (reuse_spare and _write_over_spare(table, tmp, spare_dir(work_dir), options)):
             pq.write_table(table, tmp, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ShardInfo(
         chunk=chunk,
         start=int(frame_indices[0]),
@@ -328,140 +288,10 @@ def iter_shard_frames(path: str | Path, expected: range) -> Iterator[np.ndarray]
         yield decode_image(images[i].as_py(), codecs[i], int(heights[i]), int(widths[i]))
 
 
-@dataclass
-class Manifest:
-    """``<work_dir>/manifest.json``: the fingerprint and every complete chunk. Driver-only."""
-
-    work_dir: Path
-    fingerprint: str
-    settings: dict
-    frames: int
-    chunk_frames: int
-    chunks: dict[int, ShardInfo] = field(default_factory=dict)
-    segments: dict[int, ShardInfo] = field(default_factory=dict)  # H.264 segments, same keys
-    # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
-    # when their segment verifies.
-    released: set[int] = field(default_factory=set)
-    # Called with the manifest's path after every save (a non-local work directory uploads it).
-    on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
-    # Released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
-    spares: int = field(default=0, compare=False, repr=False)
-
-    @property
-    def path(self) -> Path:
-        return self.work_dir / "manifest.json"
-
-    @classmethod
-    def load(cls, work_dir: Path) -> Manifest | None:
-        """The manifest in ``work_dir``, or None if there is none."""
-        path = work_dir / "manifest.json"
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"version {data.get('version')}, expected {MANIFEST_VERSION}")
-            chunks = {int(k): ShardInfo(**v) for k, v in data["chunks"].items()}
-            segments = {int(k): ShardInfo(**v) for k, v in data.get("segments", {}).items()}
-            released = {int(k) for k in data.get("released", [])}
-            return cls(
-                work_dir=work_dir,
-                fingerprint=data["fingerprint"],
-                settings=data["settings"],
-                frames=int(data["frames"]),
-                chunk_frames=int(data["chunk_frames"]),
-                chunks=chunks,
-                segments=segments,
-                released=released,
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(
-                f"the work directory's manifest is unreadable ({exc}); "
-                "use --overwrite to start the render again",
-                path=path,
-            ) from exc
-
-    def record(self, info: ShardInfo, *, release: bool = False) -> None:
-        """Record a complete shard (and its segment, noted before). With ``release`` the shard
-        file goes once the record is saved (its segment now carries the chunk): to the spare
-        files while there are fewer than :attr:`spares`, else deleted."""
-        self.chunks[info.chunk] = info
-        if release:
-            self.released.add(info.chunk)
-        self.save()  # first the record, then the deletion: a crash between leaves a file
-        if release:
-            path = self.work_dir / info.file
-            if not keep_spare(path, self.work_dir, self.spares):
-                path.unlink(missing_ok=True)
-
-    def record_segment(self, info: ShardInfo) -> None:
-        """Note a chunk's segment; saved together with the chunk's shard by :meth:`record`."""
-        self.segments[info.chunk] = info
-
-    def adopt(
-        self, path: Path, chunk: int, start: int, stop: int, *, segment: bool = False
-    ) -> None:
-        """Record a file that is known to be whole (renamed into place) but not yet listed."""
-        info = ShardInfo(
-            chunk=chunk,
-            start=start,
-            stop=stop,
-            rows=stop - start,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(self.work_dir)),
-        )
-        if segment:
-            self.segments[chunk] = info
-        else:
-            self.record(info)
-
-    def forget(self, chunk: int) -> None:
-        dropped = self.chunks.pop(chunk, None), self.segments.pop(chunk, None)
-        self.released.discard(chunk)
-        if any(d is not None for d in dropped):
-            self.save()
-
-    def save(self) -> None:
-        data = {
-            "version": MANIFEST_VERSION,
-            "fingerprint": self.fingerprint,
-            "frames": self.frames,
-            "chunk_frames": self.chunk_frames,
-            "settings": self.settings,
-            "chunks": {f"{k:06d}": asdict(v) for k, v in sorted(self.chunks.items())},
-            "segments": {f"{k:06d}": asdict(v) for k, v in sorted(self.segments.items())},
-            "released": sorted(self.released),
-        }
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
-        if self.on_save is not None:
-            self.on_save(self.path)
-
-    def verified(self, chunk: int, start: int, stop: int) -> bool:
-        """True when the chunk's shard is recorded, present, whole and unchanged."""
-        return self._verified(self.chunks.get(chunk), start, stop)
-
-    def complete(self, chunk: int, start: int, stop: int, *, segments: bool) -> bool:
-        """Whether a chunk needs no more work: its segment verifies (segments mode) and its
-        shard verifies or was released after the segment was made."""
-        if not segments:
-            return self.verified(chunk, start, stop)
-        if not self.verified_segment(chunk, start, stop):
-            return False
-        return chunk in self.released or self.verified(chunk, start, stop)
-
-    def verified_segment(self, chunk: int, start: int, stop: int) -> bool:
-        """True when the chunk's H.264 segment is recorded, present, whole and unchanged."""
-        return self._verified(self.segments.get(chunk), start, stop)
-
-    def _verified(self, info: ShardInfo | None, start: int, stop: int) -> bool:
-        if info is None or (info.start, info.stop, info.rows) != (start, stop, stop - start):
-            return False
-        path = self.work_dir / info.file
-        try:
-            return path.stat().st_size == info.bytes and file_sha256(path) == info.sha256
-        except OSError:
-            return False
+def verify_file(path: str | Path, info: ShardInfo) -> bool:
+    """True when the file at ``path`` (a shard or a segment) has the size and SHA-256 that
+    ``info`` recorded; False when it differs, is missing, or ``info`` has no checksum."""
+    try:
+        return Path(path).stat().st_size == info.bytes and file_sha256(path) == info.sha256
+    except OSError:
+        return False

@@ -12,9 +12,10 @@ is staged through a node-local cache (:data:`CACHE_ROOT`)::
 
     avatar, audio, features   stage_in: copied once per node and version (memory maps need files)
     output                    written locally, then stage_out: temp name + move, never partial
-    work directory            RemoteWorkDir: compositors write shards and segments in node-local
-                              scratch and upload them; the driver mirrors the work directory,
-                              keeps the manifest in step and fetches the segments for the join
+    work directory            lipsync_ray.workdir.remote: compositors write shards and segments
+                              in node-local scratch and upload them; the driver mirrors the
+                              work directory, keeps the manifest in step and fetches the
+                              segments for the join
 
 Failures of the store itself (no such bucket, credentials refused, an endpoint that cannot be
 reached or does not answer) become one line that names the URI and the cause
@@ -28,22 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import posixpath
 import re
 import shutil
 import tempfile
-import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.fileio import atomic_path
 
 __all__ = [
     "CACHE_ROOT",
@@ -51,11 +51,12 @@ __all__ = [
     "S3_MAX_ATTEMPTS",
     "S3_REQUEST_TIMEOUT_S",
     "Location",
-    "RemoteWorkDir",
-    "WorkStore",
     "check_readable",
     "check_writable",
+    "delete",
     "describe_failure",
+    "download",
+    "list_files",
     "local_copy",
     "node_dir",
     "resolve",
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 CACHE_ROOT = Path(tempfile.gettempdir()) / "lipsync-ray-storage"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BLOCK = 8 << 20  # copy buffer, bytes
-_MANIFEST_EVERY_S = 5.0  # upload the manifest at most this often while chunks finish
 
 # The S3 client of every s3:// URI (pyarrow's defaults are the AWS SDK's: 3 attempts, 1 s to
 # connect, 3 s without a byte). Retried: throttling, 5xx answers, refused or dropped
@@ -215,7 +215,7 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
         info = location.info()
         if info.type == pafs.FileType.NotFound:
             raise InputError("not found", path=str(location))
-        files = _listing(location) if info.type == pafs.FileType.Directory else {"": info}
+        files = list_files(location) if info.type == pafs.FileType.Directory else {"": info}
     digest = hashlib.sha256(f"{_identity(location.filesystem)}|{location.path}".encode())
     for rel, f in sorted(files.items()):
         digest.update(f"|{rel}:{f.size}:{f.mtime_ns}".encode())
@@ -234,7 +234,7 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
         try:
             with storage_errors(location, InputError, "cannot read it"):
                 for rel, f in files.items():
-                    _download(location.filesystem, f.path, staged / rel if rel else staged)
+                    download(location.filesystem, f.path, staged / rel if rel else staged)
             if info.type == pafs.FileType.Directory:
                 staged.mkdir(exist_ok=True)  # an empty directory stays a directory
             try:
@@ -411,146 +411,6 @@ def _node_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# ------------------------------------------------------------------------- work directory
-
-
-@dataclass(frozen=True)
-class WorkStore:
-    """A work directory that is not on a local disk, as compositors see it (in a JobContext).
-
-    Compositors write a chunk's files in :meth:`scratch` (node-local, same layout), then
-    :meth:`publish` uploads them and deletes the local copies."""
-
-    location: Location
-    keep_shards: bool
-
-    def scratch(self) -> Path:
-        return node_dir("scratch", self.location)
-
-    def publish(self, scratch: Path, result) -> None:
-        """Upload what the chunk ``result`` (a ChunkResult) wrote in ``scratch``, then delete
-        it there: the shard (unless it is released at once: segments mode without
-        --keep-shards), then the segment, so a segment on the store always has its shard's
-        record or file (the order orphan adoption relies on)."""
-        names = []
-        if result.segment is None or self.keep_shards:
-            names.append(result.shard.file)
-        if result.segment is not None:
-            names.append(result.segment.file)
-        for name in names:
-            stage_out(scratch / name, self.location.join(name))
-        for info in (result.shard, result.segment):
-            if info is not None:
-                (scratch / info.file).unlink(missing_ok=True)
-
-
-class RemoteWorkDir:
-    """The driver's side of a non-local work directory: a node-local mirror that the existing
-    manifest, resume and encode code read and write, kept in step with the store.
-
-    Order of a render: :meth:`pull` (mirror := store), :meth:`attach` (once the manifest is
-    open), chunks upload themselves, :meth:`fetch` (the files the join reads), then
-    :meth:`finish` (output, report, manifest up; shards and segments removed unless kept)."""
-
-    def __init__(self, location: Location, *, keep_shards: bool) -> None:
-        self.store = WorkStore(location, keep_shards)
-        self.mirror = node_dir("mirror", location)
-        self._remote_fingerprint: str | None = None
-        self._manifest_path: Path | None = None
-        self._uploaded = 0.0
-
-    @property
-    def location(self) -> Location:
-        return self.store.location
-
-    def pull(self) -> None:
-        """Make the mirror a copy of the store (files of equal size are kept, and checked by
-        their checksums when the manifest verifies them)."""
-        with self._errors("cannot read the work directory"):
-            is_dir = self.location.info().type == pafs.FileType.Directory
-            wanted = _listing(self.location) if is_dir else {}
-        self.mirror.mkdir(parents=True, exist_ok=True)
-        for path in sorted(p for p in self.mirror.rglob("*") if p.is_file()):
-            rel = path.relative_to(self.mirror).as_posix()
-            if rel not in wanted or path.stat().st_size != wanted[rel].size:
-                path.unlink()
-        with self._errors("cannot read the work directory"):
-            for rel, f in wanted.items():
-                if not (self.mirror / rel).is_file():
-                    _download(self.location.filesystem, f.path, self.mirror / rel)
-        manifest = self.mirror / "manifest.json"
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            self._remote_fingerprint = json.loads(manifest.read_text()).get("fingerprint")
-        log.info("work directory %s mirrored in %s (%d files)", self.location, self.mirror,
-                 len(wanted))  # fmt: skip
-
-    def attach(self, manifest) -> None:
-        """Called once the manifest is open. A manifest of another render means the store's
-        chunk files belong to that render: remove them before any new chunk is uploaded, as
-        the local path removes them. Then publish the manifest as it changes."""
-        if manifest.fingerprint != self._remote_fingerprint:
-            with self._errors("cannot clear the work directory"):
-                for sub in ("shards", "segments"):
-                    delete(self.location.join(sub))
-        self._manifest_path = manifest.path
-        manifest.on_save = self._manifest_saved
-        self.publish_manifest()
-
-    def _manifest_saved(self, path: Path) -> None:
-        if time.monotonic() - self._uploaded >= _MANIFEST_EVERY_S:
-            try:
-                self.publish_manifest()
-            except RenderError as exc:
-                # Only a resume reads it, and it goes up again with the next chunk and at the
-                # end: a store that is briefly away must not stop the chunks.
-                log.warning("manifest not uploaded yet, will try again: %s", exc)
-                self._uploaded = time.monotonic()
-
-    def publish_manifest(self) -> None:
-        if self._manifest_path is not None and self._manifest_path.is_file():
-            stage_out(self._manifest_path, self.location.join("manifest.json"))
-            self._uploaded = time.monotonic()
-
-    def fetch(self, manifest, *, segments: bool) -> None:
-        """Download into the mirror the files the join reads: every segment, or every shard."""
-        records = manifest.segments if segments else manifest.chunks
-        for info in records.values():
-            local = self.mirror / info.file
-            if local.is_file() and local.stat().st_size == info.bytes:
-                continue
-            with self._errors("cannot download a chunk for the join"):
-                _download(self.location.filesystem, self.location.join(info.file).path, local)
-
-    def finish(self, report) -> None:
-        """After a successful render (its output already in place): upload the manifest and
-        the report, remove the shards and segments from the store unless they are kept, and
-        drop the mirror."""
-        self.publish_manifest()
-        report.save(self.mirror / "report.json")
-        stage_out(self.mirror / "report.json", self.location.join("report.json"))
-        if not self.store.keep_shards:
-            with self._errors("cannot remove the chunks from the work directory"):
-                for sub in ("shards", "segments"):
-                    delete(self.location.join(sub))
-        shutil.rmtree(self.mirror, ignore_errors=True)
-
-    def _errors(self, doing: str):
-        hint = "the finished chunks are kept there: run again to resume"
-        return storage_errors(self.location, RenderError, doing, hint)
-
-
-def relocate(report, output: Location | None, work: Location | None):
-    """The report as the user sees it: the output and work directory as given, not the
-    node-local paths they were staged through."""
-    changes: dict = {}
-    if output is not None:
-        changes["output"] = str(output)
-    if work is not None:
-        changes["work_dir"] = str(work)
-        changes["settings"] = {**report.settings, "work_dir": str(work)}
-    return replace(report, **changes) if changes else report
-
-
 # -------------------------------------------------------------------------------- helpers
 
 
@@ -567,7 +427,7 @@ def _identity(fs: pafs.FileSystem) -> str:
     return fs.type_name
 
 
-def _listing(location: Location) -> dict[str, pafs.FileInfo]:
+def list_files(location: Location) -> dict[str, pafs.FileInfo]:
     """Every file under a directory location, by path relative to it (``/``-separated),
     leaving out names that start with ``.``."""
     selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
@@ -582,13 +442,8 @@ def _listing(location: Location) -> dict[str, pafs.FileInfo]:
     return files
 
 
-def _download(fs: pafs.FileSystem, path: str, local: Path) -> None:
+def download(fs: pafs.FileSystem, path: str, local: Path) -> None:
     """Copy one file to ``local``, atomically (temp name + rename)."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, _BLOCK)
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(local) as tmp, fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, _BLOCK)

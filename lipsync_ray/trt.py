@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lipsync_ray.errors import ModelError
+from lipsync_ray.fileio import file_sha256
 
 if TYPE_CHECKING:
     from lipsync_ray.inference import SessionOptions
@@ -133,11 +133,7 @@ def engine_build_lock(directory: Path, timeout_s: float = TRT_BUILD_TIMEOUT_S):
 
 def file_key(path: Path) -> str:
     """The first 32 hex digits of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:32]
+    return file_sha256(path)[:32]
 
 
 def default_trt_root(model: Path) -> Path:

@@ -44,7 +44,8 @@ from roi_models import save_roi_generator
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import LipsyncError
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import Manifest, ShardCodec, shard_path, spare_dir
+from lipsync_ray.shards import ShardCodec
+from lipsync_ray.workdir import Manifest, shard_path, spare_dir
 
 pytestmark = pytest.mark.ray
 

@@ -37,7 +37,8 @@ from lipsync_ray.dev.speech import synth_speech, write_audio
 from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import RenderError
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import Manifest, ShardCodec
+from lipsync_ray.shards import ShardCodec
+from lipsync_ray.workdir import Manifest
 
 pytestmark = pytest.mark.ray
 

@@ -28,8 +28,9 @@ from lipsync_ray.dev.speech import synth_speech, write_audio
 from lipsync_ray.encode import EncodeOptions, probe
 from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
-from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames, spare_dir
+from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames
 from lipsync_ray.vad import SilenceOptions, passthrough_weights
+from lipsync_ray.workdir import spare_dir
 
 pytestmark = pytest.mark.ray
 

@@ -387,7 +387,9 @@ def test_store_failing_during_the_render_is_a_render_error(s3, monkeypatch):
     from lipsync_ray.errors import RenderError
 
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
-    work = storage.RemoteWorkDir(storage.resolve(s3.uri("h/work")), keep_shards=False)
+    from lipsync_ray.workdir import RemoteWorkDir
+
+    work = RemoteWorkDir(storage.resolve(s3.uri("h/work")), keep_shards=False)
     s3.stop()
     try:
         with pytest.raises(RenderError) as info:

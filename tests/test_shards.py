@@ -7,18 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError, ShardError
-from lipsync_ray.shards import (
-    Manifest,
-    ShardCodec,
-    file_sha256,
-    iter_shard_frames,
-    keep_spare,
-    shard_metadata,
-    shard_path,
-    spare_dir,
-    write_shard,
-)
+from lipsync_ray.fileio import file_sha256
+from lipsync_ray.shards import ShardCodec, iter_shard_frames, shard_metadata, write_shard
+from lipsync_ray.workdir import Manifest, keep_spare, shard_path, spare_dir
 
 
 def _frames(n: int, h: int = 72, w: int = 128, seed: int = 0) -> list[np.ndarray]:
@@ -46,7 +39,7 @@ def test_round_trip_with_plain_pyarrow(tmp_path, codec):
     )
     assert path.name == "chunk-000003.parquet"
     assert (info.chunk, info.start, info.stop, info.rows) == (3, 10, 15, 5)
-    assert not list(path.parent.glob("*.tmp-*"))
+    assert not list(path.parent.glob("*.tmp-*")) and not list(path.parent.glob(".*.partial*"))
 
     table = pq.read_table(path)
     assert table.schema.field("frame_index").type == pa.int64()
@@ -95,24 +88,24 @@ def test_manifest_verifies_checksums(tmp_path):
     manifest.record(info)
     loaded = Manifest.load(tmp_path)
     assert loaded is not None and loaded.chunks[0] == info and loaded.fingerprint == "fp"
-    assert loaded.verified(0, 0, 4)
-    assert not loaded.verified(0, 0, 5)  # another plan
-    assert not loaded.verified(1, 4, 8)  # never written
+    assert loaded.verified(ChunkRange(0, 0, 4))
+    assert not loaded.verified(ChunkRange(0, 0, 5))  # another plan
+    assert not loaded.verified(ChunkRange(1, 4, 8))  # never written
 
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     path.write_bytes(bytes(data))
-    assert not loaded.verified(0, 0, 4)
+    assert not loaded.verified(ChunkRange(0, 0, 4))
     path.unlink()
-    assert not loaded.verified(0, 0, 4)
+    assert not loaded.verified(ChunkRange(0, 0, 4))
 
 
 def test_orphan_adoption_and_forget(tmp_path):
     path = shard_path(tmp_path, 2)
     write_shard(path, 2, np.arange(8, 12), np.arange(4), _frames(4), ShardCodec.RAW, "fp", tmp_path)
     manifest = Manifest(tmp_path, "fp", {}, frames=12, chunk_frames=4)
-    manifest.adopt(path, 2, 8, 12)
-    assert Manifest.load(tmp_path).verified(2, 8, 12)
+    manifest.adopt(path, ChunkRange(2, 8, 12))
+    assert Manifest.load(tmp_path).verified(ChunkRange(2, 8, 12))
     manifest.forget(2)
     assert 2 not in Manifest.load(tmp_path).chunks
 
@@ -176,7 +169,8 @@ def test_checksum_can_be_skipped_for_released_shards(tmp_path):
     assert info.sha256 == "" and info.bytes > 0
     manifest = Manifest(tmp_path, "fp", {}, 2, 2)
     manifest.record(info)
-    assert not manifest.verified(0, 0, 2)  # an unchecksummed shard is never taken as verified
+    # an unchecksummed shard is never taken as verified
+    assert not manifest.verified(ChunkRange(0, 0, 2))
 
 
 def _write_raw(work_dir, chunk: int, frames: np.ndarray, **kwargs):

@@ -1,4 +1,5 @@
-"""A render's files: its checked paths, the avatar bundle, the work directory, the final encode.
+"""A render request's paths, checked and staged: :func:`check_job_paths`, :func:`make_job`,
+:func:`open_avatar`.
 
 ::
 
@@ -8,48 +9,28 @@
                                        are InputErrors that name the URI)
     make_job(config, avatar, ...)      a validated Job: local paths, or node-local stand-ins
     open_avatar(location)              in place when local, else staged into this node's cache
-    open_manifest(work_dir, ...)       resume a render of the same inputs, or start afresh
-    adopt_orphans(manifest, chunks)    files renamed into place but never listed
-    encode_output(job, ...)            segments joined by stream copy (or one encoder over the
-                                       shards) + the AAC track
-
-The manifest only records shards whose checksum it has seen, and a work directory of another
-fingerprint is wiped (with --overwrite) or refused, so a resume never mixes two renders.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import segment_path
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.config import EncodeMode, RenderConfig
-from lipsync_ray.encode import concat_segments, encode_video, probe, remove_partials
-from lipsync_ray.errors import InputError, LipsyncError
-from lipsync_ray.scheduler import plan_chunks
-from lipsync_ray.shards import Manifest, iter_shard_frames, shard_metadata, shard_path
+from lipsync_ray.config import RenderConfig
+from lipsync_ray.errors import InputError
 from lipsync_ray.storage import (
     Location,
-    RemoteWorkDir,
     check_readable,
     check_writable,
     node_dir,
     resolve,
     stage_in,
 )
+from lipsync_ray.workdir.layout import WORK_SUFFIX
+from lipsync_ray.workdir.remote import RemoteWorkDir
 
-log = logging.getLogger(__name__)
-
-__all__ = ["Job", "check_job_paths", "make_job"]
-
-TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
+__all__ = ["Job", "check_job_paths", "make_job", "open_avatar"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +71,7 @@ def check_job_paths(
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    work = resolve(work_dir, filesystem) if work_dir else output.sibling(".work")
+    work = resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
     audio_type = check_readable(audio).type
     parent = output.parent()
     parent_type = check_readable(parent).type
@@ -152,7 +133,7 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(".work")
+    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(WORK_SUFFIX)
     features = features if features is not None else config.features
     if features is None and not config.audio_encoder:
         raise InputError("give an audio encoder model or precomputed features")
@@ -199,77 +180,3 @@ def open_avatar(location: Location) -> tuple[Avatar, Location | None]:
         if path is not None and path.startswith(str(staged)):
             path = str(location) + path[len(str(staged)) :]
         raise type(exc)(exc.message, path=path) from None
-
-
-def open_manifest(work_dir: Path, config: RenderConfig, fingerprint: str, frames: int) -> Manifest:
-    existing = Manifest.load(work_dir)
-    if existing is not None and existing.fingerprint != fingerprint:
-        if not config.overwrite:
-            raise InputError(
-                "the work directory belongs to a render of other inputs or settings; use "
-                "--overwrite to start again, or another --work-dir",
-                path=work_dir,
-            )
-        existing = None
-    if existing is None:
-        for sub in ("shards", "segments"):
-            shutil.rmtree(work_dir / sub, ignore_errors=True)
-        existing = Manifest(
-            work_dir, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
-        )
-        existing.save()
-    return existing
-
-
-def adopt_orphans(
-    manifest: Manifest, chunks: Iterable[tuple[int, int, int]], fingerprint: str, segments: bool
-) -> None:
-    """Record files that were renamed into place but not yet listed (the driver died between
-    a compositor's rename and the manifest update)."""
-    for chunk, start, stop in chunks:
-        path = shard_path(manifest.work_dir, chunk)
-        if chunk not in manifest.chunks and path.exists():
-            try:
-                fp, number, rows = shard_metadata(path)
-            except Exception:  # an unreadable file is simply rendered again
-                continue
-            if fp == fingerprint and number == chunk and rows == stop - start:
-                manifest.adopt(path, chunk, start, stop)
-        seg = segment_path(manifest.work_dir, chunk)
-        if (
-            segments
-            and chunk in manifest.chunks
-            and chunk not in manifest.segments
-            and seg.exists()
-        ):
-            # Same fingerprint (the work dir was wiped otherwise) and renamed into place whole;
-            # the frame count is checked by demuxing.
-            try:
-                ok = probe(seg).video_frames == stop - start
-            except LipsyncError:
-                ok = False
-            if ok:
-                manifest.adopt(seg, chunk, start, stop, segment=True)
-
-
-def encode_output(job: Job, config: RenderConfig, manifest: Manifest, frames: int):
-    """Write ``job.output`` from the manifest's segments (stream copy) or shards (one encoder),
-    with the job's audio as the AAC track; returns the encoder's media summary."""
-    track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
-    for stale in remove_partials(job.output):  # from a driver killed mid-encode
-        log.info("removed %s, left by an interrupted encode", stale)
-    chunks = plan_chunks(frames, config.pool.chunk_frames)
-    if config.encode_mode is EncodeMode.SEGMENTS:
-        segments = [job.work_dir / manifest.segments[c].file for c, _, _ in chunks]
-        return concat_segments(
-            segments, track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
-        )
-
-    def shard_frames() -> Iterator[np.ndarray]:
-        for c, start, stop in chunks:
-            path = job.work_dir / manifest.chunks[c].file
-            yield from iter_shard_frames(path, range(start, stop))
-
-    return encode_video(
-        shard_frames(), track, TRACK_SAMPLE_RATE, job.output, config.encode, expected_frames=frames
-    )

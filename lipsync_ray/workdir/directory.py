@@ -1,0 +1,289 @@
+"""The work directory of one render, as the driver sees it: one object from open to finish.
+
+::
+
+    work = WorkDir.open(job, config)         a work directory off the local disk is mirrored
+    work.begin(fingerprint, frames, spares)  resume a render of the same inputs, or start afresh
+    work.pending(plan)                       the chunks still to render (orphans adopted, every
+                                             recorded file verified by its checksum)
+    work.context()                           what the compositors need (JobContext)
+    work.record(result)                      a finished chunk, into the manifest
+    work.join(plan)                          the MP4: segments by stream copy (or one encoder
+                                             over the shards) + the AAC track; chunk files are
+                                             fetched from the store first when there is one
+    report = work.finish(report)             report.json; shards and segments removed unless
+                                             kept; output and report published to their stores
+    work.close()                             (also on failure) the manifest up to the store
+
+The manifest only records shards whose checksum it has seen, and a work directory of another
+fingerprint is wiped (with --overwrite) or refused, so a resume never mixes two renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lipsync_ray import audio as audio_mod
+from lipsync_ray.actors import ChunkResult, JobContext
+from lipsync_ray.chunks import ChunkRange
+from lipsync_ray.config import EncodeMode, RenderConfig
+from lipsync_ray.encode import MediaInfo, concat_segments, encode_video, probe, remove_partials
+from lipsync_ray.errors import InputError, LipsyncError
+from lipsync_ray.report import RunReport
+from lipsync_ray.shards import iter_shard_frames, shard_metadata
+from lipsync_ray.storage import stage_out
+from lipsync_ray.workdir import layout
+from lipsync_ray.workdir.job import Job
+from lipsync_ray.workdir.manifest import Manifest
+
+__all__ = ["Joined", "WorkDir"]
+
+log = logging.getLogger(__name__)
+
+TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The final encode: the MP4's media summary, and the driver's stages it ran."""
+
+    media: MediaInfo
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    cpu_s: dict[str, float] = field(default_factory=dict)  # the driver's CPU seconds per stage
+
+
+class WorkDir:
+    """``job.work_dir``: its manifest, its chunk files, its report, and the store behind it.
+
+    Driver-only. Use :meth:`open`, then :meth:`begin` once the fingerprint is known; as a
+    context manager it calls :meth:`close` on the way out.
+    """
+
+    def __init__(self, job: Job, config: RenderConfig) -> None:
+        self.job = job
+        self.config = config
+        self.path = job.work_dir
+        self.segments = config.encode_mode is EncodeMode.SEGMENTS
+        self._manifest: Manifest | None = None
+
+    @classmethod
+    def open(cls, job: Job, config: RenderConfig) -> WorkDir:
+        """The job's work directory; one off the local disk is mirrored first (so a failing
+        store fails here, before the audio is decoded or an actor starts)."""
+        work = cls(job, config)
+        if job.remote is not None:
+            job.remote.pull()
+        if job.remote is not None or job.output_location is not None:
+            job.output.parent.mkdir(parents=True, exist_ok=True)  # a node-local stand-in
+        return work
+
+    def __enter__(self) -> WorkDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            raise RuntimeError("WorkDir.begin() was not called")
+        return self._manifest
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def reuses_spares(self) -> bool:
+        """Released shards (segments mode, shards not kept) stay as spare files for the next
+        shards to overwrite; not on a store, where shards are written in scratch."""
+        return self.segments and not self.config.keep_shards and self.job.remote is None
+
+    # ------------------------------------------------------------------------- resume
+
+    def begin(self, fingerprint: str, frames: int, *, spares: int = 0) -> None:
+        """Open the manifest of a render of ``fingerprint`` (``frames`` output frames), or
+        start one: a work directory of another fingerprint is wiped with ``--overwrite``, else
+        refused. ``spares``: released shard files to keep for reuse (see
+        :attr:`reuses_spares`; one per compositor and one more).
+
+        Raises:
+            InputError: the work directory belongs to another render (or its manifest is
+                unreadable) and ``--overwrite`` is off.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        manifest = Manifest.load(self.path)
+        if manifest is not None and manifest.fingerprint != fingerprint:
+            if not config.overwrite:
+                raise InputError(
+                    "the work directory belongs to a render of other inputs or settings; use "
+                    "--overwrite to start again, or another --work-dir",
+                    path=self.path,
+                )
+            manifest = None
+        if manifest is None:
+            layout.remove_chunk_dirs(self.path)
+            manifest = Manifest(
+                self.path, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
+            )
+            manifest.save()
+        manifest.spares = spares if self.reuses_spares else 0
+        self._manifest = manifest
+        if self.job.remote is not None:
+            self.job.remote.attach(manifest)
+
+    def pending(self, plan: Sequence[ChunkRange]) -> list[ChunkRange]:
+        """The chunks of ``plan`` that still need rendering, in order: files renamed into place
+        but never recorded are adopted first, and a chunk whose recorded files are missing or
+        fail their checksum is forgotten (rendered again)."""
+        manifest = self.manifest
+        self._adopt_orphans(plan)
+        todo = [r for r in plan if not manifest.complete(r, segments=self.segments)]
+        for r in todo:
+            manifest.forget(r.chunk)
+        return todo
+
+    def _adopt_orphans(self, plan: Iterable[ChunkRange]) -> None:
+        """Record files that were renamed into place but not yet listed (the driver died
+        between a compositor's rename and the manifest update)."""
+        manifest = self.manifest
+        for rng in plan:
+            chunk = rng.chunk
+            path = layout.shard_path(self.path, chunk)
+            if chunk not in manifest.chunks and path.exists():
+                try:
+                    fp, number, rows = shard_metadata(path)
+                except Exception:  # an unreadable file is simply rendered again
+                    continue
+                if fp == manifest.fingerprint and number == chunk and rows == rng.frames:
+                    manifest.adopt(path, rng)
+            seg = layout.segment_path(self.path, chunk)
+            if (
+                self.segments
+                and chunk in manifest.chunks
+                and chunk not in manifest.segments
+                and seg.exists()
+            ):
+                # Same fingerprint (the work dir was wiped otherwise) and renamed into place
+                # whole; the frame count is checked by demuxing.
+                try:
+                    ok = probe(seg).video_frames == rng.frames
+                except LipsyncError:
+                    ok = False
+                if ok:
+                    manifest.adopt(seg, rng, segment=True)
+
+    # ------------------------------------------------------------------------- chunks
+
+    def context(self) -> JobContext:
+        """The compositors' settings for this render's chunks."""
+        config = self.config
+        remote = self.job.remote
+        return JobContext(
+            str(self.path),
+            self.fingerprint,
+            config.shard_codec,
+            self.segments,
+            # A shard deleted as soon as its segment is recorded is never verified: no hash.
+            shard_checksums=config.keep_shards or not self.segments,
+            reuse_spares=self.reuses_spares,
+            blend=config.blend,
+            store=remote.store if remote is not None else None,
+        )
+
+    def record(self, result: ChunkResult) -> None:
+        """Record a finished chunk. Its shard is released once recorded (without
+        --keep-shards, in segments mode): the segment carries the chunk, and disk use stays
+        bounded by the chunks in flight."""
+        manifest = self.manifest
+        if result.segment is not None:
+            manifest.record_segment(result.segment)
+        manifest.record(
+            result.shard, release=result.segment is not None and not self.config.keep_shards
+        )
+
+    # --------------------------------------------------------------------------- end
+
+    def join(self, plan: Sequence[ChunkRange]) -> Joined:
+        """Write ``job.output`` from the recorded segments (stream copy) or shards (one
+        encoder), with the job's audio as the AAC track. Times the download of the chunk
+        files from the store (``download``) and the encode (``encode_join``)."""
+        timings, cpu = {}, {}
+        t0, c0 = time.perf_counter(), time.process_time()
+        if self.job.remote is not None:
+            self.job.remote.fetch(self.manifest, segments=self.segments)
+            timings["download"] = time.perf_counter() - t0
+            cpu["download"] = time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
+        media = self._encode(plan)
+        timings["encode_join"] = time.perf_counter() - t0
+        cpu["encode_join"] = time.process_time() - c0
+        return Joined(media, timings, cpu)
+
+    def _encode(self, plan: Sequence[ChunkRange]) -> MediaInfo:
+        job, config, manifest = self.job, self.config, self.manifest
+        frames = sum(r.frames for r in plan)
+        track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
+        for stale in remove_partials(job.output):  # from a driver killed mid-encode
+            log.info("removed %s, left by an interrupted encode", stale)
+        if self.segments:
+            segments = [self.path / manifest.segments[r.chunk].file for r in plan]
+            return concat_segments(
+                segments, track, TRACK_SAMPLE_RATE, job.output, config.encode,
+                expected_frames=frames,
+            )  # fmt: skip
+
+        def shard_frames() -> Iterator[np.ndarray]:
+            for r in plan:
+                yield from iter_shard_frames(
+                    self.path / manifest.chunks[r.chunk].file, r.frame_range
+                )
+
+        return encode_video(
+            shard_frames(), track, TRACK_SAMPLE_RATE, job.output, config.encode,
+            expected_frames=frames,
+        )  # fmt: skip
+
+    def finish(self, report: RunReport) -> RunReport:
+        """After a successful join: remove the shards and segments (unless kept), write
+        ``report.json``, move the output to its store and publish the work directory there.
+        Returns the report as the user sees it (output and work directory as given)."""
+        job = self.job
+        if not self.config.keep_shards:
+            layout.remove_chunk_dirs(self.path)
+        report.save(layout.report_path(self.path))
+        if job.output_location is None and job.remote is None:
+            return report
+        if job.output_location is not None:
+            stage_out(job.output, job.output_location)
+            job.output.unlink(missing_ok=True)
+        report = _relocate(report, job)
+        report.save(layout.report_path(self.path))
+        if job.remote is not None:
+            job.remote.finish()
+        return report
+
+    def close(self) -> None:
+        """Publish the manifest to the store (a resume from any node keeps the finished
+        chunks); a no-op for a local work directory, or once :meth:`finish` published it."""
+        if self.job.remote is not None:
+            self.job.remote.publish_manifest()
+
+
+def _relocate(report: RunReport, job: Job) -> RunReport:
+    """The report as the user sees it: the output and work directory as given, not the
+    node-local paths they were staged through."""
+    changes: dict = {}
+    if job.output_location is not None:
+        changes["output"] = str(job.output_location)
+    if job.remote is not None:
+        work = str(job.remote.location)
+        changes["work_dir"] = work
+        changes["settings"] = {**report.settings, "work_dir": work}
+    return replace(report, **changes) if changes else report

@@ -1,0 +1,176 @@
+"""``<work_dir>/manifest.json``: what a render has finished, so a re-run can resume. Driver-only.
+
+The manifest records a chunk's shard and segment only once their checksums are known (the
+compositor computed them after the rename), and a record is saved before a released shard's
+file goes: a crash between the two leaves a file, never a record of a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lipsync_ray.chunks import ChunkRange
+from lipsync_ray.errors import InputError
+from lipsync_ray.fileio import file_sha256, write_json
+from lipsync_ray.shards import ShardInfo, verify_file
+from lipsync_ray.workdir.layout import manifest_path, spare_dir
+
+__all__ = ["MANIFEST_VERSION", "Manifest", "keep_spare"]
+
+MANIFEST_VERSION = 1
+
+
+def keep_spare(path: Path, work_dir: str | Path, limit: int) -> bool:
+    """Move the released shard ``path`` into the spare directory, unless it holds ``limit``
+    files already. Returns whether it was kept (the caller deletes it otherwise)."""
+    if limit < 1:
+        return False
+    spares = spare_dir(work_dir)
+    spares.mkdir(parents=True, exist_ok=True)
+    if sum(1 for _ in spares.glob("*.parquet")) >= limit:
+        return False
+    try:
+        os.replace(path, spares / path.name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@dataclass
+class Manifest:
+    """The fingerprint and every complete chunk of one work directory."""
+
+    work_dir: Path
+    fingerprint: str
+    settings: dict
+    frames: int
+    chunk_frames: int
+    chunks: dict[int, ShardInfo] = field(default_factory=dict)
+    segments: dict[int, ShardInfo] = field(default_factory=dict)  # H.264 segments, same keys
+    # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
+    # when their segment verifies.
+    released: set[int] = field(default_factory=set)
+    # Called with the manifest's path after every save (set by WorkDir: a work directory off
+    # the local disk uploads it).
+    on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
+    # Released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
+    spares: int = field(default=0, compare=False, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return manifest_path(self.work_dir)
+
+    @classmethod
+    def load(cls, work_dir: Path) -> Manifest | None:
+        """The manifest in ``work_dir``, or None if there is none."""
+        path = manifest_path(work_dir)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {data.get('version')}, expected {MANIFEST_VERSION}")
+            chunks = {int(k): ShardInfo(**v) for k, v in data["chunks"].items()}
+            segments = {int(k): ShardInfo(**v) for k, v in data.get("segments", {}).items()}
+            released = {int(k) for k in data.get("released", [])}
+            return cls(
+                work_dir=work_dir,
+                fingerprint=data["fingerprint"],
+                settings=data["settings"],
+                frames=int(data["frames"]),
+                chunk_frames=int(data["chunk_frames"]),
+                chunks=chunks,
+                segments=segments,
+                released=released,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"the work directory's manifest is unreadable ({exc}); "
+                "use --overwrite to start the render again",
+                path=path,
+            ) from exc
+
+    def record(self, info: ShardInfo, *, release: bool = False) -> None:
+        """Record a complete shard (and its segment, noted before). With ``release`` the shard
+        file goes once the record is saved (its segment now carries the chunk): to the spare
+        files while there are fewer than :attr:`spares`, else deleted."""
+        self.chunks[info.chunk] = info
+        if release:
+            self.released.add(info.chunk)
+        self.save()  # first the record, then the deletion: a crash between leaves a file
+        if release:
+            path = self.work_dir / info.file
+            if not keep_spare(path, self.work_dir, self.spares):
+                path.unlink(missing_ok=True)
+
+    def record_segment(self, info: ShardInfo) -> None:
+        """Note a chunk's segment; saved together with the chunk's shard by :meth:`record`."""
+        self.segments[info.chunk] = info
+
+    def adopt(self, path: Path, chunk: ChunkRange, *, segment: bool = False) -> None:
+        """Record a file that is known to be whole (renamed into place) but not yet listed."""
+        info = ShardInfo(
+            chunk=chunk.chunk,
+            start=chunk.start,
+            stop=chunk.stop,
+            rows=chunk.frames,
+            sha256=file_sha256(path),
+            bytes=path.stat().st_size,
+            file=str(path.relative_to(self.work_dir)),
+        )
+        if segment:
+            self.segments[chunk.chunk] = info
+        else:
+            self.record(info)
+
+    def forget(self, chunk: int) -> None:
+        dropped = self.chunks.pop(chunk, None), self.segments.pop(chunk, None)
+        self.released.discard(chunk)
+        if any(d is not None for d in dropped):
+            self.save()
+
+    def save(self) -> None:
+        data = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": self.fingerprint,
+            "frames": self.frames,
+            "chunk_frames": self.chunk_frames,
+            "settings": self.settings,
+            "chunks": {f"{k:06d}": asdict(v) for k, v in sorted(self.chunks.items())},
+            "segments": {f"{k:06d}": asdict(v) for k, v in sorted(self.segments.items())},
+            "released": sorted(self.released),
+        }
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, data, indent=1)
+        if self.on_save is not None:
+            self.on_save(self.path)
+
+    def verified(self, chunk: ChunkRange) -> bool:
+        """True when the chunk's shard is recorded, present, whole and unchanged."""
+        return self._verified(self.chunks.get(chunk.chunk), chunk)
+
+    def complete(self, chunk: ChunkRange, *, segments: bool) -> bool:
+        """Whether a chunk needs no more work: its segment verifies (segments mode) and its
+        shard verifies or was released after the segment was made."""
+        if not segments:
+            return self.verified(chunk)
+        if not self.verified_segment(chunk):
+            return False
+        return chunk.chunk in self.released or self.verified(chunk)
+
+    def verified_segment(self, chunk: ChunkRange) -> bool:
+        """True when the chunk's H.264 segment is recorded, present, whole and unchanged."""
+        return self._verified(self.segments.get(chunk.chunk), chunk)
+
+    def _verified(self, info: ShardInfo | None, chunk: ChunkRange) -> bool:
+        if info is None or (info.start, info.stop, info.rows) != (
+            chunk.start,
+            chunk.stop,
+            chunk.frames,
+        ):
+            return False
+        return verify_file(self.work_dir / info.file, info)
