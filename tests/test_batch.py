@@ -62,7 +62,7 @@ def test_render_batch_api(ray_cluster, small_models, avatar, tmp_path):
     config = RenderConfig(
         model=str(small_models["unet"]),
         audio_encoder=str(small_models["encoder"]),
-        pool=PoolConfig(gpus_per_actor=0.0, compositors=1),
+        pool=PoolConfig(gpus_per_actor=0.0, inference_actors=1, compositors=1),
     )
     jobs = [BatchJob(str(tmp_path / "a.wav"), str(tmp_path / f"{k}.mp4")) for k in "xy"]
     report = render_batch(avatar, jobs, config)
