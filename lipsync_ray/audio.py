@@ -465,6 +465,12 @@ def _check_mel(mel: np.ndarray) -> np.ndarray:
     return mel
 
 
+def feature_count(n_mel_frames: int, fps: float = float(VIDEO_FPS)) -> int:
+    """N: the rows :func:`compute_features` makes of a mel spectrogram of ``n_mel_frames``
+    (one per output video frame: W windows + 2), known before the encoder runs."""
+    return int(_window_starts(n_mel_frames, fps).size) + 2
+
+
 def _window_starts(n_mel_frames: int, fps: float) -> np.ndarray:
     """int64 (W,) first mel frame of each encoder window (one window per video frame).
 

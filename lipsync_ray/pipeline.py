@@ -86,14 +86,15 @@ log = logging.getLogger(__name__)
 _Progress = partial(FrameProgress, logger=log)
 
 
-def cluster_pool(pool: PoolConfig, ray) -> PoolConfig:
-    """``pool`` with its automatic values resolved for the connected Ray cluster."""
-    return pool.resolved(*_cluster_totals(ray))
+def cluster_pool(pool: PoolConfig, ray, *, chunks: int | None = None) -> PoolConfig:
+    """``pool`` with its automatic values resolved for the connected Ray cluster (capped at
+    ``chunks``, the chunks it will ever render, when known)."""
+    return pool.resolved(*_cluster_totals(ray), chunks=chunks)
 
 
-def cluster_sizing(pool: PoolConfig, ray) -> str:
+def cluster_sizing(pool: PoolConfig, ray, *, chunks: int | None = None) -> str:
     """How :func:`cluster_pool` sized ``pool`` for the connected cluster (one line)."""
-    return pool.explain(*_cluster_totals(ray))
+    return pool.explain(*_cluster_totals(ray), chunks=chunks)
 
 
 def _cluster_totals(ray) -> tuple[float, float]:
@@ -174,9 +175,18 @@ class Renderer:
     """
 
     def __init__(
-        self, avatar: str | Path | Location, config: RenderConfig, *, filesystem=None
+        self,
+        avatar: str | Path | Location,
+        config: RenderConfig,
+        *,
+        filesystem=None,
+        once: bool = False,
     ) -> None:
         self.config = config
+        # One render only (``render``): automatic pool sizes are capped at its chunks, so a
+        # short clip does not start actors that would never get one.
+        self._once = once
+        self._chunks_hint: int | None = None
         self.filesystem = filesystem
         check_generator_model(config.model)
         if config.audio_encoder:
@@ -231,8 +241,9 @@ class Renderer:
                 self.timeline.add("ray_init", time.perf_counter() - t0)
                 self._owns_ray = True
             self._ray = ray
-            self.pool = cluster_pool(self.config.pool, ray)
-            self.pool_sizing = cluster_sizing(self.config.pool, ray)
+            chunks = self._chunks_hint if self._once else None
+            self.pool = cluster_pool(self.config.pool, ray, chunks=chunks)
+            self.pool_sizing = cluster_sizing(self.config.pool, ray, chunks=chunks)
             log.info("actor pools: %s", self.pool_sizing)
             config = self.config
             gpu_missing = requires_gpu(config.session) and not self.pool.gpus_per_actor
@@ -438,6 +449,10 @@ class Renderer:
         decoded, samples = self._decode(job)
         decode_wall, decode_cpu = time.perf_counter() - t0, time.process_time() - c_start
         self.timeline.mark("inputs")
+        # the chunks this render will have, before the encoder runs (they cap the pool sizes)
+        n_mel = decoded.shape[1]
+        frames = len(decoded) if job.features is not None else audio_mod.feature_count(n_mel)
+        self._chunks_hint = -(-frames // config.pool.chunk_frames)
         # The audio encoder runs in a thread while this one starts Ray (when not up yet), the
         # generator's precision and the actors: on a short clip Ray's start-up is most of the
         # wall time, so it should not wait for the features, nor they for it. (Ray is started
@@ -611,5 +626,5 @@ def render(
         audio, output, config.overwrite, filesystem=filesystem, work_dir=config.work_dir,
         avatar=avatar,
     )  # fmt: skip
-    with Renderer(avatar, config, filesystem=filesystem) as renderer:
+    with Renderer(avatar, config, filesystem=filesystem, once=True) as renderer:
         return renderer.render(audio, output)

@@ -390,6 +390,7 @@ def test_compute_features_matches_direct_loop(n_samples: int) -> None:
     n_windows = int((mel.shape[1] - 16) / 80 * 25) + 2
     assert got.dtype == np.float32
     assert got.shape == (n_windows + 2, FEATURE_DIM)
+    assert audio.feature_count(mel.shape[1]) == len(got)  # known before the encoder runs
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -64,6 +64,20 @@ def _shard_table(work_dir: Path):
     return files, [pq.read_table(f) for f in files]
 
 
+def test_a_clip_of_one_chunk_starts_no_actor_it_cannot_use(
+    ray_cluster, small_models, inputs, tmp_path
+):
+    # ~62 frames, one 64-frame chunk: one inference actor with the CPUs the compositor leaves
+    # (2 CPUs would otherwise get two 1-thread actors and two compositors).
+    config = _config(small_models, pool=PoolConfig(chunk_frames=64, gpus_per_actor=0.0))
+    report = render(inputs["avatar"], inputs["audio"], tmp_path / "one.mp4", config)
+    assert report.chunks == 1
+    assert sorted(a.role for a in report.actors) == ["compositor", "inference"]
+    assert "capped at the render's 1 chunk" in report.settings["pool_sizing"]
+    assert report.settings["pool_resolved"]["cpus_per_inference_actor"] == 1.5
+    assert [a.threads for a in report.actors if a.role == "inference"] == [2]
+
+
 def test_identity_render_reproduces_the_avatar(ray_cluster, small_models, inputs, tmp_path):
     out = tmp_path / "out.mp4"
     config = _config(
