@@ -27,6 +27,7 @@ from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.pipeline import Renderer
 from lipsync_ray.report import ActorInfo
+from lipsync_ray.workdir.layout import REPORT
 
 __all__ = ["BatchJob", "BatchReport", "JobOutcome", "load_jobs", "render_batch"]
 
@@ -199,7 +200,7 @@ def render_batch(
                     fps=report.fps,
                     wall_s=report.wall_s,
                     chunks_reused=report.chunks_reused,
-                    report=posixpath.join(report.work_dir, "report.json"),
+                    report=posixpath.join(report.work_dir, REPORT),
                 )
             )
         actors = tuple(renderer.actor_infos)

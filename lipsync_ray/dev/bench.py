@@ -453,6 +453,7 @@ def bench_render(
     from lipsync_ray.dev.speech import synth_speech, write_audio
     from lipsync_ray.pipeline import prepare_generator
     from lipsync_ray.precision import Precision
+    from lipsync_ray.workdir.layout import report_path
 
     tmp = tempfile.TemporaryDirectory(prefix="lipsync-bench-", dir=work_root)
     root = Path(tmp.name)
@@ -527,7 +528,7 @@ def bench_render(
         # The render's writeback is part of its cost, and left pending it would slow what is
         # measured after it (by up to 40 % here).
         os.sync()
-        report = json.loads((root / "work" / "report.json").read_text())
+        report = json.loads(report_path(root / "work").read_text())
         frames = report["frames"]
         phases = {k: v for k, v in report["phases_s"].items() if not k.endswith("_at")}
         phases = {
