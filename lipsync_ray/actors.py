@@ -24,6 +24,7 @@ from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
+from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
 from lipsync_ray.fileio import file_sha256
@@ -54,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# An output frame's audio window spans feature rows [i - 8, i + 8).
-AUDIO_CONTEXT = 8
 # ``describe`` runs in its own thread group, so the driver can ask whether an actor is alive
 # even while a chunk (perhaps a hung one) occupies its main thread.
 CONCURRENCY_GROUPS = {"control": 1}

@@ -25,6 +25,7 @@ import av
 import av.logging
 import numpy as np
 
+from lipsync_ray.contract import FEATURE_CONTEXT, FEATURE_DIM
 from lipsync_ray.errors import InputError, ModelError
 
 __all__ = [
@@ -54,8 +55,8 @@ N_FFT = 800  # samples: 50 ms at 16 kHz; also the (Hann, periodic) window length
 MEL_FPS = SAMPLE_RATE // HOP_LENGTH  # 80 mel frames per second
 VIDEO_FPS = 25
 WINDOW_MEL_FRAMES = 16  # mel frames per encoder window (200 ms)
-FEATURE_DIM = 512  # width of one audio-encoder output row
-FEATURE_CONTEXT = 16  # feature rows per generator input: [i - 8, i + 8)
+# FEATURE_DIM: width of one audio-encoder output row; FEATURE_CONTEXT: feature rows per
+# generator input, [i - 8, i + 8) (lipsync_ray.contract).
 # Centred STFT frames: T = 1 + S // HOP_LENGTH, so one encoder window needs (16 - 1) * 200 samples.
 MIN_AUDIO_SAMPLES = (WINDOW_MEL_FRAMES - 1) * HOP_LENGTH  # 3000 samples = 0.1875 s
 

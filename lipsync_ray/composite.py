@@ -34,6 +34,7 @@ import math
 import cv2
 import numpy as np
 
+from lipsync_ray.contract import CROP_SIZE, FRAME_SIZE
 from lipsync_ray.errors import InputError
 from lipsync_ray.options import DEFAULT_FEATHER, Blend, BlendOptions
 
@@ -56,8 +57,7 @@ __all__ = [
     "prediction_to_uint8",
 ]
 
-CROP_SIZE = 328  # side of the square face crop, pixels
-ROI_SIZE = 320  # side of the model's input and output, pixels
+ROI_SIZE = FRAME_SIZE  # side of the model's input and output, pixels (CROP_SIZE: the crop's)
 ROI_OFFSET = (CROP_SIZE - ROI_SIZE) // 2  # = 4: the ROI is the centre of the crop
 # The mouth mask in ROI coordinates, as the reference draws it: cv2.rectangle(roi,
 # (5, 5, 310, 305), ...) takes a cv::Rect (x, y, width, height), filling columns 5..314 and rows

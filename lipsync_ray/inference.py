@@ -35,6 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync_ray.contract import (
+    AUDIO_CHANNELS,
+    FEATURE_DIM,
+    FRAME_SIZE,
+    MEL_SHAPE,
+    VISUAL_CHANNELS,
+)
 from lipsync_ray.errors import ModelError
 from lipsync_ray.trt import (
     TENSORRT_LIBRARIES,
@@ -58,11 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-VISUAL_CHANNELS = 6  # ROI + masked ROI, BGR each
-AUDIO_CHANNELS = 32  # 16 feature rows x 512 = 8192 = 32 x 16 x 16
-FRAME_SIZE = 320  # generator input and output side, pixels
-MEL_SHAPE = (1, 80, 16)  # audio encoder input per window: 80 mel bands x 16 mel frames
-FEATURE_DIM = 512
+# VISUAL_CHANNELS, AUDIO_CHANNELS, FRAME_SIZE, MEL_SHAPE, FEATURE_DIM: lipsync_ray.contract
 
 
 class Provider(enum.Enum):

@@ -62,6 +62,7 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
 from lipsync_ray.composite import MASK_RECT_XYWH
+from lipsync_ray.contract import FEATURE_DIM
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 from lipsync_ray.inference import (
@@ -572,7 +573,7 @@ def _check_args(threshold_db: float, calibration_frames: int, holdout_frames: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} frames must be an integer >= 1, got {value!r}")
     shape = getattr(features, "shape", (0, 512))
-    if features is not None and (len(shape) != 2 or shape[1] != 512 or shape[0] < 1):
+    if features is not None and (len(shape) != 2 or shape[1] != FEATURE_DIM or shape[0] < 1):
         raise InputError(f"calibration features must be (N >= 1, 512), got {shape}")
 
 

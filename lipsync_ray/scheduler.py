@@ -32,7 +32,6 @@ from typing import Protocol
 import numpy as np
 
 from lipsync_ray.actors import (
-    AUDIO_CONTEXT,
     CONCURRENCY_GROUPS,
     ChunkResult,
     ChunkSpec,
@@ -42,6 +41,7 @@ from lipsync_ray.actors import (
 )
 from lipsync_ray.chunks import ChunkRange, plan_chunks
 from lipsync_ray.config import Placement, PoolConfig
+from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
 from lipsync_ray.inference import SessionOptions
