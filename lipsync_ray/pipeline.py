@@ -169,6 +169,8 @@ class Renderer:
             and the work directory can be overridden in :meth:`render`).
         filesystem: a ``pyarrow.fs`` filesystem in which the avatar and every render's paths
             are taken (see :mod:`lipsync_ray.storage`); None: local paths and URIs.
+        once: this renderer renders one job only (what :func:`render` does): automatic pool
+            sizes are capped at that job's chunks, so a short clip starts no idle actor.
 
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
