@@ -18,6 +18,7 @@ machine would. Frames are compared with a plain-path render of the same inputs.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -218,7 +219,8 @@ def test_split_placement_stages_the_avatar_once_per_node(
     # Two nodes, two copies: the driver's on the head (its compositors use it), and one on
     # node B shared by both of its actors (they start together; one waits for the other).
     assert s3.requests.count("GET", f"/{s3.bucket}/d/avatar/avatar.json") - fetches == 2
-    staged = list((cluster.node_b_tmp / "lipsync-ray-storage" / "stage").glob("*/avatar"))
+    cache = cluster.node_b_tmp / f"lipsync-ray-{os.getuid()}" / "storage"
+    staged = list((cache / "stage").glob("*/avatar"))
     assert len(staged) >= 1
     _same_video(_fetched(s3, "d/out.mp4", tmp_path), reference)
 
