@@ -203,10 +203,10 @@ def check_jobs(
         where = job.where(index)
         _check_types(asdict(job), where, job.source)
         try:
-            for key in ("audio", "features"):
+            for key, what in (("audio", "audio file"), ("features", "feature file")):
                 if getattr(job, key) is not None:
                     reads.setdefault(file_key(resolve(getattr(job, key), filesystem)),
-                                     f"the {key} of {where}")  # fmt: skip
+                                     f"the {what} of {where}")  # fmt: skip
         except InputError as exc:
             raise InputError(f"{where}: {exc}", path=job.source) from None
     for index, job in enumerate(jobs):

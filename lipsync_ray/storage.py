@@ -263,15 +263,29 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
     return target
 
 
+def _tree(root: Path) -> set[str]:
+    """Every name under ``root`` that is not a directory (files, links, others), relative."""
+    names = set()
+    for base, dirs, leaves in os.walk(root):
+        rel = os.path.relpath(base, root)
+        links = [d for d in dirs if os.path.islink(os.path.join(base, d))]
+        for name in [*leaves, *links]:
+            names.add(name if rel == "." else posixpath.join(rel, name))
+    return names
+
+
 _STAGED = ".staged.json"  # beside a staged copy: {relative path: [size, mtime_ns]} of its files
 
 
 def _staged_intact(final: Path, target: Path, files: dict[str, pafs.FileInfo]) -> bool:
     """Whether ``final`` holds the copy of ``files`` that :func:`stage_in` made: its record,
-    and every file a regular one (not a link) of the source's size and the recorded time."""
+    nothing else in it, and every file a regular one (not a link) of the source's size and
+    the recorded time."""
     try:
         record = json.loads((final / _STAGED).read_text())
         if not isinstance(record, dict) or record.keys() != files.keys():
+            return False
+        if "" not in files and _tree(target) != set(files):
             return False
         for rel, f in files.items():
             st = os.lstat(target / rel if rel else target)

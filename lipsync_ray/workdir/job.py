@@ -96,7 +96,7 @@ def check_job_paths(
     work = resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
     inputs = [_check_input_file(audio, "audio file")]
     if features is not None:
-        inputs.append(_check_input_file(resolve(features, filesystem), "features file"))
+        inputs.append(_check_input_file(resolve(features, filesystem), "feature file"))
     bundle = None
     if avatar is not None:
         bundle = resolve(avatar, filesystem)
@@ -162,7 +162,8 @@ def _check_input_file(location: Location, what: str) -> Location:
     if kind == pafs.FileType.NotFound:
         raise InputError(f"{what} not found", path=location)
     if kind == pafs.FileType.Directory:
-        raise InputError(f"is a directory, expected an {what}", path=location)
+        article = "an" if what[0] in "aeiou" else "a"
+        raise InputError(f"is a directory, expected {article} {what}", path=location)
     if kind != pafs.FileType.File:
         raise InputError(f"expected a regular {what}, got a special file", path=location)
     local = location.local_path()
