@@ -26,13 +26,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.pipeline import Renderer
 from lipsync_ray.report import ActorInfo
-from lipsync_ray.workdir.layout import REPORT
+from lipsync_ray.storage import Location, file_key, inside, resolve
+from lipsync_ray.workdir.layout import REPORT, WORK_SUFFIX
 
 __all__ = ["BatchJob", "BatchReport", "JobOutcome", "check_jobs", "load_jobs", "render_batch"]
 
@@ -140,18 +140,18 @@ def load_jobs(path: str | Path) -> list[BatchJob]:
             )
         _check_types(entry, f"line {number}", path)
 
-        def resolve(value):
+        def rebase(value):
             if value is None or _URI.match(str(value)):
                 return value
             return str(base / value)
 
         jobs.append(
             BatchJob(
-                audio=resolve(entry["audio"]),
-                output=resolve(entry["output"]),
+                audio=rebase(entry["audio"]),
+                output=rebase(entry["output"]),
                 start_frame=entry.get("start_frame"),
-                work_dir=resolve(entry.get("work_dir")),
-                features=resolve(entry.get("features")),
+                work_dir=rebase(entry.get("work_dir")),
+                features=rebase(entry.get("features")),
                 line=number,
                 source=str(path),
             )
@@ -192,47 +192,47 @@ def check_jobs(
     Raises:
         InputError: one line naming the job's line in the jobs file (or its index).
     """
-    from lipsync_ray.storage import file_key, inside, resolve
-    from lipsync_ray.workdir.layout import WORK_SUFFIX
-
     bundle = None if avatar is None else resolve(avatar, filesystem)
-    outputs: dict[tuple, str] = {}
-    reads: dict[tuple, str] = {}
-    work_dirs = []
+    reads: dict[tuple, str] = {}  # file key -> "the audio file of line N"
+    for index, job in enumerate(jobs):
+        _check_types(asdict(job), job.where(index), job.source)
+        for value, what in ((job.audio, "audio file"), (job.features, "feature file")):
+            if value is not None:
+                key = file_key(_locate(job, index, value, filesystem))
+                reads.setdefault(key, f"the {what} of {job.where(index)}")
+    outputs: dict[tuple, str] = {}  # file key -> "line N"
+    work_dirs: list[tuple[Location, str]] = []
     for index, job in enumerate(jobs):
         where = job.where(index)
-        _check_types(asdict(job), where, job.source)
-        try:
-            for key, what in (("audio", "audio file"), ("features", "feature file")):
-                if getattr(job, key) is not None:
-                    reads.setdefault(file_key(resolve(getattr(job, key), filesystem)),
-                                     f"the {what} of {where}")  # fmt: skip
-        except InputError as exc:
-            raise InputError(f"{where}: {exc}", path=job.source) from None
-    for index, job in enumerate(jobs):
-        where = job.where(index)
-
-        def refuse(problem: str, job=job, where=where) -> NoReturn:
-            raise InputError(f"{where}: {problem}", path=job.source)
-
-        try:
-            output = resolve(job.output, filesystem)
-            work = resolve(job.work_dir, filesystem) if job.work_dir else None
-        except InputError as exc:
-            refuse(str(exc))
-        work = work or output.sibling(WORK_SUFFIX)
+        output = _locate(job, index, job.output, filesystem)
+        work = (
+            _locate(job, index, job.work_dir, filesystem)
+            if job.work_dir
+            else output.sibling(WORK_SUFFIX)
+        )
         key = file_key(output)
+        problem = None
         if key in outputs:
-            refuse(f"the output {job.output} is also the output of {outputs[key]}")
-        if key in reads:
-            refuse(f"the output {job.output} is {reads[key]}")
-        if bundle is not None and inside(output, bundle):
-            refuse(f"the output {job.output} is inside the avatar bundle {avatar}")
+            problem = f"the output {job.output} is also the output of {outputs[key]}"
+        elif key in reads:
+            problem = f"the output {job.output} is {reads[key]}"
+        elif bundle is not None and inside(output, bundle):
+            problem = f"the output {job.output} is inside the avatar bundle {avatar}"
         for other_work, other in work_dirs:
-            if inside(work, other_work) or inside(other_work, work):
-                refuse(f"the work directory {work} overlaps that of {other} ({other_work})")
+            if problem is None and (inside(work, other_work) or inside(other_work, work)):
+                problem = f"the work directory {work} overlaps that of {other} ({other_work})"
+        if problem is not None:
+            raise InputError(f"{where}: {problem}", path=job.source)
         outputs[key] = where
         work_dirs.append((work, where))
+
+
+def _locate(job: BatchJob, index: int, value: str, filesystem) -> Location:
+    """``value`` (one of ``job``'s paths) resolved; its errors name the job's line."""
+    try:
+        return resolve(value, filesystem)
+    except InputError as exc:
+        raise InputError(f"{job.where(index)}: {exc}", path=job.source) from None
 
 
 def render_batch(

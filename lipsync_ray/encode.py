@@ -43,7 +43,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -55,7 +54,7 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from lipsync_ray.errors import EncodeError, InputError, LipsyncError
-from lipsync_ray.fileio import partial_path, partials
+from lipsync_ray.fileio import partial_path, partials, private_temp_dir
 from lipsync_ray.options import (
     _NVENC_PRESETS,
     NVENC_SESSIONS_GEFORCE,
@@ -204,7 +203,7 @@ def _encoder_failure_reason(codec: VideoCodec, gpu_names=_nvidia_gpu_names) -> s
 
 
 def _nvenc_slot_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}" / "nvenc-slots"
+    return private_temp_dir("nvenc-slots")  # this user's: nobody else may hold our slots
 
 
 @contextlib.contextmanager

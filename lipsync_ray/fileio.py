@@ -112,8 +112,9 @@ def private_temp_dir(name: str, *, error: type[LipsyncError] = InputError) -> Pa
     with mode 0700; returned once both directories are verified to be this user's own.
 
     The system temp directory is shared: another user could make these paths first and plant
-    files in them (a model, a TensorRT plan, a staged avatar), so neither may be a link, owned
-    by someone else, or open to the group or others.
+    files in them (a model, a TensorRT plan, a staged avatar), so neither may be a link,
+    owned by someone else, or writable by the group or others. One of ours that others may
+    only read (made by an older version, or by ``mkdir -p``) is closed to them (chmod 0700).
 
     Raises:
         ``error``: a path that is not this user's private directory (the message names it).
@@ -124,10 +125,13 @@ def private_temp_dir(name: str, *, error: type[LipsyncError] = InputError) -> Pa
         try:
             path.mkdir(mode=0o700, exist_ok=True)
             info = os.lstat(path)
+            ours = stat.S_ISDIR(info.st_mode) and info.st_uid == uid
+            if ours and not info.st_mode & 0o022:
+                if info.st_mode & 0o077:
+                    os.chmod(path, 0o700)
+                continue
         except OSError as exc:
             raise error(f"cannot make a private directory: {exc.strerror}", path=path) from exc
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & 0o077:
-            continue
         kind = "a link" if stat.S_ISLNK(info.st_mode) else f"mode {info.st_mode & 0o777:o}"
         raise error(
             f"expected a private directory of uid {uid} (mode 700, not a link), got {kind} "

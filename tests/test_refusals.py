@@ -347,10 +347,10 @@ def test_the_staging_cache_is_this_users_own(private_tmp, tmp_path):
         assert (info.st_mode & 0o777, info.st_uid) == (0o700, os.getuid())
 
 
-def _open_to_others(cache: Path) -> None:
+def _writable_by_others(cache: Path) -> None:
     cache.parent.mkdir(mode=0o700)
     cache.mkdir()
-    cache.chmod(0o755)
+    cache.chmod(0o775)
 
 
 def _a_link(cache: Path) -> None:
@@ -371,11 +371,11 @@ def _someone_elses(cache: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "got"),
     [
-        (_open_to_others, "mode 755"),
+        (_writable_by_others, "mode 775"),
         (_a_link, "a link"),
         (_someone_elses, "mode 700 owned by uid 65534"),
     ],
-    ids=["open-to-others", "a-link", "someone-elses"],
+    ids=["writable-by-others", "a-link", "someone-elses"],
 )
 def test_a_cache_that_is_not_private_is_refused(make, got, private_tmp, tmp_path):
     make(private_tmp)
@@ -384,6 +384,15 @@ def test_a_cache_that_is_not_private_is_refused(make, got, private_tmp, tmp_path
         stage_in(location)
     assert info.value.path in (str(private_tmp), str(private_tmp.parent))
     assert not list(tmp_path.glob("tmp/**/frames.npy"))  # nothing staged into it
+
+
+def test_a_cache_of_ours_readable_by_others_is_closed(private_tmp, tmp_path):
+    """``mkdir -p`` made the parent 0755 (an older version did): ours, so it is tightened."""
+    private_tmp.mkdir(parents=True, mode=0o700)
+    private_tmp.parent.chmod(0o755)
+    location, _ = _store_avatar(tmp_path)
+    assert stage_in(location).is_relative_to(private_tmp)
+    assert private_tmp.parent.stat().st_mode & 0o777 == 0o700
 
 
 def _delete_a_file(staged: Path) -> None:
