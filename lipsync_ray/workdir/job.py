@@ -4,9 +4,11 @@
 ::
 
     check_job_paths(audio, output)     cheap checks before models or the avatar are opened, and
-                                       before Ray starts: inputs exist, the output's directory
-                                       and the work directory take a probe file (storage errors
-                                       are InputErrors that name the URI)
+                                       before Ray starts: inputs exist and can be read, the
+                                       output is none of them, the output's directory and the
+                                       work directory take a probe file, an existing output
+                                       needs --overwrite (storage errors are InputErrors that
+                                       name the URI)
     make_job(config, avatar, ...)      a validated Job: local paths, or node-local stand-ins
     open_avatar(location)              in place when local, else staged into this node's cache
 """
