@@ -383,6 +383,7 @@ def test_a_cache_that_is_not_private_is_refused(make, got, private_tmp, tmp_path
     with pytest.raises(InputError, match=f"expected a private directory.*got {got}") as info:
         stage_in(location)
     assert info.value.path in (str(private_tmp), str(private_tmp.parent))
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)  # the CLI's one line
     assert not list(tmp_path.glob("tmp/**/frames.npy"))  # nothing staged into it
 
 
