@@ -268,12 +268,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.reference import run_reference
+    from lipsync_ray.dev.reference import ReferenceStyle, run_reference
 
     result = run_reference(
         args.avatar, args.audio, args.output, model=args.model,
         audio_encoder=args.audio_encoder, batch_size=args.batch_size,
         composite_threads=args.threads, encode=encode_from_args(args),
+        style=ReferenceStyle(args.style),
     )  # fmt: skip
     print(json.dumps(result.to_dict()))
     return 0
@@ -426,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reference",
         help="the single-process script lipsync-ray replaces (the benchmark's rival)",
         description="Render like the single-process scripts in use today: every frame "
-        "preloaded, batch inference, a thread pool pasting and writing JPEG q95 frames, then "
-        "one H.264 + AAC encode of them. Prints its phases as JSON.",
+        "preloaded, batch inference, then either (jpeg) a thread pool pasting and writing JPEG "
+        "q95 frames and one H.264 + AAC encode of them, or (threaded) worker threads that crop, "
+        "infer and paste batches while the frames are encoded from RAM in order. Prints its "
+        "phases as JSON.",
     )
     p.add_argument("avatar", help="avatar bundle directory")
     p.add_argument("audio", help="speech audio")
@@ -435,7 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
     p.add_argument("--audio-encoder", required=True, help="audio encoder (ONNX)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
-    p.add_argument("--threads", type=positive_int, default=4, help="compositing threads (4)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=4,
+        help="jpeg: compositing threads; threaded: worker threads (default 4)",
+    )
+    p.add_argument(
+        "--style", choices=["jpeg", "threaded"], default="jpeg", help="which script (default jpeg)"
+    )
     add_x264_args(p)
     p.set_defaults(func=_cmd_reference)
     return parser
