@@ -1,5 +1,5 @@
-"""The package layout's import rules: the runtime never imports the dev tooling, and the config
-types load no heavy library."""
+"""The package layout's import rules: the runtime never imports the dev tooling (the tooling
+imports the runtime, never the CLI), and the config types load no heavy library."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import lipsync_ray
 
 PACKAGE = Path(lipsync_ray.__file__).parent
-RUNTIME = sorted(PACKAGE.glob("*.py"))  # lipsync_ray/dev/ is the tooling; everything else runs
+DEV = PACKAGE / "dev"  # the tooling; every other module of the package, at any depth, runs
+RUNTIME = sorted(p for p in PACKAGE.rglob("*.py") if DEV not in p.parents)
+TOOLING = sorted(DEV.rglob("*.py"))
 # The CLI fronts the tooling commands (demo, models, bench, reference): it may import
 # lipsync_ray.dev inside those commands' functions, never at module level.
 FRONTS_TOOLING = {"cli.py"}
@@ -34,8 +36,23 @@ def _imported(node: ast.AST, module: str) -> list[str]:
     return [base] + [f"{base}.{alias.name}" for alias in node.names]
 
 
+def _names(name: str, package: str) -> bool:
+    return name == package or name.startswith(f"{package}.")
+
+
 def _names_dev(name: str) -> bool:
-    return name == "lipsync_ray.dev" or name.startswith("lipsync_ray.dev.")
+    return _names(name, "lipsync_ray.dev")
+
+
+def _module(path: Path) -> str:
+    """The dotted name of the module at ``path`` (``lipsync_ray.workdir.__init__`` for a
+    package: relative imports resolve against it); a file outside the package is taken for a
+    top-level module of it."""
+    try:
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+    except ValueError:
+        parts = (path.stem,)
+    return ".".join(("lipsync_ray", *parts))
 
 
 def _outside_functions(node: ast.AST):
@@ -46,26 +63,45 @@ def _outside_functions(node: ast.AST):
             yield from _outside_functions(child)
 
 
-def _dev_imports(path: Path, *, module_level_only: bool) -> list[str]:
-    """``FILE:LINE: NAME`` of every import in ``path`` that names lipsync_ray.dev."""
+def _imports_of(
+    path: Path,
+    package: str = "lipsync_ray.dev",
+    *,
+    module_level_only: bool,
+    module: str | None = None,
+) -> list[str]:
+    """``FILE:LINE: NAME`` of every import in ``path`` (the module ``module``; default: the
+    one at that path) that names ``package`` or a module in it."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    module = f"lipsync_ray.{path.stem}"
+    module = module or _module(path)
     nodes = _outside_functions(tree) if module_level_only else ast.walk(tree)
     return [
         f"{path.name}:{node.lineno}: {name}"
         for node in nodes
         for name in _imported(node, module)
-        if _names_dev(name)
+        if _names(name, package)
     ]
 
 
+def _dev_imports(path: Path, *, module_level_only: bool) -> list[str]:
+    """``FILE:LINE: NAME`` of every import in ``path`` that names lipsync_ray.dev."""
+    return _imports_of(path, module_level_only=module_level_only)
+
+
 def test_runtime_modules_are_found() -> None:
-    names = {p.name for p in RUNTIME}
-    assert {"pipeline.py", "config.py", "precision.py", "cli.py"} <= names
-    assert not names & {"models.py", "synthetic.py", "bench.py", "demo.py"}
+    names = {_module(p) for p in RUNTIME}
+    assert {"pipeline", "config", "precision", "cli", "flags", "workdir.layout"} <= {
+        n.removeprefix("lipsync_ray.") for n in names
+    }
+    assert not [n for n in names if _names_dev(n)]
+    assert {"lipsync_ray.dev.bench", "lipsync_ray.dev.models"} <= {_module(p) for p in TOOLING}
 
 
-@pytest.mark.parametrize("path", RUNTIME, ids=lambda p: p.name)
+def _id(path: Path) -> str:
+    return str(path.relative_to(PACKAGE))
+
+
+@pytest.mark.parametrize("path", RUNTIME, ids=_id)
 def test_runtime_never_imports_dev_tooling(path: Path) -> None:
     module_level_only = path.name in FRONTS_TOOLING
     assert _dev_imports(path, module_level_only=module_level_only) == []
@@ -92,6 +128,38 @@ def test_the_check_sees_dev_imports(tmp_path: Path) -> None:
     assert not _dev_imports(path, module_level_only=True)
 
 
+@pytest.mark.parametrize("path", TOOLING, ids=_id)
+def test_tooling_never_imports_the_cli(path: Path) -> None:
+    """The tooling runs the CLI as a process and takes the flags from lipsync_ray.flags; an
+    import of lipsync_ray.cli, even inside a function, would tie dev to the command line."""
+    assert _imports_of(path, "lipsync_ray.cli", module_level_only=False) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import lipsync_ray.cli",
+        "from lipsync_ray.cli import render_argv",
+        "from lipsync_ray import cli",
+        "from .. import cli",
+        "from ..cli import main",
+        "def f():\n    from lipsync_ray.cli import main",
+    ],
+)
+def test_the_check_sees_cli_imports_in_the_tooling(source: str, tmp_path: Path) -> None:
+    """Every spelling, relative ones resolved as in a module of lipsync_ray/dev/."""
+    path = tmp_path / "mod.py"
+    path.write_text(source + "\n")
+    found = _imports_of(
+        path, "lipsync_ray.cli", module_level_only=False, module="lipsync_ray.dev.mod"
+    )
+    assert found, source
+    path.write_text(source.replace("cli", "client") + "\n")  # only starts like it: not it
+    assert not _imports_of(
+        path, "lipsync_ray.cli", module_level_only=False, module="lipsync_ray.dev.mod"
+    )
+
+
 def _loaded_after(code: str) -> list[str]:
     probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     out = subprocess.run(
@@ -107,7 +175,7 @@ def test_config_types_load_no_heavy_library() -> None:
 
 
 def test_importing_the_runtime_loads_no_dev_tooling() -> None:
-    modules = [f"lipsync_ray.{p.stem}" for p in RUNTIME if p.stem != "__init__"]
+    modules = [_module(p).removesuffix(".__init__") for p in RUNTIME]
     loaded = _loaded_after("\n".join(f"import {m}" for m in modules))
     assert set(modules) <= set(loaded)
     assert [m for m in loaded if _names_dev(m)] == []
