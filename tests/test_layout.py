@@ -7,6 +7,7 @@ import ast
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ DEV = PACKAGE / "dev"  # the tooling; every other module of the package, at any 
 RUNTIME = sorted(p for p in PACKAGE.rglob("*.py") if DEV not in p.parents)
 TOOLING = sorted(DEV.rglob("*.py"))
 # The CLI fronts the tooling commands (demo, models, bench, reference): it may import
-# lipsync_ray.dev inside those commands' functions, never at module level.
+# lipsync_ray.dev inside those commands' functions (_cmd_*), nowhere else.
 FRONTS_TOOLING = {"cli.py"}
 HEAVY = ("cv2", "av", "pyarrow", "onnx", "onnxruntime", "ray")
 
@@ -55,26 +56,38 @@ def _module(path: Path) -> str:
     return ".".join(("lipsync_ray", *parts))
 
 
-def _outside_functions(node: ast.AST):
-    """``node`` and everything below it that runs on import (function bodies do not)."""
+def _every_function(node: ast.AST) -> bool:
+    return True
+
+
+def _is_command(node: ast.AST) -> bool:
+    """A CLI command's function: ``_cmd_render``..."""
+    return getattr(node, "name", "").startswith("_cmd_")
+
+
+def _outside_functions(node: ast.AST, exempt: Callable[[ast.AST], bool] = _every_function):
+    """``node`` and everything below it but the bodies of the functions ``exempt`` accepts
+    (by default every function: what is left runs on import)."""
     yield node
     for child in ast.iter_child_nodes(node):
-        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            yield from _outside_functions(child)
+        is_function = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        if not (is_function and exempt(child)):
+            yield from _outside_functions(child, exempt)
 
 
 def _imports_of(
     path: Path,
     package: str = "lipsync_ray.dev",
     *,
-    module_level_only: bool,
+    exempt: Callable[[ast.AST], bool] | None = None,
     module: str | None = None,
 ) -> list[str]:
     """``FILE:LINE: NAME`` of every import in ``path`` (the module ``module``; default: the
-    one at that path) that names ``package`` or a module in it."""
+    one at that path) that names ``package`` or a module in it, but in the bodies of the
+    functions ``exempt`` accepts."""
     tree = ast.parse(path.read_text(), filename=str(path))
     module = module or _module(path)
-    nodes = _outside_functions(tree) if module_level_only else ast.walk(tree)
+    nodes = ast.walk(tree) if exempt is None else _outside_functions(tree, exempt)
     return [
         f"{path.name}:{node.lineno}: {name}"
         for node in nodes
@@ -85,7 +98,7 @@ def _imports_of(
 
 def _dev_imports(path: Path, *, module_level_only: bool) -> list[str]:
     """``FILE:LINE: NAME`` of every import in ``path`` that names lipsync_ray.dev."""
-    return _imports_of(path, module_level_only=module_level_only)
+    return _imports_of(path, exempt=_every_function if module_level_only else None)
 
 
 def test_runtime_modules_are_found() -> None:
@@ -103,8 +116,8 @@ def _id(path: Path) -> str:
 
 @pytest.mark.parametrize("path", RUNTIME, ids=_id)
 def test_runtime_never_imports_dev_tooling(path: Path) -> None:
-    module_level_only = path.name in FRONTS_TOOLING
-    assert _dev_imports(path, module_level_only=module_level_only) == []
+    exempt = _is_command if path.name in FRONTS_TOOLING else None
+    assert _imports_of(path, exempt=exempt) == []
 
 
 def test_the_check_sees_dev_imports(tmp_path: Path) -> None:
@@ -126,13 +139,16 @@ def test_the_check_sees_dev_imports(tmp_path: Path) -> None:
     path.write_text("def f():\n    from lipsync_ray.dev.models import build_model\n")
     assert _dev_imports(path, module_level_only=False)
     assert not _dev_imports(path, module_level_only=True)
+    assert _imports_of(path, exempt=_is_command)  # the CLI: in a command's function only
+    path.write_text("def _cmd_f(args):\n    from lipsync_ray.dev.models import build_model\n")
+    assert not _imports_of(path, exempt=_is_command)
 
 
 @pytest.mark.parametrize("path", TOOLING, ids=_id)
 def test_tooling_never_imports_the_cli(path: Path) -> None:
     """The tooling runs the CLI as a process and takes the flags from lipsync_ray.flags; an
     import of lipsync_ray.cli, even inside a function, would tie dev to the command line."""
-    assert _imports_of(path, "lipsync_ray.cli", module_level_only=False) == []
+    assert _imports_of(path, "lipsync_ray.cli") == []
 
 
 @pytest.mark.parametrize(
@@ -150,14 +166,9 @@ def test_the_check_sees_cli_imports_in_the_tooling(source: str, tmp_path: Path) 
     """Every spelling, relative ones resolved as in a module of lipsync_ray/dev/."""
     path = tmp_path / "mod.py"
     path.write_text(source + "\n")
-    found = _imports_of(
-        path, "lipsync_ray.cli", module_level_only=False, module="lipsync_ray.dev.mod"
-    )
-    assert found, source
+    assert _imports_of(path, "lipsync_ray.cli", module="lipsync_ray.dev.mod"), source
     path.write_text(source.replace("cli", "client") + "\n")  # only starts like it: not it
-    assert not _imports_of(
-        path, "lipsync_ray.cli", module_level_only=False, module="lipsync_ray.dev.mod"
-    )
+    assert not _imports_of(path, "lipsync_ray.cli", module="lipsync_ray.dev.mod")
 
 
 def _loaded_after(code: str) -> list[str]:
