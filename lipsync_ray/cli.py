@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.flags import (
     add_crf_arg,
@@ -22,16 +23,15 @@ from lipsync_ray.flags import (
     add_x264_args,
     config_from_args,
     encode_from_args,
-    flag_value,
     given_fields,
     name_pair,
     pool_from_args,
     positive_int,
     positive_ints,
-    precision_from_args,
     render_argv,
     render_options_from_args,
     session_from_args,
+    value_from_args,
     with_default,
 )
 
@@ -170,16 +170,14 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
     from lipsync_ray.pipeline import check_gpu_request
     from lipsync_ray.precision import Precision
 
-    precision = precision_from_args(args)
+    precision = value_from_args(args, "--precision")
     if precision not in (Precision.FP32, Precision.FP16):
         raise InputError(
             f"bench inference runs fp32 or fp16 (converted, not gated), got {precision.value}: "
             "INT8 calibrates on an avatar, use `bench render --precision int8`"
         )
     session = session_from_args(args)
-    from lipsync_ray.config import RenderConfig
-
-    fallback = flag_value(args, "allow_cpu_fallback", RenderConfig, "allow_cpu_fallback")
+    fallback = value_from_args(args, "--allow-cpu-fallback")
     check_gpu_request(
         RenderConfig(model=str(args.model), session=session, allow_cpu_fallback=fallback)
     )
@@ -205,7 +203,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
-    from lipsync_ray.config import RenderConfig
     from lipsync_ray.dev.bench import bench_render
 
     # The render's own flags (add_render_options): the pool is sized from the cluster, as a
@@ -241,9 +238,8 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
     from lipsync_ray.dev.bench import bench_encode
-    from lipsync_ray.encode import EncodeOptions
 
-    crf = flag_value(args, "crf", EncodeOptions, "crf")
+    crf = value_from_args(args, "--crf")
     results = bench_encode(
         args.presets, crf=crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_ray.errors import InputError
+from lipsync_ray.flags import render_argv
 from lipsync_ray.inference import (
     GeneratorSession,
     Provider,
@@ -422,7 +423,7 @@ def _run_reference(
         _cli(
             "reference", str(avatar), str(speech), "-o", str(out), "--style", style,
             "--model", str(unet), "--audio-encoder", str(encoder),
-            "--crf", str(config.encode.crf), "--preset", config.encode.preset,
+            *render_argv(config, ["--crf", "--preset"]),
         ),
         log_path=log_path,
     )  # fmt: skip
@@ -482,7 +483,6 @@ def bench_render(
     """
     import json
 
-    from lipsync_ray.cli import render_argv
     from lipsync_ray.config import RenderConfig
     from lipsync_ray.dev.models import Arch, Size, build_model, save_model
     from lipsync_ray.dev.speech import synth_speech, write_audio
