@@ -14,7 +14,8 @@ import pytest
 import lipsync_ray
 
 PACKAGE = Path(lipsync_ray.__file__).parent
-RUNTIME = sorted(PACKAGE.glob("*.py"))  # lipsync_ray/dev/ is the tooling; everything else runs
+# lipsync_ray/dev/ is the tooling; everything else (subpackages included) runs
+RUNTIME = sorted(p for p in PACKAGE.rglob("*.py") if "dev" not in p.relative_to(PACKAGE).parts)
 # The CLI fronts the tooling commands (demo, models, bench, reference): it may import
 # lipsync_ray.dev inside those commands' functions, never at module level.
 FRONTS_TOOLING = {"cli.py"}
@@ -34,6 +35,13 @@ def _imported(node: ast.AST, module: str) -> list[str]:
     return [base] + [f"{base}.{alias.name}" for alias in node.names]
 
 
+def _module_name(path: Path) -> str:
+    """``lipsync_ray/inference/session.py`` -> ``lipsync_ray.inference.session`` (a package's
+    ``__init__.py`` is the package)."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _names_dev(name: str) -> bool:
     return name == "lipsync_ray.dev" or name.startswith("lipsync_ray.dev.")
 
@@ -49,7 +57,7 @@ def _outside_functions(node: ast.AST):
 def _dev_imports(path: Path, *, module_level_only: bool) -> list[str]:
     """``FILE:LINE: NAME`` of every import in ``path`` that names lipsync_ray.dev."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    module = f"lipsync_ray.{path.stem}"
+    module = _module_name(path) if path.is_relative_to(PACKAGE) else f"lipsync_ray.{path.stem}"
     nodes = _outside_functions(tree) if module_level_only else ast.walk(tree)
     return [
         f"{path.name}:{node.lineno}: {name}"
@@ -65,7 +73,7 @@ def test_runtime_modules_are_found() -> None:
     assert not names & {"models.py", "synthetic.py", "bench.py", "demo.py"}
 
 
-@pytest.mark.parametrize("path", RUNTIME, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RUNTIME, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_runtime_never_imports_dev_tooling(path: Path) -> None:
     module_level_only = path.name in FRONTS_TOOLING
     assert _dev_imports(path, module_level_only=module_level_only) == []
@@ -107,7 +115,7 @@ def test_config_types_load_no_heavy_library() -> None:
 
 
 def test_importing_the_runtime_loads_no_dev_tooling() -> None:
-    modules = [f"lipsync_ray.{p.stem}" for p in RUNTIME if p.stem != "__init__"]
+    modules = [_module_name(p) for p in RUNTIME if p != PACKAGE / "__init__.py"]
     loaded = _loaded_after("\n".join(f"import {m}" for m in modules))
     assert set(modules) <= set(loaded)
     assert [m for m in loaded if _names_dev(m)] == []
