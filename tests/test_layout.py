@@ -119,3 +119,29 @@ def test_importing_the_runtime_loads_no_dev_tooling() -> None:
     loaded = _loaded_after("\n".join(f"import {m}" for m in modules))
     assert set(modules) <= set(loaded)
     assert [m for m in loaded if _names_dev(m)] == []
+
+
+# The ground floor: plain values every layer names (chunk wire types, options, the config, the
+# models' contract, the errors). The driver-only parts import them without the actors' stack.
+GROUND_FLOOR = (
+    "lipsync_ray.chunks",
+    "lipsync_ray.options",
+    "lipsync_ray.config",
+    "lipsync_ray.contract",
+    "lipsync_ray.errors",
+)
+NOT_ON_THE_GROUND_FLOOR = ("ray", "pyarrow", "onnxruntime", "cv2")
+
+
+@pytest.mark.parametrize("module", GROUND_FLOOR)
+def test_the_ground_floor_loads_no_heavy_library(module: str) -> None:
+    """Each ground-floor module alone, in a fresh interpreter: not even transitively."""
+    loaded = _loaded_after(f"import {module}")
+    assert module in loaded
+    assert [m for m in NOT_ON_THE_GROUND_FLOOR if m in loaded] == []
+
+
+def test_the_ground_floor_probe_sees_heavy_libraries() -> None:
+    """The probe itself: a module with Ray and OpenCV at module level is caught."""
+    loaded = _loaded_after("import lipsync_ray.actors")
+    assert {"ray", "cv2"} <= {m for m in NOT_ON_THE_GROUND_FLOOR if m in loaded}

@@ -35,7 +35,6 @@ from lipsync_ray.inference.graph import (
 from lipsync_ray.inference.providers import (
     GPU_PROVIDERS,
     Provider,
-    SessionOptions,
     preload_gpu_libraries,
     provider_entries,
     warn_once,
@@ -47,10 +46,9 @@ from lipsync_ray.inference.trt import (
     tensorrt_loads,
 )
 from lipsync_ray.inference.wrapper import wrap_generator
+from lipsync_ray.options import SessionOptions
 
 __all__ = ["DeviceBuffers", "EncoderSession", "GeneratorSession"]
-
-_DEFAULT_OPTIONS = SessionOptions()  # frozen: one shared default
 
 
 def _open(path: Path, options: SessionOptions, cpus: int):
@@ -116,7 +114,7 @@ class GeneratorSession:
     """
 
     def __init__(
-        self, path: str | Path, options: SessionOptions = _DEFAULT_OPTIONS, *, cpus: int = 1
+        self, path: str | Path, options: SessionOptions = SessionOptions(), *, cpus: int = 1
     ) -> None:
         self.path = check_model_file(path)
         self._options, self._cpus = options, cpus
