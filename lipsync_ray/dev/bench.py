@@ -88,7 +88,7 @@ def bench_inference(
     options = options or SessionOptions(providers=(Provider.CPU,))
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-fp16-") as tmp:
         if fp16:
-            from lipsync_ray.precision import convert_fp16
+            from lipsync_ray.quantize import convert_fp16
 
             model = convert_fp16(model, Path(tmp) / "fp16.onnx")
         session = GeneratorSession(model, options, cpus=cpus)
