@@ -24,7 +24,13 @@ from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.chunks import ChunkResult, ChunkSpec, JobContext, Predictions
 from lipsync_ray.composite import blend_into, crossfade_frame
-from lipsync_ray.contract import AUDIO_CONTEXT
+from lipsync_ray.contract import (
+    AUDIO_CHANNELS,
+    AUDIO_CONTEXT,
+    AUDIO_SIZE,
+    FRAME_SIZE,
+    VISUAL_CHANNELS,
+)
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
 from lipsync_ray.fileio import file_sha256
@@ -184,8 +190,8 @@ class InferenceActor:
         )
         self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
-        self._visual = np.empty((0, 320, 320, 6), np.uint8)
-        self._images = np.empty((0, 320, 320, 3), np.uint8)
+        self._visual = np.empty((0, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
+        self._images = np.empty((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
         log.info("inference actor ready: %s", self.info)
 
     @ray.method(concurrency_group="control")
@@ -195,8 +201,10 @@ class InferenceActor:
     def infer(self, spec: ChunkSpec) -> Predictions:
         clock = _StageClock()
         if len(self._visual) < spec.frames:
-            self._visual = np.empty((spec.frames, 320, 320, 6), np.uint8)
-            self._images = np.empty((spec.frames, 320, 320, 3), np.uint8)
+            self._visual = np.empty(
+                (spec.frames, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8
+            )
+            self._images = np.empty((spec.frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
         visual = self.avatar.read_visual_inputs(spec.avatar_indices, self._visual[: spec.frames])
         audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
         clock.lap("model_input")
@@ -221,8 +229,8 @@ def warm_up(session: GeneratorSession, batch_size: int) -> None:
     """Run ``session`` once on a batch of zeros (``batch_size`` frames; one for a fixed-batch
     model). Outputs are discarded; later outputs do not depend on it."""
     batch = 1 if session.fixed_batch else batch_size
-    visual = np.zeros((batch, 320, 320, 6), np.uint8)
-    audio = np.zeros((batch, 32, 16, 16), np.float32)
+    visual = np.zeros((batch, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
+    audio = np.zeros((batch, AUDIO_CHANNELS, AUDIO_SIZE, AUDIO_SIZE), np.float32)
     try:
         session.predict(visual, audio)  # the path the chunks take (graph I/O or not)
     except ModelError as exc:

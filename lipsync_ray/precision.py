@@ -58,7 +58,7 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
 from lipsync_ray.composite import MASK_RECT_XYWH
-from lipsync_ray.contract import FEATURE_DIM
+from lipsync_ray.contract import FEATURE_CONTEXT, FEATURE_DIM, FRAME_SIZE
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 from lipsync_ray.inference import (
@@ -234,7 +234,7 @@ def split_frames(
 def _audio_for(features: np.ndarray | None, k: int, rng: np.random.Generator) -> np.ndarray:
     """float32 (k, 32, 16, 16) windows of ``features`` at evenly spread rows, shuffled."""
     if features is None:
-        noise = np.maximum(rng.standard_normal((k + 18, 512)), 0.0)
+        noise = np.maximum(rng.standard_normal((k + FEATURE_CONTEXT + 2, FEATURE_DIM)), 0.0)
         features = ((noise[:-2] + noise[1:-1] + noise[2:]) / 3.0).astype(np.float32)
     rows = np.round(np.linspace(0, len(features) - 1, k)).astype(np.int64)
     return audio_mod.audio_windows(features, rng.permutation(rows))
@@ -249,7 +249,7 @@ def face_psnr(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     Returns:
         float64 (k,); a frame with zero error gets ``PSNR_CAP_DB``.
     """
-    if reference.shape != candidate.shape or reference.shape[1:3] != (320, 320):
+    if reference.shape != candidate.shape or reference.shape[1:3] != (FRAME_SIZE, FRAME_SIZE):
         raise InputError(
             f"expected two (k, 320, 320, 3) arrays, got {reference.shape} and {candidate.shape}"
         )

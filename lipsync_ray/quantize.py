@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync_ray.contract import AUDIO_CHANNELS, AUDIO_SIZE, FRAME_SIZE, VISUAL_CHANNELS
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import check_model_file
 from lipsync_ray.onnx_io import save_model
@@ -63,12 +64,13 @@ def _generator_inputs(model) -> tuple[str, str, bool]:
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 4 and dims[1].HasField("dim_value"):
             found[dims[1].dim_value] = (value.name, dims[0].dim_value == 1)
-    if 6 not in found or 32 not in found:
+    if VISUAL_CHANNELS not in found or AUDIO_CHANNELS not in found:
         raise ModelError(
             "expected a generator with inputs [B,6,320,320] and [B,32,16,16], got "
             f"{[v.name for v in model.graph.input]}"
         )
-    return found[6][0], found[32][0], found[6][1]
+    visual, audio = found[VISUAL_CHANNELS], found[AUDIO_CHANNELS]
+    return visual[0], audio[0], visual[1]
 
 
 def _output_node(model) -> list[str]:
@@ -119,9 +121,15 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model, out = check_model_file(model), Path(out)
-    if visual.dtype != np.uint8 or visual.shape[1:] != (320, 320, 6) or len(visual) < 1:
+    visual_shape = (FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS)
+    if visual.dtype != np.uint8 or visual.shape[1:] != visual_shape or len(visual) < 1:
         raise InputError(f"expected uint8 (k >= 1, 320, 320, 6) visual inputs, got {visual.shape}")
-    if audio.dtype != np.float32 or audio.shape != (len(visual), 32, 16, 16):
+    if audio.dtype != np.float32 or audio.shape != (
+        len(visual),
+        AUDIO_CHANNELS,
+        AUDIO_SIZE,
+        AUDIO_SIZE,
+    ):
         raise InputError(
             f"expected float32 ({len(visual)}, 32, 16, 16) audio windows, got "
             f"{audio.dtype} {audio.shape}"

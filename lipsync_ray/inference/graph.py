@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lipsync_ray.contract import (
     AUDIO_CHANNELS,
+    AUDIO_SIZE,
     FEATURE_DIM,
     FRAME_SIZE,
     MEL_SHAPE,
@@ -201,7 +202,7 @@ def generator_io(inputs: Sequence[Port], outputs: Sequence[Port], path: Path) ->
             f"got {_describe(inputs)}",
             path=path,
         )
-    for item, expected in ((visual[0], FRAME_SIZE), (audio[0], 16)):
+    for item, expected in ((visual[0], FRAME_SIZE), (audio[0], AUDIO_SIZE)):
         dims = list(item.dims or ())
         if item.type != "tensor(float)":
             raise ModelError(
@@ -220,7 +221,8 @@ def generator_io(inputs: Sequence[Port], outputs: Sequence[Port], path: Path) ->
         )
     out_dims = list(outputs[0].dims or ())
     if any(
-        isinstance(d, int) and d != e for d, e in zip(out_dims[1:], (3, 320, 320), strict=False)
+        isinstance(d, int) and d != e
+        for d, e in zip(out_dims[1:], (3, FRAME_SIZE, FRAME_SIZE), strict=False)
     ):
         raise ModelError(f"generator output must be [B,3,320,320], got {out_dims}", path=path)
     batch_dims = {visual[0].dims[0], audio[0].dims[0]}

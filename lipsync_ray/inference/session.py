@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync_ray.contract import AUDIO_CHANNELS, FEATURE_DIM, FRAME_SIZE
+from lipsync_ray.contract import (
+    AUDIO_CHANNELS,
+    AUDIO_SIZE,
+    FEATURE_DIM,
+    FRAME_SIZE,
+    VISUAL_CHANNELS,
+)
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference.graph import (
     check_generator_model,
@@ -49,6 +55,12 @@ from lipsync_ray.inference.wrapper import wrap_generator
 from lipsync_ray.options import SessionOptions
 
 __all__ = ["DeviceBuffers", "EncoderSession", "GeneratorSession"]
+
+# Per-sample shapes of the generator's inputs: the prepared visual input as stored (channels
+# last) and as the model takes it (channels first); the audio window.
+_VISUAL_NHWC = (FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS)
+_VISUAL_NCHW = (VISUAL_CHANNELS, FRAME_SIZE, FRAME_SIZE)
+_AUDIO_SHAPE = (AUDIO_CHANNELS, AUDIO_SIZE, AUDIO_SIZE)
 
 
 def _open(path: Path, options: SessionOptions, cpus: int):
@@ -168,13 +180,13 @@ class GeneratorSession:
             return options, None
         if self._wrapped is not None:
             w = self._wrapped
-            inputs = ((w.visual, (FRAME_SIZE, FRAME_SIZE, 6)), (w.audio, (AUDIO_CHANNELS, 16, 16)))
+            inputs = ((w.visual, _VISUAL_NHWC), (w.audio, _AUDIO_SHAPE))
             fixed = w.fixed_batch
         else:
             io = generator_io(*graph_ports(load_checked(model)[1]), model)
             inputs = (
-                (io.visual, (6, FRAME_SIZE, FRAME_SIZE)),
-                (io.audio, (AUDIO_CHANNELS, 16, 16)),
+                (io.visual, _VISUAL_NCHW),
+                (io.audio, _AUDIO_SHAPE),
             )
             fixed = io.fixed_batch
         root = Path(options.trt_cache_dir) if options.trt_cache_dir else default_trt_root(self.path)
@@ -186,8 +198,8 @@ class GeneratorSession:
         return opened, engine_dir
 
     def _warm_up(self, batch: int) -> None:
-        visual = np.zeros((batch, FRAME_SIZE, FRAME_SIZE, 6), np.uint8)
-        audio = np.zeros((batch, AUDIO_CHANNELS, 16, 16), np.float32)
+        visual = np.zeros((batch, *_VISUAL_NHWC), np.uint8)
+        audio = np.zeros((batch, *_AUDIO_SHAPE), np.float32)
         with contextlib.suppress(ModelError):  # a non-finite warm-up output still built it
             if self._wrapped is not None:
                 self.predict(visual, audio)
@@ -276,7 +288,7 @@ class GeneratorSession:
                 return pred
             out[...] = pred
             return out
-        if visual.dtype != np.uint8 or visual.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 6):
+        if visual.dtype != np.uint8 or visual.shape[1:] != _VISUAL_NHWC:
             raise ModelError(
                 f"visual batch must be uint8 (B, 320, 320, 6), got {visual.dtype} {visual.shape}"
             )
@@ -291,7 +303,7 @@ class GeneratorSession:
         return out
 
     def _check_audio(self, audio: np.ndarray, batch: int) -> None:
-        if audio.dtype != np.float32 or audio.shape[1:] != (AUDIO_CHANNELS, 16, 16):
+        if audio.dtype != np.float32 or audio.shape[1:] != _AUDIO_SHAPE:
             raise ModelError(
                 f"audio batch must be float32 (B, 32, 16, 16), got {audio.dtype} {audio.shape}",
                 path=self.path,
@@ -401,12 +413,12 @@ class DeviceBuffers:
 
 
 def _visual_tensor(visual: np.ndarray) -> np.ndarray:
-    if visual.dtype == np.uint8 and visual.ndim == 4 and visual.shape[1:] == (320, 320, 6):
+    if visual.dtype == np.uint8 and visual.ndim == 4 and visual.shape[1:] == _VISUAL_NHWC:
         # Same arithmetic as the reference (float division by 255), channels first.
-        out = np.empty((visual.shape[0], 6, FRAME_SIZE, FRAME_SIZE), dtype=np.float32)
+        out = np.empty((visual.shape[0], *_VISUAL_NCHW), dtype=np.float32)
         np.divide(visual.transpose(0, 3, 1, 2), np.float32(255.0), out=out)
         return out
-    if visual.dtype == np.float32 and visual.ndim == 4 and visual.shape[1:] == (6, 320, 320):
+    if visual.dtype == np.float32 and visual.ndim == 4 and visual.shape[1:] == _VISUAL_NCHW:
         return np.ascontiguousarray(visual)
     raise ModelError(
         "visual batch must be uint8 (B, 320, 320, 6) or float32 (B, 6, 320, 320), "

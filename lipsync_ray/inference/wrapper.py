@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lipsync_ray.contract import FRAME_SIZE, VISUAL_CHANNELS
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference.graph import all_tensors, generator_io, graph_ports, load_checked
 from lipsync_ray.inference.trt import private_temp_dir
@@ -136,7 +137,9 @@ def wrapped_graph(model, path: Path | str = "model.onnx"):
     image_dims = [out_dims[i] for i in (0, 2, 3, 1)] if out_dims else None
 
     index = list(graph.input).index(visual_in)
-    new_input = helper.make_tensor_value_info(visual_u8, TensorProto.UINT8, [batch, 320, 320, 6])
+    new_input = helper.make_tensor_value_info(
+        visual_u8, TensorProto.UINT8, [batch, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS]
+    )
     graph.input.remove(visual_in)
     graph.input.insert(index, new_input)
 
