@@ -237,7 +237,7 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.bench import bench_encode
+    from lipsync_ray.dev.bench_encode import bench_encode
 
     crf = value_from_args(args, "--crf")
     results = bench_encode(

@@ -19,12 +19,13 @@ from typing import Any
 
 from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
-from lipsync_ray.inference import Provider, SessionOptions
 from lipsync_ray.options import (
     Blend,
     BlendOptions,
     EncodeOptions,
     Precision,
+    Provider,
+    SessionOptions,
     ShardCodec,
     VideoCodec,
 )

@@ -78,7 +78,7 @@ def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
 
 
 def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
-    from lipsync_ray.dev.bench import bench_encode
+    from lipsync_ray.dev.bench_encode import bench_encode
 
     results = bench_encode(
         ("ultrafast", "veryfast"), crf=20, seconds=0.5, size_wh=(320, 180), work_root=tmp_path

@@ -7,8 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lipsync_ray.actors import ChunkResult
-from lipsync_ray.chunks import ChunkRange, plan_chunks
+from lipsync_ray.chunks import ChunkRange, ChunkResult, plan_chunks
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.report import RunReport, StageTimes

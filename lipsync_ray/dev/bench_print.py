@@ -17,7 +17,7 @@ def print_inference_bench(results: Sequence) -> None:
 
 
 def print_encode_bench(results: Sequence, *, avatar: str, crf: int) -> None:
-    """``bench encode``'s table: one ``bench.EncodeBench`` per preset."""
+    """``bench encode``'s table: one ``bench_encode.EncodeBench`` per preset."""
     print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
           f"   ({avatar} footage, CRF {crf}, 1 thread, 64-frame segments)")  # fmt: skip
     for r in results:

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import ChunkResult, JobContext
-from lipsync_ray.chunks import ChunkRange
+from lipsync_ray.chunks import ChunkRange, ChunkResult, JobContext
 from lipsync_ray.config import EncodeMode, RenderConfig
 from lipsync_ray.encode import MediaInfo, concat_segments, encode_video, probe, remove_partials
 from lipsync_ray.errors import InputError, LipsyncError

@@ -40,7 +40,7 @@ from lipsync_ray.storage import (
 from lipsync_ray.workdir import layout
 
 if TYPE_CHECKING:
-    from lipsync_ray.actors import ChunkResult
+    from lipsync_ray.chunks import ChunkResult
     from lipsync_ray.workdir.manifest import Manifest
 
 __all__ = ["RemoteWorkDir", "WorkStore"]
