@@ -87,8 +87,9 @@ class Manifest:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            if data.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"version {data.get('version')}, expected {MANIFEST_VERSION}")
+            version = data.get("version")
+            if not _is_int(version) or version != MANIFEST_VERSION:
+                raise ValueError(f"version {version!r:.20}, expected {MANIFEST_VERSION}")
             released = data.get("released", [])
             if not isinstance(released, list) or not all(_is_int(k) for k in released):
                 raise ValueError("released must be a list of chunk numbers")
