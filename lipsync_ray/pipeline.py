@@ -337,6 +337,7 @@ class Renderer:
             model=self._model_sha,
             features=features,
             start_frame=job.start_frame,
+            audio=file_sha256(job.audio),
         )
 
     def render(
