@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lipsync_ray.errors import InputError
-from lipsync_ray.inference import SessionOptions
-from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, ShardCodec
+from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, SessionOptions, ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
 __all__ = ["EncodeMode", "Placement", "PoolConfig", "RenderConfig"]

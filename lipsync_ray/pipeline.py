@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import ChunkSpec
 from lipsync_ray.avatar import Avatar, pingpong_indices
-from lipsync_ray.chunks import ChunkRange, plan_chunks
+from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.encode import check_video_encoder
 from lipsync_ray.errors import InputError
@@ -339,6 +338,7 @@ class Renderer:
             model=self._model_sha,
             features=features,
             start_frame=job.start_frame,
+            audio=file_sha256(job.audio),
         )
 
     def render(

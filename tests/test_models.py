@@ -268,7 +268,8 @@ def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
 
 def test_face_weights_survive_int8(tmp_path, small_unet, small_random_unet):
     """INT8 passes the 35 dB gate with FACE weights; random weights are too chaotic for it."""
-    from lipsync_ray.precision import Precision, quality_gate, quantize_int8
+    from lipsync_ray.precision import Precision, quality_gate
+    from lipsync_ray.quantize import quantize_int8
 
     rng = np.random.default_rng(40)
     visual = (_visual(40, 10).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

@@ -26,6 +26,7 @@ from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.pipeline import render
 from lipsync_ray.report import RunReport
 from lipsync_ray.seams import measure_seam
+from lipsync_ray.workdir.layout import REPORT
 
 __all__ = ["describe", "run_demo"]
 
@@ -104,7 +105,7 @@ def describe(report: RunReport, out_dir: str | Path = "lipsync-demo") -> str:
             f"frames with nothing pasted ({_untouched_seam(avatar):.2f}), the border cannot be "
             "told from the picture around it; a hard seam scores well above 1, and a blurred "
             "or tinted face behind the feathered edge below the frames' own score.",
-            f"Report (every figure of the run): {work / 'report.json'}. Work directory: {work}/, "
+            f"Report (every figure of the run): {work / REPORT}. Work directory: {work}/, "
             f"holding {', '.join(left) or 'nothing'} (shards and segments are removed after a "
             "successful render; the manifest lets a re-run resume). Models, avatar and "
             f"speech.wav stay in {out}/ and are reused by the next demo there.",

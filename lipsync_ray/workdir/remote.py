@@ -40,7 +40,7 @@ from lipsync_ray.storage import (
 from lipsync_ray.workdir import layout
 
 if TYPE_CHECKING:
-    from lipsync_ray.actors import ChunkResult
+    from lipsync_ray.chunks import ChunkResult
     from lipsync_ray.workdir.manifest import Manifest
 
 __all__ = ["RemoteWorkDir", "WorkStore"]
@@ -122,8 +122,7 @@ class RemoteWorkDir:
         the local path removes them. Then publish the manifest as it changes."""
         if manifest.fingerprint != self._remote_fingerprint:
             with self._errors("cannot clear the work directory"):
-                for sub in layout.CHUNK_DIRS:
-                    delete(self.location.join(sub))
+                self._remove_chunks()
         self._manifest_path = manifest.path
         manifest.on_save = self._manifest_saved
         self.publish_manifest()
@@ -161,9 +160,14 @@ class RemoteWorkDir:
         stage_out(layout.report_path(self.mirror), self.location.join(layout.REPORT))
         if not self.store.keep_shards:
             with self._errors("cannot remove the chunks from the work directory"):
-                for sub in layout.CHUNK_DIRS:
-                    delete(self.location.join(sub))
+                self._remove_chunks()
         shutil.rmtree(self.mirror, ignore_errors=True)
+
+    def _remove_chunks(self) -> None:
+        """Delete the renderer's chunk files on the store; anything else there stays."""
+        for rel in list_files(self.location):
+            if layout.is_chunk_file(rel):
+                delete(self.location.join(rel))
 
     def _errors(self, doing: str):
         hint = "the finished chunks are kept there: run again to resume"

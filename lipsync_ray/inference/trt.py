@@ -22,7 +22,7 @@ from lipsync_ray.errors import ModelError
 from lipsync_ray.fileio import file_sha256
 
 if TYPE_CHECKING:
-    from lipsync_ray.inference import SessionOptions
+    from lipsync_ray.options import SessionOptions
 
 __all__ = [
     "TENSORRT_LIBRARIES",
