@@ -1,7 +1,7 @@
 """Nothing lost: what is refused before anything starts, and what a failure leaves in place.
 
 Each table runs the ``lipsync-ray`` command in-process (``cli.main``) with ``ray.init``
-replaced by a tripwire (``no_ray``, as in test_bad_inputs), so a case proves it was rejected
+replaced by a tripwire (``helpers.ray_tripwire``), so a case proves it was rejected
 before Ray started; it asserts exit code 2, exactly one ``lipsync-ray: error:`` line that
 names the culprit, and which files survive byte for byte. A few cases also run as a real
 subprocess. The rest are unit tests of the public pieces (encode, storage).
@@ -14,7 +14,7 @@ subprocess. The rest are unit tests of the public pieces (encode, storage).
   --overwrite".
 """
 
-# ruff: noqa: F811 - the fixtures `good` and `no_ray` come from test_bad_inputs, by name
+# ruff: noqa: F811 - the fixture `good` comes from test_bad_inputs, by name
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_command
-from test_bad_inputs import _one_error_line, _render_argv, good, no_ray  # noqa: F401
+from helpers import cli_command, one_error_line, ray_tripwire
+from test_bad_inputs import _render_argv, good  # noqa: F401
 from test_encode import SR, N, make_frame, tone, write_segments
 from test_storage import remote_fs
 
@@ -40,6 +40,12 @@ from lipsync_ray.errors import EncodeError, InputError
 from lipsync_ray.storage import local_cache, resolve, stage_in
 
 # ------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting or joining Ray fails: every case here must be decided before it."""
+    ray_tripwire(monkeypatch)
 
 
 def _digest(path: Path) -> str:
@@ -79,7 +85,7 @@ def _argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
     rc = main(argv)
-    return rc, _one_error_line(capsys.readouterr().err)
+    return rc, one_error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------ 4. an output that is an input
@@ -169,7 +175,7 @@ def test_an_output_that_is_an_input_subprocess(mine, tmp_path):
         capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert result.returncode == 2 and "is an input of this render" in line, result.stderr
     assert _digests(mine) == before
 
@@ -300,7 +306,7 @@ def test_a_bad_jobs_file_subprocess(mine, tmp_path):
         [*cli_command(), *argv], capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert result.returncode == 2 and 'line 1: "start_frame" must be an integer' in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "jobs.jsonl"]
 
@@ -510,5 +516,5 @@ def test_an_output_under_proc_subprocess(mine, tmp_path):
         capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert result.returncode == 2 and "cannot write there" in line and "/proc" in line, line
