@@ -75,6 +75,7 @@ from lipsync_ray.storage import Location, resolve
 from lipsync_ray.vad import passthrough_weights
 from lipsync_ray.workdir import Job, Joined, WorkDir, check_job_paths, make_job, open_avatar
 from lipsync_ray.workdir.fingerprint import avatar_identity, render_fingerprint
+from lipsync_ray.workdir.job import config_models
 
 __all__ = ["Renderer", "plan_chunks", "render"]
 
@@ -626,7 +627,7 @@ def render(
     # Storage too (probe files, credentials, endpoints): a bad path fails before models load.
     check_job_paths(
         audio, output, config.overwrite, filesystem=filesystem, work_dir=config.work_dir,
-        avatar=avatar,
+        avatar=avatar, features=config.features, models=config_models(config),
     )  # fmt: skip
     with Renderer(avatar, config, filesystem=filesystem, once=True) as renderer:
         return renderer.render(audio, output)

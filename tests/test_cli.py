@@ -101,6 +101,10 @@ def _render_args(tmp_path: Path, **over) -> list[str]:
 def test_render_bad_input_is_one_line_exit_2(tmp_path, capsys, over, message):
     if over.get("-o") == "OUT.avi":
         over = {"-o": str(tmp_path / "out.avi")}
+    if over:  # an output problem: the inputs are there (they are checked first)
+        (tmp_path / "no-avatar").mkdir()
+        for name in ("no.wav", "no.onnx", "no-enc.onnx"):
+            (tmp_path / name).write_bytes(b"present")
     rc = main(_render_args(tmp_path, **over))
     err = capsys.readouterr().err
     assert rc == 2
