@@ -379,6 +379,16 @@ def delete(location: Location) -> None:
         location.filesystem.delete_file(location.path)
 
 
+def delete_if_empty(location: Location) -> None:
+    """Remove the directory at ``location`` when nothing is under it (an object store has no
+    empty directories to remove: nothing happens there); anything else there stays."""
+    if location.info().type != pafs.FileType.Directory:
+        return
+    selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
+    if not location.filesystem.get_file_info(selector):
+        location.filesystem.delete_dir(location.path)
+
+
 # ------------------------------------------------------------------------ failures, checks
 
 _AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation: ?(.*)")

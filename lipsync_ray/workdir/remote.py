@@ -31,6 +31,7 @@ from lipsync_ray.errors import RenderError
 from lipsync_ray.storage import (
     Location,
     delete,
+    delete_if_empty,
     download,
     list_files,
     node_dir,
@@ -164,10 +165,13 @@ class RemoteWorkDir:
         shutil.rmtree(self.mirror, ignore_errors=True)
 
     def _remove_chunks(self) -> None:
-        """Delete the renderer's chunk files on the store; anything else there stays."""
+        """Delete the renderer's chunk files on the store, then its chunk folders where that
+        left them empty; anything else there stays."""
         for rel in list_files(self.location):
             if layout.is_chunk_file(rel):
                 delete(self.location.join(rel))
+        for folder in layout.CHUNK_DIRS:
+            delete_if_empty(self.location.join(folder))
 
     def _errors(self, doing: str):
         hint = "the finished chunks are kept there: run again to resume"
