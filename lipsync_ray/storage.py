@@ -264,13 +264,17 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
 
 
 def _tree(root: Path) -> set[str]:
-    """Every name under ``root`` that is not a directory (files, links, others), relative."""
+    """Every name under ``root`` that is not a directory (files, links, others), relative,
+    leaving out names that start with ``.`` as :func:`list_files` does: those are caches the
+    renderer keeps beside the copy (the avatar's content stamp), never staged."""
     names = set()
     for base, dirs, leaves in os.walk(root):
         rel = os.path.relpath(base, root)
         links = [d for d in dirs if os.path.islink(os.path.join(base, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in [*leaves, *links]:
-            names.add(name if rel == "." else posixpath.join(rel, name))
+            if not name.startswith("."):
+                names.add(name if rel == "." else posixpath.join(rel, name))
     return names
 
 
