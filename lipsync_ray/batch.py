@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -140,18 +141,16 @@ def load_jobs(path: str | Path) -> list[BatchJob]:
             )
         _check_types(entry, f"line {number}", path)
 
-        def rebase(value):
-            if value is None or _URI.match(str(value)):
-                return value
-            return str(base / value)
-
+        paths = {
+            key: _rebase(entry.get(key), base, f'line {number}: "{key}"', path) for key in _PATHS
+        }
         jobs.append(
             BatchJob(
-                audio=rebase(entry["audio"]),
-                output=rebase(entry["output"]),
+                audio=paths["audio"],
+                output=paths["output"],
                 start_frame=entry.get("start_frame"),
-                work_dir=rebase(entry.get("work_dir")),
-                features=rebase(entry.get("features")),
+                work_dir=paths["work_dir"],
+                features=paths["features"],
                 line=number,
                 source=str(path),
             )
@@ -159,6 +158,28 @@ def load_jobs(path: str | Path) -> list[BatchJob]:
     if not jobs:
         raise InputError("expected at least one job, got an empty jobs file", path=path)
     return jobs
+
+
+def _rebase(value: str | None, base: Path, what: str, source: Path) -> str | None:
+    """A jobs file's path: URIs and absolute paths as they are, a relative one under ``base``
+    (the jobs file's folder), which it may not leave: a file passed around (or generated)
+    must not reach elsewhere by ``..``; elsewhere is said explicitly."""
+    if value is None or _URI.match(str(value)) or Path(value).is_absolute():
+        return value
+    if ".." in Path(value).parts and not _inside(base / value, base):
+        raise InputError(
+            f"{what} leaves the jobs file's folder ({value!r}); give an absolute path or a "
+            "URI for a file elsewhere",
+            path=source,
+        )
+    return str(base / value)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or under it, by name (``..`` resolved, links not)."""
+    return Path(os.path.normpath(path.absolute())).is_relative_to(
+        Path(os.path.normpath(folder.absolute()))
+    )
 
 
 def _check_types(values: dict, where: str, source: str | Path | None) -> None:

@@ -271,6 +271,13 @@ JOBS = [
      "is the audio file of line 2"),
     ("output-is-its-own-features", [_job(features="a.mp4")], 1, "is the feature file of line 1"),
     ("output-inside-the-avatar", [_job(output="avatar/x.mp4")], 1, "inside the avatar bundle"),
+    # a relative path stays in the jobs file's folder (absolute paths and URIs say elsewhere)
+    ("output-leaves-the-folder", [_job(output="../x.mp4")], 1,
+     '"output" leaves the jobs file\'s folder'),
+    ("audio-leaves-the-folder", [_job(), _job("sub/../../a.wav", "b.mp4")], 2,
+     '"audio" leaves the jobs file\'s folder'),
+    ("work-dir-leaves-the-folder", [_job(work_dir="../../w")], 1, '"work_dir" leaves'),
+    ("features-leave-the-folder", [_job(features="../f.npy")], 1, '"features" leaves'),
 ]  # fmt: skip
 
 
