@@ -243,3 +243,22 @@ def test_demo_output_matches_its_avatar(tmp_path):
         str(work / "report.json"),
     ):
         assert expected in text
+
+
+def test_the_demo_rebuilds_what_an_older_version_left(tmp_path):
+    """Models without this design's version and an avatar that moved its own mouth (version 1,
+    or none) are not reused."""
+    from lipsync_ray.dev.demo import _current_avatar, _current_model
+    from lipsync_ray.dev.models import save_model
+    from lipsync_ray.dev.synthetic import make_demo_avatar
+
+    model = build_model(Arch.AUDIO_ENCODER, Size.SMALL)
+    assert _current_model(save_model(model, tmp_path / "now.onnx"))
+    del model.metadata_props[:]
+    assert not _current_model(save_model(model, tmp_path / "old.onnx"))
+    assert not _current_model(tmp_path / "missing.onnx")
+    avatar = make_demo_avatar(tmp_path / "avatar", seconds=0.2, size_wh=(160, 96))
+    assert _current_avatar(avatar.path)
+    info = (avatar.path / "avatar.json").read_text().replace('"version": 2', '"version": 1')
+    (avatar.path / "avatar.json").write_text(info)
+    assert not _current_avatar(avatar.path) and not _current_avatar(tmp_path / "none")

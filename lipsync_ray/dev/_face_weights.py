@@ -44,9 +44,9 @@ identity):
 Everything else stays random and BatchNorm-calibrated (the UNet's output std is
 ``RANDOM_STD``, so tensors that mix both kinds keep INT8 resolution for the designed signals);
 the random network does not reach the UNet's output. INT8 keeps the face (its rounding moves
-the pass-through by a few levels: ~39 dB), but not the opened mouth: D's edge is steep, so the
-rounding of ``o`` moves it by whole pixels, and the quality gate (35 dB) refuses the model
-once the mouth opens (20-26 dB).
+the pass-through by a few levels: 38-42 dB in silence), but not the opened mouth: D's edge is
+steep, so the rounding of ``o`` moves it by whole pixels, and the quality gate (35 dB) refuses
+the model once the mouth opens (20-26 dB).
 """
 
 from __future__ import annotations

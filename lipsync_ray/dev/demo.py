@@ -200,8 +200,9 @@ def describe(report: RunReport, out_dir: str | Path = "lipsync-demo") -> str:
             f"correlation of {mouth.correlation:.2f} over {mouth.frames} frames, and is "
             f"{mouth.loud_darkening:.0f} levels in the loudest quarter of them; in the "
             f"{mouth.pause_frames} frames inside pauses (digital silence from the frame before "
-            f"to the frame after) it is at most {mouth.pause_darkening:.1f} levels: closed, as "
-            "H.264 leaves the avatar's own frame. The stand-in models are not "
+            f"to the frame after) it is at most {mouth.pause_darkening:.1f} levels: closed, "
+            "within what the crop's resize and H.264 do to the face (below). The stand-in "
+            "models are not "
             "trained: they open a dark hole by loudness; point `lipsync-ray render "
             "--model/--audio-encoder` at real exports for lips that form words.",
             f"- the pasted box: each frame's lower face, nose to below the chin (about "

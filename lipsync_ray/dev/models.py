@@ -106,8 +106,8 @@ class Weights(enum.Enum):
     reproduces the ROI and opens a dark mouth in it as far as the loudness goes, closed in
     silence; the rest of both networks is random as above and does not reach the UNet's
     output (``_face_weights``). FULL passes the ROI through exactly; SMALL keeps luma and
-    red-minus-blue only. INT8 keeps the face (~39 dB) but not the opened mouth's edge (20-26
-    dB: the 35 dB gate refuses it).
+    red-minus-blue only. INT8 keeps the face (38-42 dB in silence) but not the opened mouth's
+    edge (20-26 dB: the 35 dB gate refuses it).
     """
 
     RANDOM = "random"
