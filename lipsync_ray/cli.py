@@ -337,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         choices=["face", "random"],
         default=None,
-        help="unet328: face (default; reproduces the face, audio-driven changes, "
-        "INT8-friendly) or random (calibrated random weights)",
+        help="unet328 and audio-encoder: face (default; the mouth opens with the speech's "
+        "loudness, the rest of the face passes through; INT8 fails the 35 dB gate once the "
+        "mouth opens, ~20 dB) or random (calibrated random weights)",
     )
     b.set_defaults(func=_cmd_models_build)
     i = msub.add_parser("info", help="parameters, MACs and inputs of a model")
