@@ -71,7 +71,7 @@ def check_job_paths(
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    work = resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
+    work = _work_location(output, work_dir, filesystem)
     audio_type = check_readable(audio).type
     parent = output.parent()
     parent_type = check_readable(parent).type
@@ -133,7 +133,7 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(WORK_SUFFIX)
+    work_at = _work_location(output_at, work_dir, fs)
     features = features if features is not None else config.features
     if features is None and not config.audio_encoder:
         raise InputError("give an audio encoder model or precomputed features")
@@ -151,6 +151,14 @@ def make_job(
         output_location=None if output_local else output_at,
         remote=remote,
     )
+
+
+def _work_location(
+    output: Location, work_dir: str | Path | Location | None, filesystem=None
+) -> Location:
+    """A render's work directory: ``work_dir`` (in ``filesystem``), or by default
+    ``<output>.work`` beside the output."""
+    return resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
 
 
 def _object_store(location: Location) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError
-from lipsync_ray.fileio import file_sha256, write_json
+from lipsync_ray.fileio import write_json
 from lipsync_ray.shards import ShardInfo, verify_file
 from lipsync_ray.workdir.layout import chunk_file, manifest_path, spare_dir
 
@@ -129,14 +129,13 @@ class Manifest:
 
     def adopt(self, path: Path, chunk: ChunkRange, *, segment: bool = False) -> None:
         """Record a file that is known to be whole (renamed into place) but not yet listed."""
-        info = ShardInfo(
+        info = ShardInfo.of_file(
+            path,
+            self.work_dir,
             chunk=chunk.chunk,
             start=chunk.start,
             stop=chunk.stop,
             rows=chunk.frames,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(self.work_dir)),
         )
         if segment:
             self.segments[chunk.chunk] = info
