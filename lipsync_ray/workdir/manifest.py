@@ -56,10 +56,12 @@ class Manifest:
     # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
     # when their segment verifies.
     released: set[int] = field(default_factory=set)
-    # Called with the manifest's path after every save (set by WorkDir: a work directory off
-    # the local disk uploads it).
+    # How this render treats the files (given when the manifest is made or opened, never
+    # changed after; not saved):
+    # called with the manifest's path after every save (a work directory off the local disk
+    # uploads it: RemoteWorkDir.attach gives the hook);
     on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
-    # Released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
+    # released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
     spares: int = field(default=0, compare=False, repr=False)
 
     @property
