@@ -129,8 +129,8 @@ def prepare_generator(
 
 @dataclass(frozen=True)
 class Pools:
-    """What a :class:`Renderer` resolves once per avatar and models, when Ray is up, and every
-    render it serves then uses unchanged (:func:`start_pools`)."""
+    """What a :class:`~lipsync_ray.pipeline.Renderer` resolves once per avatar and models, when
+    Ray is up, and every render it serves then uses unchanged (:func:`start_pools`)."""
 
     pool: PoolConfig  # resolved for the cluster (and capped at the one render's chunks: once)
     sizing: str  # how the automatic values were chosen (report: settings.pool_sizing)
