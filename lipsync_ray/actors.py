@@ -33,7 +33,6 @@ from lipsync_ray.contract import (
 )
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
-from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -385,14 +384,8 @@ class CompositorActor:
         path.parent.mkdir(parents=True, exist_ok=True)
         written = encode_segment(frames, path, self.encode)
         clock.lap("encode")
-        return ShardInfo(
-            chunk=spec.chunk,
-            start=spec.start,
-            stop=spec.stop,
-            rows=written,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(work_dir)),
+        return ShardInfo.of_file(
+            path, work_dir, chunk=spec.chunk, start=spec.start, stop=spec.stop, rows=written
         )
 
 

@@ -129,6 +129,31 @@ class ShardInfo:
     bytes: int
     file: str  # path relative to the work directory
 
+    @classmethod
+    def of_file(
+        cls,
+        path: Path,
+        work_dir: Path,
+        *,
+        chunk: int,
+        start: int,
+        stop: int,
+        rows: int,
+        checksum: bool = True,
+    ) -> ShardInfo:
+        """The record of ``path``, a whole file in ``work_dir`` that holds ``rows`` frames of
+        ``chunk`` (output frames ``[start, stop)``): its size, and its SHA-256 unless
+        ``checksum`` is off (a shard released as soon as it is recorded is never verified)."""
+        return cls(
+            chunk=chunk,
+            start=start,
+            stop=stop,
+            rows=rows,
+            sha256=file_sha256(path) if checksum else "",
+            bytes=path.stat().st_size,
+            file=str(path.relative_to(work_dir)),
+        )
+
 
 def write_shard(
     path: Path,
@@ -187,14 +212,14 @@ def write_shard(
     with atomic_path(path) as tmp:
         if not (reuse_spare and _write_over_spare(table, tmp, spare_dir(work_dir), options)):
             pq.write_table(table, tmp, **options)
-    return ShardInfo(
+    return ShardInfo.of_file(
+        path,
+        work_dir,
         chunk=chunk,
         start=int(frame_indices[0]),
         stop=int(frame_indices[-1]) + 1,
         rows=len(frames),
-        sha256=file_sha256(path) if checksum else "",
-        bytes=path.stat().st_size,
-        file=str(path.relative_to(work_dir)),
+        checksum=checksum,
     )
 
 

@@ -488,7 +488,7 @@ def bench_render(
     from lipsync_ray.config import RenderConfig
     from lipsync_ray.dev.models import Arch, Size, build_model, save_model
     from lipsync_ray.dev.speech import synth_speech, write_audio
-    from lipsync_ray.pipeline import prepare_generator
+    from lipsync_ray.pools import prepare_generator
     from lipsync_ray.precision import Precision
     from lipsync_ray.workdir.layout import report_path
 

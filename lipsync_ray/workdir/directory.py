@@ -163,7 +163,7 @@ class WorkDir:
         if not self._claimed:
             self.claim()
         self.path.mkdir(parents=True, exist_ok=True)
-        config = self.config
+        config, remote = self.config, self.job.remote
         manifest, found = self._found, self._found
         if manifest is not None and manifest.fingerprint != fingerprint:
             if not config.overwrite:
@@ -173,16 +173,21 @@ class WorkDir:
                     path=self.path,
                 )
             manifest = None
+        on_save = None
+        if remote is not None:  # the store's chunk files of another render go first
+            on_save = remote.attach(fingerprint, layout.manifest_path(self.path))
         if manifest is None:
             layout.remove_chunk_files(self.path, _recorded(found))
             manifest = Manifest(
                 self.path, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
             )
-            manifest.save()
-        manifest.spares = spares if self.reuses_spares else 0
-        self._manifest = manifest
-        if self.job.remote is not None:
-            self.job.remote.attach(manifest)
+            manifest.save()  # published below, with the found one
+        # What this render does with the manifest's files, part of the value from here on.
+        self._manifest = replace(
+            manifest, spares=spares if self.reuses_spares else 0, on_save=on_save
+        )
+        if remote is not None:
+            remote.publish_manifest()
 
     def pending(self, plan: Sequence[ChunkRange]) -> list[ChunkRange]:
         """The chunks of ``plan`` that still need rendering, in order: files renamed into place

@@ -95,7 +95,7 @@ def check_job_paths(
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    work = resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
+    work = _work_location(output, work_dir, filesystem)
     inputs = [_check_input_file(audio, "audio file")]
     if features is not None:
         inputs.append(_check_input_file(resolve(features, filesystem), "feature file"))
@@ -208,7 +208,7 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(WORK_SUFFIX)
+    work_at = _work_location(output_at, work_dir, fs)
     if features is None and not config.audio_encoder:
         raise InputError("give an audio encoder model or precomputed features")
     output_local, work_local = output_at.local_path(), work_at.local_path()
@@ -230,6 +230,14 @@ def make_job(
 def config_models(config: RenderConfig) -> tuple[str, ...]:
     """The model files a render with ``config`` reads: the generator and the audio encoder."""
     return tuple(str(m) for m in (config.model, config.audio_encoder) if m)
+
+
+def _work_location(
+    output: Location, work_dir: str | Path | Location | None, filesystem=None
+) -> Location:
+    """A render's work directory: ``work_dir`` (in ``filesystem``), or by default
+    ``<output>.work`` beside the output."""
+    return resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
 
 
 def _object_store(location: Location) -> bool:

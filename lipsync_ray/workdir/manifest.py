@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError
-from lipsync_ray.fileio import file_sha256, write_json
+from lipsync_ray.fileio import write_json
 from lipsync_ray.shards import ShardInfo, verify_file
 from lipsync_ray.workdir.layout import chunk_file, manifest_path, spare_dir
 
@@ -56,10 +56,12 @@ class Manifest:
     # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
     # when their segment verifies.
     released: set[int] = field(default_factory=set)
-    # Called with the manifest's path after every save (set by WorkDir: a work directory off
-    # the local disk uploads it).
+    # How this render treats the files (given when the manifest is made or opened, never
+    # changed after; not saved):
+    # called with the manifest's path after every save (a work directory off the local disk
+    # uploads it: RemoteWorkDir.attach gives the hook);
     on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
-    # Released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
+    # released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
     spares: int = field(default=0, compare=False, repr=False)
 
     @property
@@ -129,14 +131,13 @@ class Manifest:
 
     def adopt(self, path: Path, chunk: ChunkRange, *, segment: bool = False) -> None:
         """Record a file that is known to be whole (renamed into place) but not yet listed."""
-        info = ShardInfo(
+        info = ShardInfo.of_file(
+            path,
+            self.work_dir,
             chunk=chunk.chunk,
             start=chunk.start,
             stop=chunk.stop,
             rows=chunk.frames,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(self.work_dir)),
         )
         if segment:
             self.segments[chunk.chunk] = info

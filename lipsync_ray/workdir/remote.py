@@ -8,10 +8,11 @@
                      read and write, kept in step with the store
 
 Order of a render on the driver: :meth:`RemoteWorkDir.pull` (mirror := store),
-:meth:`~RemoteWorkDir.attach` (once the manifest is open; it then goes up as chunks finish, at
-most every 5 s), chunks upload themselves, :meth:`~RemoteWorkDir.fetch` (the files the join
-reads), :meth:`~RemoteWorkDir.finish` (manifest and report up; shards and segments removed
-unless kept; mirror dropped). :class:`lipsync_ray.workdir.WorkDir` makes these calls.
+:meth:`~RemoteWorkDir.attach` (once the fingerprint is known; the manifest then goes up as
+chunks finish, at most every 5 s), chunks upload themselves, :meth:`~RemoteWorkDir.fetch` (the
+files the join reads), :meth:`~RemoteWorkDir.finish` (manifest and report up; shards and
+segments removed unless kept; mirror dropped). :class:`lipsync_ray.workdir.WorkDir` makes
+these calls.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,16 +119,17 @@ class RemoteWorkDir:
         log.info("work directory %s mirrored in %s (%d files)", self.location, self.mirror,
                  len(wanted))  # fmt: skip
 
-    def attach(self, manifest: Manifest) -> None:
-        """Called once the manifest is open. A manifest of another render means the store's
-        chunk files belong to that render: remove them before any new chunk is uploaded, as
-        the local path removes them. Then publish the manifest as it changes."""
-        if manifest.fingerprint != self._remote_fingerprint:
+    def attach(self, fingerprint: str, manifest: Path) -> Callable[[Path], None]:
+        """Called once the render's ``fingerprint`` is known, before its manifest (the file
+        ``manifest``, in the mirror) is opened. A manifest of another render on the store
+        means its chunk files belong to that render: remove them before any new chunk is
+        uploaded, as the local path removes them. Returns the manifest's ``on_save`` hook,
+        which publishes it as it changes (call :meth:`publish_manifest` once it is open)."""
+        if fingerprint != self._remote_fingerprint:
             with self._errors("cannot clear the work directory"):
                 self._remove_chunks()
-        self._manifest_path = manifest.path
-        manifest.on_save = self._manifest_saved
-        self.publish_manifest()
+        self._manifest_path = manifest
+        return self._manifest_saved
 
     def _manifest_saved(self, path: Path) -> None:
         if time.monotonic() - self._uploaded >= _MANIFEST_EVERY_S:
