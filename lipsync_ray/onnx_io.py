@@ -7,12 +7,11 @@ stand-in builder (``lipsync_ray.dev.models``) re-exports it. No ``onnx`` import:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lipsync_ray.errors import InputError
+from lipsync_ray.fileio import write_bytes
 
 if TYPE_CHECKING:
     import onnx
@@ -21,7 +20,8 @@ __all__ = ["save_model"]
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file + rename); returns the path.
+    """Write ``model`` to ``path`` atomically and durably (:func:`lipsync_ray.fileio.write_bytes`
+    with ``fsync``: a model is costly to make again); returns the path.
 
     Raises:
         InputError: the parent directory does not exist (it is not created).
@@ -31,14 +31,4 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
         raise InputError(
             "expected an existing directory for the model file, got a missing one", path=path.parent
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, model.SerializeToString(), fsync=True)

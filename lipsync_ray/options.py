@@ -18,6 +18,7 @@ from lipsync_ray.errors import InputError
 __all__ = [
     "DEFAULT_FEATHER",
     "DEFAULT_PROVIDERS",
+    "NVENC_PRESETS",
     "NVENC_SESSIONS_GEFORCE",
     "X264_PRESETS",
     "Blend",
@@ -77,7 +78,7 @@ class BlendOptions:
 NVENC_SESSIONS_GEFORCE = 8
 
 # x264 preset names, each with the step of NVENC's ladder p1 (fastest) .. p7 (best) it maps to.
-_NVENC_PRESETS = {
+NVENC_PRESETS = {
     "ultrafast": "p1",
     "superfast": "p1",
     "veryfast": "p2",
@@ -88,7 +89,7 @@ _NVENC_PRESETS = {
     "slower": "p6",
     "veryslow": "p7",
 }
-X264_PRESETS = tuple(_NVENC_PRESETS)
+X264_PRESETS = tuple(NVENC_PRESETS)
 
 
 class VideoCodec(enum.Enum):

@@ -67,9 +67,9 @@ from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes, Timelin
 from lipsync_ray.scheduler import ChunkScheduler, ChunkTotals, padded_rows
 from lipsync_ray.storage import Location, resolve
 from lipsync_ray.vad import passthrough_weights
-from lipsync_ray.workdir import Job, Joined, WorkDir, check_job_paths, make_job, open_avatar
+from lipsync_ray.workdir.directory import Joined, WorkDir
 from lipsync_ray.workdir.fingerprint import avatar_identity, render_fingerprint
-from lipsync_ray.workdir.job import config_models
+from lipsync_ray.workdir.job import Job, check_job_paths, config_models, make_job, open_avatar
 
 __all__ = ["RenderJob", "Renderer", "check_gpu_request", "plan_chunks", "render"]
 

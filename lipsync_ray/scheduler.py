@@ -142,7 +142,7 @@ def _compositor_placements(ray, pool: PoolConfig) -> list[dict]:
 
 
 class ChunkRecorder(Protocol):
-    """Where finished chunks go (:class:`lipsync_ray.workdir.WorkDir`)."""
+    """Where finished chunks go (:class:`lipsync_ray.workdir.directory.WorkDir`)."""
 
     def record(self, result: ChunkResult) -> None: ...
 

@@ -45,7 +45,8 @@ from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import LipsyncError
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import ShardCodec
-from lipsync_ray.workdir import Manifest, shard_path, spare_dir
+from lipsync_ray.workdir.layout import shard_path, spare_dir
+from lipsync_ray.workdir.manifest import Manifest
 
 pytestmark = pytest.mark.ray
 

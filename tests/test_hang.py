@@ -38,7 +38,7 @@ from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import RenderError
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import ShardCodec
-from lipsync_ray.workdir import Manifest
+from lipsync_ray.workdir.manifest import Manifest
 
 pytestmark = pytest.mark.ray
 

@@ -41,8 +41,11 @@ from lipsync_ray.options import Blend, BlendOptions, EncodeOptions
 from lipsync_ray.report import RunReport, StageTimes
 from lipsync_ray.shards import ShardCodec, iter_shard_frames, write_shard
 from lipsync_ray.vad import SilenceOptions
-from lipsync_ray.workdir import Job, Manifest, WorkDir, keep_spare, shard_path, spare_dir
+from lipsync_ray.workdir.directory import WorkDir
 from lipsync_ray.workdir.fingerprint import avatar_identity, render_fingerprint
+from lipsync_ray.workdir.job import Job
+from lipsync_ray.workdir.layout import shard_path, spare_dir
+from lipsync_ray.workdir.manifest import Manifest, keep_spare
 
 AVATAR_FRAMES = 5
 SIZE_WH = (320, 240)

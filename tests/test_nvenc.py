@@ -20,11 +20,10 @@ from lipsync_ray.encode import (
     NVENC_SESSIONS_GEFORCE,
     EncodeOptions,
     VideoCodec,
-    _encoder_failure_reason,
-    _encoder_session,
     available_video_codecs,
     check_video_encoder,
 )
+from lipsync_ray.encoders import _encoder_failure_reason, encoder_session
 from lipsync_ray.errors import InputError
 
 NVENC = EncodeOptions(codec=VideoCodec.H264_NVENC)
@@ -108,7 +107,7 @@ def test_sessions_are_capped_across_threads(tmp_path):
     held, peak, slots = [0], [0], []
 
     def encode():
-        with _encoder_session(options, tmp_path) as slot:
+        with encoder_session(options, tmp_path) as slot:
             with lock:
                 held[0] += 1
                 peak[0] = max(peak[0], held[0])
@@ -135,11 +134,11 @@ def test_a_killed_holder_frees_its_slot(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         one = EncodeOptions(codec=VideoCodec.H264_NVENC, nvenc_sessions=2)
-        with _encoder_session(one, tmp_path) as slot:
+        with encoder_session(one, tmp_path) as slot:
             assert slot == 1  # slot 0 is taken
         holder.kill()
         holder.wait(timeout=30)
-        with _encoder_session(one, tmp_path) as slot:
+        with encoder_session(one, tmp_path) as slot:
             assert slot == 0  # the kernel released the dead holder's lock
     finally:
         holder.kill()
@@ -155,7 +154,7 @@ def test_a_killed_holder_frees_its_slot(tmp_path):
     ],
 )
 def test_which_encoders_take_a_slot(tmp_path, options, expected):
-    with _encoder_session(options, tmp_path) as slot:
+    with encoder_session(options, tmp_path) as slot:
         assert slot == expected
 
 

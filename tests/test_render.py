@@ -25,7 +25,7 @@ from lipsync_ray.inference import CUDA_ARENA_SHARE, SessionOptions
 from lipsync_ray.pipeline import render
 from lipsync_ray.shards import SHARD_SCHEMA, ShardCodec, iter_shard_frames
 from lipsync_ray.vad import SilenceOptions, passthrough_weights
-from lipsync_ray.workdir import spare_dir
+from lipsync_ray.workdir.layout import spare_dir
 
 pytestmark = pytest.mark.ray
 

@@ -383,7 +383,7 @@ def test_s3_filesystems_get_timeouts_and_retries_also_in_actors(s3):
 
 
 def test_check_job_paths_leaves_no_probe(s3, inputs):
-    from lipsync_ray.workdir import check_job_paths
+    from lipsync_ray.workdir.job import check_job_paths
 
     check_job_paths(inputs["audio_uri"], s3.uri("g/out.mp4"), False, work_dir=s3.uri("g/work"))
     assert s3.keys("g/") == []
@@ -396,7 +396,7 @@ def test_store_failing_during_the_render_is_a_render_error(s3, monkeypatch):
     from lipsync_ray.errors import RenderError
 
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
-    from lipsync_ray.workdir import RemoteWorkDir
+    from lipsync_ray.workdir.remote import RemoteWorkDir
 
     work = RemoteWorkDir(storage.resolve(s3.uri("h/work")), keep_shards=False)
     s3.stop()

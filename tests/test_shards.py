@@ -17,7 +17,8 @@ from lipsync_ray.shards import (
     shard_metadata,
     write_shard,
 )
-from lipsync_ray.workdir import Manifest, keep_spare, shard_path, spare_dir
+from lipsync_ray.workdir.layout import shard_path, spare_dir
+from lipsync_ray.workdir.manifest import Manifest, keep_spare
 
 
 def _frames(n: int, h: int = 72, w: int = 128, seed: int = 0) -> list[np.ndarray]:

@@ -12,7 +12,10 @@ from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.report import RunReport, StageTimes
 from lipsync_ray.shards import ShardCodec, write_shard
-from lipsync_ray.workdir import Job, Manifest, WorkDir, layout
+from lipsync_ray.workdir import layout
+from lipsync_ray.workdir.directory import WorkDir
+from lipsync_ray.workdir.job import Job
+from lipsync_ray.workdir.manifest import Manifest
 
 FRAMES, CHUNK = 10, 4  # chunks of 4, 4 and 2 frames
 

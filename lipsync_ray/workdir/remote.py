@@ -11,7 +11,7 @@ Order of a render on the driver: :meth:`RemoteWorkDir.pull` (mirror := store),
 :meth:`~RemoteWorkDir.attach` (once the fingerprint is known; the manifest then goes up as
 chunks finish, at most every 5 s), chunks upload themselves, :meth:`~RemoteWorkDir.fetch` (the
 files the join reads), :meth:`~RemoteWorkDir.finish` (manifest and report up; shards and
-segments removed unless kept; mirror dropped). :class:`lipsync_ray.workdir.WorkDir` makes
+segments removed unless kept; mirror dropped). :class:`lipsync_ray.workdir.directory.WorkDir` makes
 these calls.
 """
 
