@@ -614,19 +614,22 @@ def _ray_messages_at_debug():
 
 
 @contextlib.contextmanager
-def _embedded_node():
+def _embedded_node(*, loopback: bool = True):
     """While ``ray.init`` starts an embedded cluster, set its head node's address to the
-    loopback one, give its dashboard agent a free port, and leave off the head processes that
-    a render on its own cluster never uses: the autoscaler's monitor (the cluster is this
-    machine, fixed), the log monitor (logs are not sent to the driver) and the API server
-    (with the dashboard off it serves only usage statistics; there is no job to submit).
+    loopback one (``loopback``), give its dashboard agent a free port, and leave off the head
+    processes that a render on its own cluster never uses: the autoscaler's monitor (the
+    cluster is this machine, fixed), the log monitor (logs are not sent to the driver) and the
+    API server (with the dashboard off it serves only usage statistics; no job to submit).
 
     The node's address decides where every Ray process binds: given as ``_node_ip_address``,
     ``ray.init`` replaces 127.0.0.1 with the machine's network address, so it is set here on
-    the node's parameters instead (``init_ray`` checks that it held). Leaving off the three
-    processes took the embedded start on the 2-vCPU benchmark machine from about 3-6 s to
-    2-2.5 s and ``ray.shutdown`` from 1.4 s to 0.2-0.4 s. These are Ray internals
-    (``ray._private.node``): where they are not as expected Ray starts as it always does.
+    the node's parameters instead (``init_ray`` checks that it held). Ray rewrites 127.0.0.1
+    in an address to join the same way: no other driver can join a loopback cluster, so a
+    cluster meant to be joined by address (the tests' shared one) passes ``loopback=False``.
+    Leaving off the three processes took the embedded start on the 2-vCPU benchmark machine
+    from about 3-6 s to 2-2.5 s and ``ray.shutdown`` from 1.4 s to 0.2-0.4 s. These are Ray
+    internals (``ray._private.node``): where they are not as expected Ray starts as it always
+    does (and ``init_ray`` then refuses the cluster, its address not being the loopback one).
     """
     try:
         from ray._private import node as node_mod
@@ -639,7 +642,8 @@ def _embedded_node():
 
     def embedded_init(self, ray_params, *args, **kwargs):
         if kwargs.get("ray_init_cluster") and hasattr(ray_params, "no_monitor"):
-            ray_params.node_ip_address = LOOPBACK
+            if loopback:
+                ray_params.node_ip_address = LOOPBACK
             # a free port, not 52365: a `ray start` head on this machine needs that one
             ray_params.dashboard_agent_listen_port = 0
             ray_params.no_monitor = True

@@ -92,6 +92,7 @@ def _border(image: np.ndarray) -> np.ndarray:
     return image[keep].astype(np.int64)
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_silent_audio_passes_the_face_through(session, face):
     frame, box = FACES[face]()
@@ -104,6 +105,7 @@ def test_silent_audio_passes_the_face_through(session, face):
     assert np.abs(_border(pred) - _border(roi)).mean() < 0.05
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_a_pasted_frame_has_no_seam(session, face):
     frame, box = FACES[face]()
@@ -122,6 +124,7 @@ def test_a_pasted_frame_has_no_seam(session, face):
             assert np.abs(mean_diff).max() <= 2.0, f"box mean colour moved by {mean_diff}"
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_the_audio_changes_the_mouth_only(session, face):
     frame, box = FACES[face]()
@@ -136,9 +139,10 @@ def test_the_audio_changes_the_mouth_only(session, face):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_output_matches_its_avatar(tmp_path):
+def test_demo_output_matches_its_avatar(own_ray_cluster, tmp_path):
     """The demo end to end: the box's mean colour and seam as in the avatar's own frames, and
-    a work directory that holds only the manifest and the report."""
+    a work directory that holds only the manifest and the report. The demo starts its own
+    (embedded) cluster: no shared one, whose simulated GPU it would join."""
     import av
 
     from lipsync_ray.avatar import Avatar
