@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,17 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.chunks import ChunkRange
-from lipsync_ray.composite import BlendOptions, blend_into, crossfade_frame
-from lipsync_ray.contract import AUDIO_CONTEXT
+from lipsync_ray.chunks import ChunkResult, ChunkSpec, JobContext, Predictions
+from lipsync_ray.composite import blend_into, crossfade_frame
+from lipsync_ray.contract import (
+    AUDIO_CHANNELS,
+    AUDIO_CONTEXT,
+    AUDIO_SIZE,
+    FRAME_SIZE,
+    VISUAL_CHANNELS,
+)
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
 from lipsync_ray.errors import ModelError
-from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -41,16 +46,11 @@ from lipsync_ray.report import ActorInfo
 from lipsync_ray.shards import ShardCodec, ShardInfo, iter_shard_frames, write_shard
 from lipsync_ray.storage import Location, local_copy
 from lipsync_ray.workdir.layout import segment_path, shard_path
-from lipsync_ray.workdir.remote import WorkStore
 
 __all__ = [
     "AUDIO_CONTEXT",
-    "ChunkResult",
-    "ChunkSpec",
     "CompositorActor",
     "InferenceActor",
-    "JobContext",
-    "Predictions",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,77 +58,6 @@ log = logging.getLogger(__name__)
 # ``describe`` runs in its own thread group, so the driver can ask whether an actor is alive
 # even while a chunk (perhaps a hung one) occupies its main thread.
 CONCURRENCY_GROUPS = {"control": 1}
-
-
-@dataclass(frozen=True)
-class ChunkSpec:
-    """One chunk of output frames ``[start, stop)``, with everything needed to render it.
-
-    The range travels as three ints (not a :class:`ChunkRange`) to keep what Ray pickles for
-    every chunk flat; :attr:`range` gives it back."""
-
-    chunk: int
-    start: int
-    stop: int
-    avatar_indices: np.ndarray  # int64 (C,): avatar frame of each output frame
-    # float32 (C + 16, 512): feature rows start-8 .. stop+8, zero where they run off the audio
-    feature_rows: np.ndarray
-    # float32 (C,) silence passthrough: 1 generated, 0 original avatar frame (no inference),
-    # in between a cross-fade; None: every frame generated.
-    weights: np.ndarray | None = None
-
-    @property
-    def range(self) -> ChunkRange:
-        return ChunkRange(self.chunk, self.start, self.stop)
-
-    @property
-    def frames(self) -> int:
-        return self.stop - self.start
-
-    def describe(self) -> str:
-        return self.range.describe()
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Generator output for one chunk: uint8 (C, 320, 320, 3) BGR."""
-
-    chunk: int
-    images: np.ndarray
-    timings_s: dict[str, float]  # wall seconds per stage
-    cpu_s: dict[str, float]  # CPU seconds per stage (all threads of the actor process)
-    actor: str
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """Per-render settings a compositor needs; one value per render, shared by its chunks."""
-
-    work_dir: str
-    fingerprint: str
-    codec: ShardCodec
-    segments: bool  # also encode the chunk's H.264 segment
-    # Checksum shards for the manifest; off when each shard is deleted as soon as its segment
-    # is recorded (its checksum would never be read).
-    shard_checksums: bool = True
-    # Overwrite a spare file (a released shard the driver kept) rather than make a new one.
-    reuse_spares: bool = False
-    blend: BlendOptions = field(default_factory=BlendOptions)
-    seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
-    # A work directory off the local disk: chunks are written in node-local scratch, uploaded.
-    store: WorkStore | None = None
-
-
-@dataclass(frozen=True)
-class ChunkResult:
-    """A complete chunk: its shard (and segment), and where the time went."""
-
-    shard: ShardInfo
-    segment: ShardInfo | None
-    timings_s: dict[str, float] = field(default_factory=dict)
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    generated: int = 0  # frames that went through the generator
-    seam_scores: tuple[float, ...] = ()  # seams.measure_seam scores of sampled frames
 
 
 class _StageClock:
@@ -260,8 +189,8 @@ class InferenceActor:
         )
         self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
         # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
-        self._visual = np.empty((0, 320, 320, 6), np.uint8)
-        self._images = np.empty((0, 320, 320, 3), np.uint8)
+        self._visual = np.empty((0, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
+        self._images = np.empty((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
         log.info("inference actor ready: %s", self.info)
 
     @ray.method(concurrency_group="control")
@@ -271,8 +200,10 @@ class InferenceActor:
     def infer(self, spec: ChunkSpec) -> Predictions:
         clock = _StageClock()
         if len(self._visual) < spec.frames:
-            self._visual = np.empty((spec.frames, 320, 320, 6), np.uint8)
-            self._images = np.empty((spec.frames, 320, 320, 3), np.uint8)
+            self._visual = np.empty(
+                (spec.frames, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8
+            )
+            self._images = np.empty((spec.frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
         visual = self.avatar.read_visual_inputs(spec.avatar_indices, self._visual[: spec.frames])
         audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
         clock.lap("model_input")
@@ -297,8 +228,8 @@ def warm_up(session: GeneratorSession, batch_size: int) -> None:
     """Run ``session`` once on a batch of zeros (``batch_size`` frames; one for a fixed-batch
     model). Outputs are discarded; later outputs do not depend on it."""
     batch = 1 if session.fixed_batch else batch_size
-    visual = np.zeros((batch, 320, 320, 6), np.uint8)
-    audio = np.zeros((batch, 32, 16, 16), np.float32)
+    visual = np.zeros((batch, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
+    audio = np.zeros((batch, AUDIO_CHANNELS, AUDIO_SIZE, AUDIO_SIZE), np.float32)
     try:
         session.predict(visual, audio)  # the path the chunks take (graph I/O or not)
     except ModelError as exc:
@@ -453,14 +384,8 @@ class CompositorActor:
         path.parent.mkdir(parents=True, exist_ok=True)
         written = encode_segment(frames, path, self.encode)
         clock.lap("encode")
-        return ShardInfo(
-            chunk=spec.chunk,
-            start=spec.start,
-            stop=spec.stop,
-            rows=written,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(work_dir)),
+        return ShardInfo.of_file(
+            path, work_dir, chunk=spec.chunk, start=spec.start, stop=spec.stop, rows=written
         )
 
 

@@ -6,10 +6,13 @@ A bundle is a directory::
     frames.npy           uint8 (N, H, W, 3) BGR full frames
     crops.npy            uint8 (N, 328, 328, 3) BGR bicubic crops of the face boxes
     visual_inputs.npy    uint8 (N, 320, 320, 6) the generator's visual input (ROI + masked ROI)
+    .content-stamp.json  when the arrays last held their digests (lipsync_ray.avatar_digest)
 
 ``avatar.json``: ``{"version": 1, "fps": 25.0, "frame_count": N, "size_wh": [W, H],
 "boxes": [[x1, y1, x2, y2], ...], "preprocessing": {...}, "source": {...},
-"files": {"frames": "frames.npy", ...}}``. ``boxes`` has one int box per frame, inside the frame.
+"files": {"frames": "frames.npy", ...}, "content_sha256": {"frames": hex, ...}}``. ``boxes``
+has one int box per frame, inside the frame; ``content_sha256`` (SHA-256 of each array's rows,
+hashed as they are written) is absent in bundles prepared before it.
 
 Storage, chosen by measurement (a one-off script: 192 frames of 1280x720 made from
 ``skimage.data.astronaut()`` moving over a gradient with sigma-2 camera noise; read a random
@@ -41,6 +44,7 @@ leaves a half bundle at the target path.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -55,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from lipsync_ray.avatar_digest import CONTENT_KEY, write_stamp
 from lipsync_ray.composite import (
     CROP_SIZE,
     MASK_RECT_XYWH,
@@ -399,6 +404,8 @@ class BundleWriter:
         crops_out.close()
         inputs_out.close()
         del frames
+        writers = {"frames": self._frames, "crops": crops_out, "visual_inputs": inputs_out}
+        digests = {name: w.sha256.hexdigest() for name, w in writers.items()}
         prep = default_preprocessing()
         prep.update(preprocessing or {})
         meta = {
@@ -410,9 +417,11 @@ class BundleWriter:
             "preprocessing": prep,
             "source": source or {},
             "files": {name: file for name, (file, _) in _ARRAYS.items()},
+            CONTENT_KEY: digests,
         }
         (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         _replace_dir(self.tmp, self.path, self.overwrite)
+        write_stamp(self.path, meta["files"], digests)
         logger.info("wrote avatar %s: %d frames %dx%d", self.path, n, *self.size_wh)
         return Avatar.open(self.path)
 
@@ -492,6 +501,7 @@ class _NpyAppender:
         self.row_shape: tuple[int, ...] | None = None
         self.rows = 0
         self.closed = False
+        self.sha256 = hashlib.sha256()  # of the rows, as they are written (avatar_digest)
 
     def append(self, rows: np.ndarray) -> None:
         """Append a stack of uint8 rows, shape (k, *row_shape); the first call sets row_shape."""
@@ -499,7 +509,9 @@ class _NpyAppender:
             self.row_shape = tuple(rows.shape[1:])
         if rows.shape[1:] != self.row_shape or rows.dtype != np.uint8:
             raise ValueError(f"rows {rows.dtype} {rows.shape} do not fit {self.row_shape}")
-        self._file.write(np.ascontiguousarray(rows).data)
+        data = np.ascontiguousarray(rows).data
+        self._file.write(data)
+        self.sha256.update(data)
         self.rows += rows.shape[0]
 
     def close(self) -> None:

@@ -1,14 +1,37 @@
-"""The chunk plan: a render's output frames split into consecutive chunks of C frames.
+"""The chunk plan, and the values that carry one chunk between the driver and the actors.
 
-Planned once per render on the driver (:func:`plan_chunks`); every part that walks the chunks
-(resume, scheduling, the final join) takes the same list of :class:`ChunkRange` values.
+A render's output frames are split into consecutive chunks of C frames, planned once per render
+on the driver (:func:`plan_chunks`); every part that walks the chunks (resume, scheduling, the
+final join) takes the same list of :class:`ChunkRange` values.
+
+What crosses the actor boundary for a chunk: the driver sends a :class:`ChunkSpec` to an
+inference actor, which returns :class:`Predictions`; a compositor gets both and the render's
+:class:`JobContext`, and returns a :class:`ChunkResult`. Plain frozen values (NumPy arrays and
+numbers): this module loads neither Ray nor the libraries the actors use, so the driver-only
+parts (the work directory, the scheduler) can name them without importing the actors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["ChunkRange", "plan_chunks"]
+import numpy as np
+
+from lipsync_ray.options import BlendOptions, ShardCodec
+
+if TYPE_CHECKING:
+    from lipsync_ray.shards import ShardInfo
+    from lipsync_ray.workdir.remote import WorkStore
+
+__all__ = [
+    "ChunkRange",
+    "ChunkResult",
+    "ChunkSpec",
+    "JobContext",
+    "Predictions",
+    "plan_chunks",
+]
 
 
 @dataclass(frozen=True)
@@ -37,3 +60,74 @@ def plan_chunks(frames: int, chunk_frames: int) -> list[ChunkRange]:
         ChunkRange(i, start, min(start + chunk_frames, frames))
         for i, start in enumerate(range(0, frames, chunk_frames))
     ]
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of output frames ``[start, stop)``, with everything needed to render it.
+
+    The range travels as three ints (not a :class:`ChunkRange`) to keep what Ray pickles for
+    every chunk flat; :attr:`range` gives it back."""
+
+    chunk: int
+    start: int
+    stop: int
+    avatar_indices: np.ndarray  # int64 (C,): avatar frame of each output frame
+    # float32 (C + 16, 512): feature rows start-8 .. stop+8, zero where they run off the audio
+    feature_rows: np.ndarray
+    # float32 (C,) silence passthrough: 1 generated, 0 original avatar frame (no inference),
+    # in between a cross-fade; None: every frame generated.
+    weights: np.ndarray | None = None
+
+    @property
+    def range(self) -> ChunkRange:
+        return ChunkRange(self.chunk, self.start, self.stop)
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return self.range.describe()
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Generator output for one chunk: uint8 (C, 320, 320, 3) BGR."""
+
+    chunk: int
+    images: np.ndarray
+    timings_s: dict[str, float]  # wall seconds per stage
+    cpu_s: dict[str, float]  # CPU seconds per stage (all threads of the actor process)
+    actor: str
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Per-render settings a compositor needs; one value per render, shared by its chunks."""
+
+    work_dir: str
+    fingerprint: str
+    codec: ShardCodec
+    segments: bool  # also encode the chunk's H.264 segment
+    # Checksum shards for the manifest; off when each shard is deleted as soon as its segment
+    # is recorded (its checksum would never be read).
+    shard_checksums: bool = True
+    # Overwrite a spare file (a released shard the driver kept) rather than make a new one.
+    reuse_spares: bool = False
+    blend: BlendOptions = field(default_factory=BlendOptions)
+    seam_every: int = 8  # measure the paste seam on every n-th generated frame (0: never)
+    # A work directory off the local disk: chunks are written in node-local scratch, uploaded.
+    store: WorkStore | None = None
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A complete chunk: its shard (and segment), and where the time went."""
+
+    shard: ShardInfo
+    segment: ShardInfo | None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    generated: int = 0  # frames that went through the generator
+    seam_scores: tuple[float, ...] = ()  # seams.measure_seam scores of sampled frames

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.flags import (
     add_crf_arg,
@@ -22,16 +23,15 @@ from lipsync_ray.flags import (
     add_x264_args,
     config_from_args,
     encode_from_args,
-    flag_value,
     given_fields,
     name_pair,
     pool_from_args,
     positive_int,
     positive_ints,
-    precision_from_args,
     render_argv,
     render_options_from_args,
     session_from_args,
+    value_from_args,
     with_default,
 )
 
@@ -170,16 +170,14 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
     from lipsync_ray.pipeline import check_gpu_request
     from lipsync_ray.precision import Precision
 
-    precision = precision_from_args(args)
+    precision = value_from_args(args, "--precision")
     if precision not in (Precision.FP32, Precision.FP16):
         raise InputError(
             f"bench inference runs fp32 or fp16 (converted, not gated), got {precision.value}: "
             "INT8 calibrates on an avatar, use `bench render --precision int8`"
         )
     session = session_from_args(args)
-    from lipsync_ray.config import RenderConfig
-
-    fallback = flag_value(args, "allow_cpu_fallback", RenderConfig, "allow_cpu_fallback")
+    fallback = value_from_args(args, "--allow-cpu-fallback")
     check_gpu_request(
         RenderConfig(model=str(args.model), session=session, allow_cpu_fallback=fallback)
     )
@@ -205,7 +203,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_bench_render(args: argparse.Namespace) -> int:
-    from lipsync_ray.config import RenderConfig
     from lipsync_ray.dev.bench import bench_render
 
     # The render's own flags (add_render_options): the pool is sized from the cluster, as a
@@ -240,10 +237,9 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.bench import bench_encode
-    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.dev.bench_encode import bench_encode
 
-    crf = flag_value(args, "crf", EncodeOptions, "crf")
+    crf = value_from_args(args, "--crf")
     results = bench_encode(
         args.presets, crf=crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
     )
@@ -268,12 +264,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.reference import run_reference
+    from lipsync_ray.dev.reference import ReferenceStyle, run_reference
 
     result = run_reference(
         args.avatar, args.audio, args.output, model=args.model,
         audio_encoder=args.audio_encoder, batch_size=args.batch_size,
         composite_threads=args.threads, encode=encode_from_args(args),
+        style=ReferenceStyle(args.style),
     )  # fmt: skip
     print(json.dumps(result.to_dict()))
     return 0
@@ -340,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         choices=["face", "random"],
         default=None,
-        help="unet328: face (default; reproduces the face, audio-driven changes, "
-        "INT8-friendly) or random (calibrated random weights)",
+        help="unet328 and audio-encoder: face (default; the mouth opens with the speech's "
+        "loudness, the rest of the face passes through; INT8 fails the 35 dB gate once the "
+        "mouth opens, ~20 dB) or random (calibrated random weights)",
     )
     b.set_defaults(func=_cmd_models_build)
     i = msub.add_parser("info", help="parameters, MACs and inputs of a model")
@@ -426,8 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reference",
         help="the single-process script lipsync-ray replaces (the benchmark's rival)",
         description="Render like the single-process scripts in use today: every frame "
-        "preloaded, batch inference, a thread pool pasting and writing JPEG q95 frames, then "
-        "one H.264 + AAC encode of them. Prints its phases as JSON.",
+        "preloaded, batch inference, then either (jpeg) a thread pool pasting and writing JPEG "
+        "q95 frames and one H.264 + AAC encode of them, or (threaded) worker threads that crop, "
+        "infer and paste batches while the frames are encoded from RAM in order. Prints its "
+        "phases as JSON.",
     )
     p.add_argument("avatar", help="avatar bundle directory")
     p.add_argument("audio", help="speech audio")
@@ -435,7 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="UNet-328 generator (ONNX)")
     p.add_argument("--audio-encoder", required=True, help="audio encoder (ONNX)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
-    p.add_argument("--threads", type=positive_int, default=4, help="compositing threads (4)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=4,
+        help="jpeg: compositing threads; threaded: worker threads (default 4)",
+    )
+    p.add_argument(
+        "--style", choices=["jpeg", "threaded"], default="jpeg", help="which script (default jpeg)"
+    )
     add_x264_args(p)
     p.set_defaults(func=_cmd_reference)
     return parser

@@ -9,11 +9,9 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from lipsync_ray.errors import InputError
-from lipsync_ray.inference import SessionOptions
-from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, ShardCodec
+from lipsync_ray.options import BlendOptions, EncodeOptions, Precision, SessionOptions, ShardCodec
 from lipsync_ray.vad import SilenceOptions
 
 __all__ = ["EncodeMode", "Placement", "PoolConfig", "RenderConfig"]
@@ -228,9 +226,6 @@ class RenderConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-
-    def work_dir_for(self, output: str | Path) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(f"{output}.work")
 
     def to_dict(self) -> dict:
         """JSON-ready settings for the report and the manifest."""

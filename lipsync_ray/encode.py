@@ -16,8 +16,9 @@ Two ways to make the output:
 
 Both write to a temporary file next to the output, verify it with :func:`probe` (frame
 count by demuxing, one video and one audio stream, audio duration within one frame of
-the video), and only then rename it onto the output path. A failed call leaves nothing
-at the output path, not even an older file, so a stale result cannot pass for this one.
+the video), and only then rename it onto the output path. A failed or interrupted call
+leaves the output path as it was: a previous file there stays until the new one is whole
+and verified (the call's error, not the file, says that this render failed).
 
 Pictures are encoded as yuv420p, converted from BGR with the BT.709 matrix in limited
 ("TV") range and tagged as such, which is what players assume for HD video. yuv420p
@@ -42,7 +43,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -54,7 +54,7 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from lipsync_ray.errors import EncodeError, InputError, LipsyncError
-from lipsync_ray.fileio import partial_path, partials
+from lipsync_ray.fileio import partial_path, partials, private_temp_dir
 from lipsync_ray.options import (
     _NVENC_PRESETS,
     NVENC_SESSIONS_GEFORCE,
@@ -203,7 +203,7 @@ def _encoder_failure_reason(codec: VideoCodec, gpu_names=_nvidia_gpu_names) -> s
 
 
 def _nvenc_slot_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}" / "nvenc-slots"
+    return private_temp_dir("nvenc-slots")  # this user's: nobody else may hold our slots
 
 
 @contextlib.contextmanager
@@ -831,8 +831,9 @@ def remove_partials(path: str | Path) -> list[Path]:
 class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output(path) as tmp`
     """Yield a temp path next to ``path``; rename onto it on success, clean up otherwise.
 
-    On failure both the temp file and any older file at ``path`` are removed, and any
-    exception that is not already a LipsyncError is re-raised as EncodeError.
+    On failure (KeyboardInterrupt included) the temp file is removed and ``path`` is left as
+    it was: a previous output is never lost to a render that did not finish. Any exception
+    that is not already a LipsyncError is re-raised as EncodeError.
     """
 
     def __init__(self, path: Path) -> None:
@@ -851,9 +852,7 @@ class _atomic_output:  # noqa: N801 - used like a function: `with _atomic_output
                 return False
             except OSError as replace_exc:  # e.g. a directory sits at the output path
                 exc = replace_exc
-        for leftover in (self._tmp, self._path):
-            if not leftover.is_dir():
-                leftover.unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
         if isinstance(exc, LipsyncError) or not isinstance(exc, Exception):
             return False  # re-raised as is (KeyboardInterrupt included)
         raise EncodeError(f"encoding failed: {exc}", path=self._path) from exc

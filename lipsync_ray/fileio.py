@@ -7,6 +7,7 @@
     write_bytes / write_text / write_json(path, ..., fsync=False)
     partial_path(path), partials(path) the temp name, and the leftovers of a killed writer
     file_sha256(*paths, prefix=b"")    SHA-256 of the files' bytes, one after the other
+    private_temp_dir(name)             ``<tmp>/lipsync-ray-<uid>/<name>``: this user's, mode 0700
 
 A file at its final name is always whole: the temp file sits in the same directory (so the
 rename is atomic on POSIX) and is named ``.<stem>.<tag>.partial<suffix>``: hidden (listings of a
@@ -23,15 +24,20 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from lipsync_ray.errors import InputError, LipsyncError
 
 __all__ = [
     "atomic_path",
     "file_sha256",
     "partial_path",
     "partials",
+    "private_temp_dir",
     "write_bytes",
     "write_json",
     "write_text",
@@ -99,3 +105,37 @@ def file_sha256(*paths: str | Path, prefix: bytes = b"") -> str:
             while block := f.read(_BLOCK):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def private_temp_dir(name: str, *, error: type[LipsyncError] = InputError) -> Path:
+    """``<tmp>/lipsync-ray-<uid>/<name>`` (``tempfile.gettempdir()``, read at each call), made
+    with mode 0700; returned once both directories are verified to be this user's own.
+
+    The system temp directory is shared: another user could make these paths first and plant
+    files in them (a model, a TensorRT plan, a staged avatar), so neither may be a link,
+    owned by someone else, or writable by the group or others. One of ours that others may
+    only read (made by an older version, or by ``mkdir -p``) is closed to them (chmod 0700).
+
+    Raises:
+        ``error``: a path that is not this user's private directory (the message names it).
+    """
+    uid = os.getuid()
+    base = Path(tempfile.gettempdir()) / f"lipsync-ray-{uid}"
+    for path in (base, base / name):
+        try:
+            path.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(path)
+            ours = stat.S_ISDIR(info.st_mode) and info.st_uid == uid
+            if ours and not info.st_mode & 0o022:
+                if info.st_mode & 0o077:
+                    os.chmod(path, 0o700)
+                continue
+        except OSError as exc:
+            raise error(f"cannot make a private directory: {exc.strerror}", path=path) from exc
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else f"mode {info.st_mode & 0o777:o}"
+        raise error(
+            f"expected a private directory of uid {uid} (mode 700, not a link), got {kind} "
+            f"owned by uid {info.st_uid}: remove it, or set TMPDIR to another directory",
+            path=path,
+        )
+    return base / name

@@ -3,8 +3,9 @@
 ``RenderConfig`` (``config.py``) is built from these, so ``from lipsync_ray import
 RenderConfig`` loads neither OpenCV, PyAV, pyarrow nor ONNX. Each stage re-exports its own
 (``composite.BlendOptions``, ``encode.EncodeOptions``, ``shards.ShardCodec``,
-``precision.Precision``); the stages with light modules keep theirs (``inference.SessionOptions``,
-``vad.SilenceOptions``). All are validated on construction (``InputError``).
+``precision.Precision``, ``inference.SessionOptions``); ``vad``, a light module (NumPy only),
+keeps its ``SilenceOptions``. ``BlendOptions`` and ``EncodeOptions`` are validated on
+construction (``InputError``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from lipsync_ray.errors import InputError
 
 __all__ = [
     "DEFAULT_FEATHER",
+    "DEFAULT_PROVIDERS",
     "NVENC_SESSIONS_GEFORCE",
     "X264_PRESETS",
     "Blend",
     "BlendOptions",
     "EncodeOptions",
     "Precision",
+    "Provider",
+    "SessionOptions",
     "ShardCodec",
     "VideoCodec",
 ]
@@ -160,3 +164,72 @@ class Precision(enum.Enum):
         except ValueError:
             choices = "|".join(p.value for p in cls)
             raise InputError(f"precision must be one of {choices}, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class Provider(enum.Enum):
+    """ONNX Runtime execution providers lipsync-ray knows how to configure."""
+
+    TENSORRT = "TensorrtExecutionProvider"
+    CUDA = "CUDAExecutionProvider"
+    CPU = "CPUExecutionProvider"
+
+
+DEFAULT_PROVIDERS = (Provider.TENSORRT, Provider.CUDA, Provider.CPU)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to open an ONNX Runtime session. Built once on the driver, passed to actors."""
+
+    # Providers to try, best first. CPU is always appended last if missing.
+    providers: tuple[Provider, ...] = DEFAULT_PROVIDERS
+    # CUDA device ordinal, relative to the devices visible to this process (Ray sets
+    # CUDA_VISIBLE_DEVICES for an actor, so 0 is "the GPU Ray gave me").
+    device_id: int = 0
+    # Upper bound of the CUDA memory arena in bytes. None: an actor with a fractional GPU
+    # limits it to CUDA_ARENA_SHARE of its share of the card (see
+    # ``inference.providers.with_gpu_share``), so co-located actors cannot starve each other;
+    # a whole GPU is not limited.
+    gpu_mem_limit_bytes: int | None = None
+    # Intra-op threads for the CPU provider (0: one per CPU given to the caller).
+    intra_op_threads: int = 0
+    # TensorRT: FP16 kernels and the directory where built engines are cached (building one
+    # takes minutes; the cache makes every later start fast).
+    trt_fp16: bool = False
+    # Engines and the timing cache go to ``<trt_cache_dir>/<model hash>/`` (None:
+    # ``<model's directory>/.cache/tensorrt``); one actor builds behind a file lock, the others
+    # wait and load what it built.
+    trt_cache_dir: str | None = None
+    # The largest batch a session runs (the actor's batch size): TensorRT gets one optimisation
+    # profile with batch 1..trt_max_batch, so a partial last batch or an odd-sized
+    # silence-passthrough batch reuses the engine. 0: TensorRT's implicit profile.
+    trt_max_batch: int = 0
+    # (input name, per-sample dims) of the model being opened, for the profile shapes; filled
+    # in by GeneratorSession (the wrapper's inputs), not a user setting.
+    trt_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    graph_optimization: bool = True
+    # Run the generator through an IO binding: ONNX Runtime writes its output straight into a
+    # NumPy array allocated here (copied from the device once, on CUDA/TensorRT) instead of
+    # allocating its own and handing it back through Python.
+    io_binding: bool = True
+    # Run the generator wrapped for uint8 I/O (``lipsync_ray.inference.wrapper``): the
+    # uint8 -> float, x255, clip and transposes run inside the graph (on the device), a quarter
+    # of the bytes cross PCIe and no NumPy pass runs per call. Off: the model as given, with the
+    # same conversions in NumPy around it (the output is bit-identical on the CPU provider).
+    graph_io: bool = True
+    # Where the wrapped models are kept (None: ``wrapper.default_wrapper_dir``, next to the
+    # model).
+    graph_cache_dir: str | None = None
+    # CUDA/TensorRT: inputs go through device buffers kept from call to call (one allocation
+    # per batch size, not one per call). Ignored on the CPU provider, which reads the arrays
+    # where they are.
+    device_buffers: bool = True
+    # CUDA: copies on their own streams (``do_copy_in_default_stream=0``). ONNX Runtime warns
+    # this may race for some models, so it is off unless asked for.
+    cuda_copy_stream: bool = False
+    # CUDA: capture the graph once and replay it (``enable_cuda_graph``). Needs one fixed input
+    # shape (every batch full, and no silence passthrough) and device-bound outputs.
+    cuda_graph: bool = False

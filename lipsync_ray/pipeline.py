@@ -15,10 +15,11 @@
     render(avatar, audio, output, config)     = a Renderer used once
     render_batch(avatar, jobs, config)        = a Renderer used for every job (lipsync_ray.batch)
 
-Where the parts live: the actor pools and the chunk scheduling loop (retries, hung chunks) in
-:mod:`lipsync_ray.scheduler`; the job's paths, the manifest, resume, the final encode and the
-store behind a remote work directory in :mod:`lipsync_ray.workdir` (one ``WorkDir`` per
-render).
+Where the parts live: what a ``Renderer`` resolves once per avatar and models (pool sizes, the
+generator's precision, the actors: a frozen ``Pools``) in :mod:`lipsync_ray.pools`; the chunk
+scheduling loop (retries, hung chunks) in :mod:`lipsync_ray.scheduler`; the job's paths, the
+manifest, resume, the final encode and the store behind a remote work directory in
+:mod:`lipsync_ray.workdir` (one ``WorkDir`` per render).
 
 Chunks are idempotent: a retried or re-run chunk rewrites the same shard atomically, and the
 manifest only records shards whose checksum it has seen, so Ray's at-least-once execution can
@@ -28,136 +29,76 @@ neither duplicate nor drop frames.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import ChunkSpec
-from lipsync_ray.avatar import Avatar, pingpong_indices
-from lipsync_ray.chunks import ChunkRange, plan_chunks
-from lipsync_ray.config import PoolConfig, RenderConfig
+from lipsync_ray.avatar import pingpong_indices
+from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
+from lipsync_ray.config import RenderConfig
 from lipsync_ray.encode import check_video_encoder
-from lipsync_ray.errors import InputError, RenderError
+from lipsync_ray.errors import RenderError
 from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
-    GPU_PROVIDERS,
     EncoderSession,
     Provider,
     check_encoder_model,
     check_generator_model,
-    provider_library_error,
-    requires_gpu,
 )
-from lipsync_ray.precision import (
-    Precision,
-    PreparedModel,
-    cached_calibration_features,
-    default_cache_dir,
-    prepare_model,
+from lipsync_ray.pools import (
+    Pools,
+    check_cpu_fallback,
+    check_gpu_request,
+    describe_actors,
+    start_pools,
 )
 from lipsync_ray.progress import FrameProgress
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes, Timeline
-from lipsync_ray.scheduler import (
-    ACTOR_START_TIMEOUT_S,
-    ChunkScheduler,
-    ChunkTotals,
-    gather,
-    padded_rows,
-    start_actors,
-)
+from lipsync_ray.scheduler import ChunkScheduler, ChunkTotals, padded_rows
 from lipsync_ray.storage import Location, resolve
 from lipsync_ray.vad import passthrough_weights
 from lipsync_ray.workdir import Job, Joined, WorkDir, check_job_paths, make_job, open_avatar
 from lipsync_ray.workdir.fingerprint import avatar_identity, render_fingerprint
+from lipsync_ray.workdir.job import config_models
 
-__all__ = ["Renderer", "plan_chunks", "render"]
+__all__ = ["RenderJob", "Renderer", "check_gpu_request", "plan_chunks", "render"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 # Frames, FPS and ETA: a live tqdm bar on a terminal, a log line every 10 % otherwise.
 _Progress = partial(FrameProgress, logger=log)
 
 
-def cluster_pool(pool: PoolConfig, ray, *, chunks: int | None = None) -> PoolConfig:
-    """``pool`` with its automatic values resolved for the connected Ray cluster (capped at
-    ``chunks``, the chunks it will ever render, when known)."""
-    return pool.resolved(*_cluster_totals(ray), chunks=chunks)
+class _Once(Generic[T]):
+    """A value made by the first :meth:`get` that succeeds, then returned by every call
+    (thread-safe: concurrent first calls make it once)."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: T | None = None
 
-def cluster_sizing(pool: PoolConfig, ray, *, chunks: int | None = None) -> str:
-    """How :func:`cluster_pool` sized ``pool`` for the connected cluster (one line)."""
-    return pool.explain(*_cluster_totals(ray), chunks=chunks)
+    def get(self, make: Callable[[], T]) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = make()
+            return self._value
 
-
-def _cluster_totals(ray) -> tuple[float, float]:
-    resources = ray.cluster_resources()
-    return resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-
-
-FALLBACK_HINT = "--allow-cpu-fallback renders on the CPU anyway"
-
-
-def check_gpu_request(config: RenderConfig) -> None:
-    """On the driver, before Ray starts: a render asked for a GPU provider alone
-    (``--providers cuda``) stops here when this machine cannot load it (the CPU-only
-    onnxruntime, or CUDA libraries the provider needs and the loader cannot find).
-
-    Only for an embedded cluster: then this machine is the one the actors run on. A joined
-    cluster's GPUs may sit on other nodes, so there the actors report instead (see
-    ``Renderer._ensure_pools``). No CUDA context is created here.
-
-    Raises:
-        InputError: one line naming the provider and ONNX Runtime's reason.
-    """
-    if config.allow_cpu_fallback or not requires_gpu(config.session):
-        return
-    wanted = [p for p in config.session.providers if p in GPU_PROVIDERS]
-    errors = {p: provider_library_error(p) for p in wanted}
-    if any(reason is None for reason in errors.values()):
-        return
-    provider = Provider.CUDA if Provider.CUDA in errors else wanted[0]
-    raise InputError(
-        f"{provider.value} was requested (--providers) but cannot be used on this machine: "
-        f"{errors[provider]} ({FALLBACK_HINT})"
-    )
-
-
-def prepare_generator(
-    config: RenderConfig,
-    pool: PoolConfig,
-    avatar: Avatar | str | Path,
-    features: np.ndarray | None = None,
-) -> PreparedModel:
-    """The generator a render with ``config`` and the resolved ``pool`` loads: FP32 as given,
-    or the gated INT8/FP16 version from :func:`~lipsync_ray.precision.prepare_model` (made
-    once, then cached). ``features`` calibrate when there is no audio encoder to make them."""
-    if config.precision is Precision.FP32:
-        return PreparedModel(Path(config.model), Precision.FP32, Precision.FP32, None, False)
-    gpu = bool(pool.gpus_per_actor) and any(p is not Provider.CPU for p in config.session.providers)
-    avatar = avatar if isinstance(avatar, Avatar) else Avatar.open(avatar)
-    if config.audio_encoder:
-        cache = config.precision_cache or default_cache_dir(avatar)
-        features = cached_calibration_features(config.audio_encoder, cache)
-    prepared = prepare_model(
-        config.model,
-        avatar,
-        config.precision,
-        provider_is_gpu=gpu,
-        features=features,
-        cache_dir=config.precision_cache,
-        threshold_db=config.precision_threshold_db,
-        session=config.session if gpu else None,
-    )
-    log.info("generator precision: %s", prepared.to_dict())
-    return prepared
+    def peek(self) -> T | None:
+        """The value, or None while no :meth:`get` has made it."""
+        return self._value
 
 
 class Renderer:
@@ -172,6 +113,12 @@ class Renderer:
         once: this renderer renders one job only (what :func:`render` does): automatic pool
             sizes are capped at that job's chunks, so a short clip starts no idle actor.
 
+    Life cycle: the constructor checks the models and opens (and hashes) the avatar. The first
+    :meth:`render` connects Ray and makes the :class:`Pools` (pool sizes, the generator's
+    precision, the actors), once; later renders find them. What belongs to one render (its
+    paths, work directory, features, plan, fingerprint and phases: :class:`RenderJob`) lives
+    in that call only, so renders never share mutable state.
+
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
     """
@@ -185,34 +132,35 @@ class Renderer:
         once: bool = False,
     ) -> None:
         self.config = config
-        # One render only (``render``): automatic pool sizes are capped at its chunks, so a
-        # short clip does not start actors that would never get one.
-        self._once = once
-        self._chunks_hint: int | None = None
         self.filesystem = filesystem
+        self._once = once
         check_generator_model(config.model)
         if config.audio_encoder:
             check_encoder_model(config.audio_encoder)
         self.avatar, self._avatar_location = open_avatar(resolve(avatar, filesystem))
         check_video_encoder(config.encode, self.avatar.size_wh)  # NVENC fails here, not in Ray
-        self._prepared: PreparedModel | None = None
-        self._model_sha = ""
         self._avatar_sha = avatar_identity(self.avatar.path)
-        self._encoder: EncoderSession | None = None
+        # Ray, connected (and started when ``_owns_ray``) with the pools, under their lock.
         self._ray = None
         self._owns_ray = False
-        self._inference: list = []
-        self._compositors: list = []
-        self._ready: list = []
-        self.actor_infos: list[ActorInfo] = []
-        self.pool: PoolConfig = config.pool
-        self.pool_sizing = ""  # how the automatic pool values were chosen (report settings)
-        self.renders = 0
-        self.timeline = Timeline()  # the current (or last) render's phases
+        self._pools: _Once[Pools] = _Once()
+        self._actors: _Once[tuple[ActorInfo, ...]] = _Once()  # once a render waited for them
+        self._encoder: _Once[EncoderSession] = _Once()  # the audio encoder, on the driver
+        self._served = itertools.count(1)  # renders finished on these actors
         import ray
 
         if not (ray.is_initialized() or config.address or os.environ.get("RAY_ADDRESS")):
             check_gpu_request(config)  # this machine will run the actors: fail before Ray
+
+    @property
+    def pools(self) -> Pools | None:
+        """The warm pools, once a render made them."""
+        return self._pools.peek()
+
+    @property
+    def actor_infos(self) -> tuple[ActorInfo, ...]:
+        """What every actor reported once a render waited for them (empty before)."""
+        return self._actors.peek() or ()
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -223,87 +171,44 @@ class Renderer:
         self.close()
 
     def close(self) -> None:
-        """Stop the actors, and the embedded Ray cluster if this renderer started it."""
+        """Stop the actors, and the embedded Ray cluster if this renderer started it (a later
+        render starts afresh)."""
         if self._ray is not None:
-            for actor in self._inference + self._compositors:
+            pools = self._pools.peek()
+            for actor in pools.actors if pools else ():
                 with contextlib.suppress(Exception):  # already gone
                     self._ray.kill(actor, no_restart=True)
-            self._inference, self._compositors = [], []
             if self._owns_ray:
                 self._ray.shutdown()
-            self._ray = None
+            self._ray, self._owns_ray = None, False
+        self._pools, self._actors = _Once(), _Once()
 
-    def _ensure_ray(self):
+    def _warm(self, timeline: Timeline, *, chunks: int, calibration: np.ndarray | None) -> Pools:
+        """The pools, made by the first render: ``chunks`` are its chunks (the cap on
+        automatic sizes with ``once``), ``calibration`` its precomputed features (when the
+        precision needs them and there is no audio encoder)."""
+        cap = chunks if self._once else None
+        return self._pools.get(partial(self._start, timeline, cap, calibration))
+
+    def _start(self, timeline: Timeline, chunks: int | None, calibration) -> Pools:
         if self._ray is None:
             import ray
 
             if not ray.is_initialized():
                 t0 = time.perf_counter()
                 init_ray(ray, self.config.address)
-                self.timeline.add("ray_init", time.perf_counter() - t0)
+                timeline.add("ray_init", time.perf_counter() - t0)
                 self._owns_ray = True
             self._ray = ray
-            chunks = self._chunks_hint if self._once else None
-            self.pool = cluster_pool(self.config.pool, ray, chunks=chunks)
-            self.pool_sizing = cluster_sizing(self.config.pool, ray, chunks=chunks)
-            log.info("actor pools: %s", self.pool_sizing)
-            config = self.config
-            gpu_missing = requires_gpu(config.session) and not self.pool.gpus_per_actor
-            if gpu_missing and not config.allow_cpu_fallback:
-                names = ", ".join(p.value for p in config.session.providers)
-                raise InputError(
-                    f"{names} was requested (--providers) but the Ray cluster has no GPUs "
-                    f"or --gpus-per-actor is 0 ({FALLBACK_HINT})"
-                )
-        return self._ray
+        return start_pools(self._ray, self.config, self.avatar, self._avatar_location,
+                           chunks=chunks, calibration=calibration)  # fmt: skip
 
-    def _start_pools(self) -> None:
-        """Create the actors without waiting for them (they start while features compute)."""
-        ray = self._ensure_ray()
-        if self._inference:
-            return
-        pool, config = self.pool, self.config
-        # A staged avatar travels as its location: each node stages its own copy.
-        avatar = self._avatar_location or str(Path(self.avatar.path).resolve())
-        prepared = self._prepare_model(None)
-        model = str(prepared.path.resolve())
-        session = prepared.session_options(config.session)
-        self._inference, self._compositors = start_actors(
-            ray, pool, model, avatar, session, config.encode
-        )
-        self._ready = [a.describe.remote() for a in self._inference + self._compositors]
-
-    def _prepare_model(self, features: np.ndarray | None) -> PreparedModel:
-        """The generator the actors load: FP32 as given, or a gated INT8/FP16 version (made
-        once per model, avatar and settings, then cached). Runs on the driver, before actors."""
-        if self._prepared is None:
-            config = self.config
-            self._ensure_ray()
-            self._prepared = prepare_generator(config, self.pool, self.avatar, features)
-            self._model_sha = file_sha256(self._prepared.path)
-        return self._prepared
-
-    def _ensure_pools(self) -> None:
-        """Start the actors if needed and wait until every one has opened its session."""
-        self._start_pools()
-        if self._ready:
-            self.actor_infos = list(gather(self._ray, self._ready, ACTOR_START_TIMEOUT_S))
-            self._ready = []
-            fallbacks = [i for i in self.actor_infos if i.cpu_fallback]
-            for info in fallbacks:
-                log.warning("%s (pid %d) runs on the CPU instead of a GPU: %s", info.name,
-                            info.pid, info.cpu_fallback)  # fmt: skip
-            if fallbacks and not self.config.allow_cpu_fallback:
-                first, more = fallbacks[0], len(fallbacks) - 1
-                others = f" (and {more} more inference actors)" if more else ""
-                raise InputError(
-                    f"CUDA could not be used by {first.name}{others}, which would render on the "
-                    f"CPU: {first.cpu_fallback} ({FALLBACK_HINT})"
-                )
-            for info in self.actor_infos:
-                if info.gpu_mem_limit_bytes:
-                    log.info("%s on GPU %s: CUDA arena limited to %.1f GiB", info.name,
-                             ",".join(info.gpu_ids), info.gpu_mem_limit_bytes / 2**30)  # fmt: skip
+    def _ready(self, pools: Pools) -> tuple[ActorInfo, ...]:
+        """Every actor's description, waited for by the first render that needs the actors;
+        checked for a CPU fallback by every render."""
+        infos = self._actors.get(partial(describe_actors, self._ray, pools))
+        check_cpu_fallback(infos, self.config)
+        return infos
 
     # ---------------------------------------------------------------------------- render
 
@@ -322,22 +227,24 @@ class Renderer:
     def _features(self, job: Job, decoded: np.ndarray) -> np.ndarray:
         if job.features is not None:
             return decoded
-        if self._encoder is None:
-            # The audio encoder is small (~0.09 GMAC per window): it runs once per render on
-            # the driver's CPU, never on a GPU actor.
-            options = replace(self.config.session, providers=(Provider.CPU,))
-            self._encoder = EncoderSession(Path(self.config.audio_encoder), options, cpus=2)
-        return audio_mod.compute_features(decoded, self._encoder)
+        return audio_mod.compute_features(decoded, self._encoder.get(self._open_encoder))
 
-    def _fingerprint(self, job: Job, features: np.ndarray) -> str:
+    def _open_encoder(self) -> EncoderSession:
+        # The audio encoder is small (~0.09 GMAC per window): it runs once per render on the
+        # driver's CPU, never on a GPU actor.
+        options = replace(self.config.session, providers=(Provider.CPU,))
+        return EncoderSession(Path(self.config.audio_encoder), options, cpus=2)
+
+    def _fingerprint(self, job: Job, pools: Pools, features: np.ndarray) -> str:
         """Hash of everything that decides the pixels of the shards and segments."""
         return render_fingerprint(
             self.config,
-            self.pool,
+            pools.pool,
             avatar=self._avatar_sha,
-            model=self._model_sha,
+            model=pools.model_sha,
             features=features,
             start_frame=job.start_frame,
+            audio=file_sha256(job.audio),
         )
 
     def render(
@@ -352,8 +259,7 @@ class Renderer:
         """Render one MP4; see :func:`render`. Keyword arguments override the config.
 
         Paths may be URIs, or paths inside the renderer's ``filesystem``."""
-        t_start = time.perf_counter()
-        self.timeline = Timeline()
+        started, timeline = time.perf_counter(), Timeline()
         job = make_job(
             self.config,
             self.avatar,
@@ -365,54 +271,55 @@ class Renderer:
             filesystem=self.filesystem,
         )
         with WorkDir.open(job, self.config) as work:
-            return work.finish(self._render(job, work, t_start))
+            return work.finish(self._render(job, work, timeline, started))
 
-    def _render(self, job: Job, work: WorkDir, t_start: float) -> RunReport:
-        config = self.config
-        inputs = self._inputs(job)
+    def _render(self, job: Job, work: WorkDir, timeline: Timeline, started: float) -> RunReport:
+        chunk_frames = self.config.pool.chunk_frames
+        inputs, pools = self._inputs(job, timeline)
         frames = len(inputs.features)
-        plan = plan_chunks(frames, config.pool.chunk_frames)
+        run = RenderJob(
+            job, work, timeline, started, pools, inputs,
+            plan=tuple(plan_chunks(frames, chunk_frames)),
+            fingerprint=self._fingerprint(job, pools, inputs.features),
+        )  # fmt: skip
         # Spare files for released shards: one per compositor and one more.
-        work.begin(self._fingerprint(job, inputs.features), frames,
-                   spares=self.pool.compositors + 1)  # fmt: skip
-        todo = work.pending(plan)
+        work.begin(run.fingerprint, frames, spares=pools.pool.compositors + 1)
+        todo = work.pending(run.plan)
         log.info(
             "%d frames in %d chunks of %d (%d reused); features %.1f s",
-            frames, len(plan), config.pool.chunk_frames, len(plan) - len(todo), inputs.elapsed_s,
+            frames, len(run.plan), chunk_frames, len(run.plan) - len(todo), inputs.elapsed_s,
         )  # fmt: skip
-        totals = self._run_chunks(job, work, todo, inputs) if todo else ChunkTotals()
-        self.timeline.mark("chunks")
-        joined = work.join(plan)
-        self.timeline.mark("join")
-        self.renders += 1
-        return self._report(job, work, plan, todo, inputs, totals, joined, t_start)
+        totals = self._run_chunks(run, todo) if todo else ChunkTotals()
+        timeline.mark("chunks")
+        joined = work.join(run.plan)
+        timeline.mark("join")
+        return self._report(run, todo, totals, joined, renders=next(self._served))
 
     def _report(
         self,
-        job: Job,
-        work: WorkDir,
-        plan: list[ChunkRange],
+        run: RenderJob,
         todo: list[ChunkRange],
-        inputs: _Inputs,
         totals: ChunkTotals,
         joined: Joined,
-        t_start: float,
+        *,
+        renders: int,
     ) -> RunReport:
-        config = self.config
+        config, job, pools, inputs = self.config, run.job, run.pools, run.inputs
         frames = len(inputs.features)
         # Decoding, the mel spectrogram and the encoder: wall and CPU of the driver meanwhile
         # (its main thread mostly waits for Ray's processes then; their CPU is not counted).
         timings = {**totals.timings, **joined.timings_s, "features": inputs.wall_s}
         cpu = {**totals.cpu, **joined.cpu_s, "features": inputs.cpu_s}
-        wall = time.perf_counter() - t_start
+        wall = time.perf_counter() - run.started
         rendered = sum(r.frames for r in todo)
+        actors = self.actor_infos
         return RunReport(
             output=str(job.output),
             work_dir=str(job.work_dir),
             frames=frames,
-            chunks=len(plan),
+            chunks=len(run.plan),
             chunks_rendered=len(todo),
-            chunks_reused=len(plan) - len(todo),
+            chunks_reused=len(run.plan) - len(todo),
             wall_s=wall,
             fps=frames / wall,
             stages=StageTimes(
@@ -421,52 +328,51 @@ class Renderer:
             ),
             retries=totals.retries,
             frames_generated=totals.generated,
-            precision=self._prepared.to_dict() if self._prepared else {},
+            precision=pools.model.to_dict(),
             seam_score=totals.seam(),
-            actors=tuple(self.actor_infos),
-            providers=tuple(
-                sorted({i.providers[0] for i in self.actor_infos if i.role == "inference"})
-            ),
+            actors=actors,
+            providers=tuple(sorted({i.providers[0] for i in actors if i.role == "inference"})),
             audio_duration_s=float(joined.media.audio_duration_s or 0.0),
             video_duration_s=float(joined.media.video_duration_s),
             settings={
                 **config.to_dict(),
                 "start_frame": job.start_frame,
                 "work_dir": str(job.work_dir),
-                "pool_resolved": asdict(self.pool),
-                "pool_sizing": self.pool_sizing,
-                "fingerprint": work.fingerprint,
-                "renders_on_these_actors": self.renders,
+                "pool_resolved": asdict(pools.pool),
+                "pool_sizing": pools.sizing,
+                "fingerprint": run.fingerprint,
+                "renders_on_these_actors": renders,
             },
-            ray_address=self._ray.get_runtime_context().gcs_address if self._ray else "",
+            ray_address=self._ray.get_runtime_context().gcs_address,
             shards_kept=config.keep_shards,
-            phases_s=self.timeline.phases(),
+            phases_s=run.timeline.phases(),
         )
 
-    def _inputs(self, job: Job) -> _Inputs:
+    def _inputs(self, job: Job, timeline: Timeline) -> tuple[_Inputs, Pools]:
         """Decode the audio and compute its features while Ray, the generator's precision and
-        the actors start; the silence passthrough weights when asked for."""
+        the actors start (the first render's pools); the silence passthrough weights when
+        asked for."""
         config = self.config
         t0, c_start = time.perf_counter(), time.process_time()
         decoded, samples = self._decode(job)
         decode_wall, decode_cpu = time.perf_counter() - t0, time.process_time() - c_start
-        self.timeline.mark("inputs")
+        timeline.mark("inputs")
         # the chunks this render will have, before the encoder runs (they cap the pool sizes)
         n_mel = decoded.shape[1]
         frames = len(decoded) if job.features is not None else audio_mod.feature_count(n_mel)
-        self._chunks_hint = -(-frames // config.pool.chunk_frames)
+        chunks = -(-frames // config.pool.chunk_frames)
         # The audio encoder runs in a thread while this one starts Ray (when not up yet), the
         # generator's precision and the actors: on a short clip Ray's start-up is most of the
         # wall time, so it should not wait for the features, nor they for it. (Ray is started
         # from the main thread: it installs its SIGTERM handler only there.)
-        with ThreadPoolExecutor(1, thread_name_prefix="lipsync-features") as pool:
-            pending = pool.submit(_timed, self._features, job, decoded)
+        with ThreadPoolExecutor(1, thread_name_prefix="lipsync-features") as executor:
+            pending = executor.submit(_timed, self._features, job, decoded)
             try:
-                self._prepare_model(decoded if job.features is not None else None)
-                self._start_pools()  # actors boot while the encoder runs
+                calibration = decoded if job.features is not None else None
+                pools = self._warm(timeline, chunks=chunks, calibration=calibration)
             finally:
                 feats, features_wall, features_cpu = pending.result()
-        self.timeline.mark("start")
+        timeline.mark("start")
         del decoded
         weights = None
         if config.silence is not None:
@@ -477,23 +383,24 @@ class Renderer:
                 "silence passthrough: %d of %d frames keep the avatar frame",
                 int((weights == 0).sum()), len(weights),
             )  # fmt: skip
-        return _Inputs(
+        inputs = _Inputs(
             features=feats,
             weights=weights,
             wall_s=features_wall + decode_wall,
             cpu_s=features_cpu + decode_cpu,
             elapsed_s=time.perf_counter() - t0,  # Ray's start beside decoding and features
         )
+        return inputs, pools
 
-    def _run_chunks(
-        self, job: Job, work: WorkDir, todo: list[ChunkRange], inputs: _Inputs
-    ) -> ChunkTotals:
-        """Render the chunks ``todo`` through the actor pools; each is recorded in ``work``."""
-        self._ensure_pools()
-        self.timeline.mark("actors_ready")
-        feats, weights = inputs.features, inputs.weights
+    def _run_chunks(self, run: RenderJob, todo: list[ChunkRange]) -> ChunkTotals:
+        """Render the chunks ``todo`` through the actor pools; each is recorded in the work
+        directory."""
+        pools = run.pools
+        self._ready(pools)
+        run.timeline.mark("actors_ready")
+        feats, weights = run.inputs.features, run.inputs.weights
         frames = len(feats)
-        avatar_idx = pingpong_indices(frames, self.avatar.frame_count, job.start_frame)
+        avatar_idx = pingpong_indices(frames, self.avatar.frame_count, run.job.start_frame)
         specs = (
             ChunkSpec(
                 r.chunk, r.start, r.stop, avatar_idx[r.start : r.stop], padded_rows(feats, r),
@@ -504,9 +411,10 @@ class Renderer:
         progress = _Progress(frames, done=frames - sum(r.frames for r in todo))
         try:
             scheduler = ChunkScheduler(
-                self._ray, self._inference, self._compositors, self.pool, work, progress.update
-            )
-            return scheduler.run(specs, work.context())
+                self._ray, pools.inference, pools.compositors, pools.pool, run.work,
+                progress.update,
+            )  # fmt: skip
+            return scheduler.run(specs, run.work.context())
         finally:
             progress.close()
 
@@ -520,6 +428,21 @@ class _Inputs:
     wall_s: float  # decoding and features: wall seconds
     cpu_s: float  # ... and the driver's CPU seconds meanwhile
     elapsed_s: float  # from the start of decoding to the features (Ray's start beside them)
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One :meth:`Renderer.render` call once its inputs are ready: what belongs to this render
+    and no other (the renderer keeps none of it, so renders never share mutable state)."""
+
+    job: Job  # the request's paths, checked and staged
+    work: WorkDir  # its work directory: manifest, chunk files, report
+    timeline: Timeline  # its driver phases
+    started: float  # time.perf_counter() when render() was called
+    pools: Pools  # the renderer's warm pools it runs on (frozen, shared by every render)
+    inputs: _Inputs  # features and silence weights
+    plan: tuple[ChunkRange, ...]  # every chunk of the output, in order
+    fingerprint: str  # of the inputs and settings: its work directory's chunks belong to it
 
 
 def _timed(fn, *args):
@@ -689,7 +612,7 @@ def render(
     # Storage too (probe files, credentials, endpoints): a bad path fails before models load.
     check_job_paths(
         audio, output, config.overwrite, filesystem=filesystem, work_dir=config.work_dir,
-        avatar=avatar,
+        avatar=avatar, features=config.features, models=config_models(config),
     )  # fmt: skip
     with Renderer(avatar, config, filesystem=filesystem, once=True) as renderer:
         return renderer.render(audio, output)

@@ -1,8 +1,5 @@
 """Reduced precision for the generator: INT8 on the CPU, FP16 on the GPU, behind a quality gate.
 
-(Over 700 lines on purpose: the conversions, the gate that measures them and the cache that
-keys them by what the gate measured are one decision, made once on the driver.)
-
 :func:`prepare_model` runs on the driver once per render, before any actor starts; actors only
 load the path it returns (``PreparedModel.path``). What it picks::
 
@@ -17,7 +14,8 @@ the gate, or cannot be produced or cached, falls back to FP32 with one warning a
 in ``PreparedModel.note``. An explicitly requested ``int8``/``fp16`` never silently becomes
 something else: a failed gate raises :class:`ModelError` with the measured PSNR.
 
-**Calibration (INT8).** ONNX Runtime static quantisation (see :class:`Int8Options`) on the
+**Calibration (INT8).** ONNX Runtime static quantisation (:mod:`lipsync_ray.quantize`, see
+:class:`~lipsync_ray.quantize.Int8Options`) on the
 avatar's own prepared visual inputs (``visual_inputs.npy``, exactly what actors feed the
 model) paired with audio windows of ``features``. Recommended: :func:`calibration_features`,
 seeded synthetic speech through the *real* audio encoder. Its output has the distribution the
@@ -45,14 +43,12 @@ UNet-328 is ~3.5 MB); deleting the directory between renders is always safe.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,7 +58,7 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import META_NAME, Avatar
 from lipsync_ray.composite import MASK_RECT_XYWH
-from lipsync_ray.contract import FEATURE_DIM
+from lipsync_ray.contract import FEATURE_CONTEXT, FEATURE_DIM, FRAME_SIZE
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.fileio import atomic_path, file_sha256, write_json
 from lipsync_ray.inference import (
@@ -72,8 +68,8 @@ from lipsync_ray.inference import (
     SessionOptions,
     check_model_file,
 )
-from lipsync_ray.onnx_io import save_model
 from lipsync_ray.options import Precision
+from lipsync_ray.quantize import Int8Options, QuantFormat, convert_fp16, quantize_int8
 
 __all__ = [
     "GateResult",
@@ -104,39 +100,6 @@ FACE_RECT_XYWH = MASK_RECT_XYWH
 _X, _Y, _W, _H = FACE_RECT_XYWH
 _FACE = (slice(None), slice(_Y, _Y + _H), slice(_X, _X + _W))  # index of (k, 320, 320, 3)
 _GATE_BATCH = 4
-
-
-class QuantFormat(enum.Enum):
-    """How INT8 is written into the ONNX graph."""
-
-    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs; ORT fuses them into integer kernels
-    QOPERATOR = "qoperator"  # QLinearConv & co. written out
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    """Static INT8 quantisation settings (all part of the cache key)."""
-
-    # QDQ: ONNX Runtime's recommended format since 1.11; its CPU kernels are tuned for it.
-    format: QuantFormat = QuantFormat.QDQ
-    # uint8 activations: x86 integer kernels multiply u8 activations by s8 weights (VNNI
-    # vpdpbusd), and after the ReLUs most activations are >= 0, so uint8 keeps all 8 bits.
-    signed_activations: bool = False
-    # One weight scale per output channel: BN-folded and depthwise weights differ widely
-    # between channels, one scale per tensor crushes the small ones.
-    per_channel: bool = True
-    # 7-bit weights: only for x86 without VNNI, where u8*s8 pair sums can saturate.
-    reduce_range: bool = False
-    # The node making the graph output (the final sigmoid) stays float: the compositor rounds
-    # to 1/255 steps, an 8-bit sigmoid output would round a second time. The conv before it
-    # gets INT8 weights and an 8-bit output: keeping it float too cost the full-size stand-in
-    # 3.6 % of its INT8 speed (42.6 against 44.2 FPS, runs interleaved in one process) for
-    # 0.04 dB of the gate's worst frame (38.24 against 38.20).
-    float_output: bool = True
-    # ONNX Runtime's quant_pre_process (shape inference + graph optimisation) first.
-    preprocess: bool = True
-    # Frames per calibration run (MinMax keeps per-tensor min/max only: memory stays small).
-    calibration_batch: int = 4
 
 
 @dataclass(frozen=True)
@@ -271,7 +234,7 @@ def split_frames(
 def _audio_for(features: np.ndarray | None, k: int, rng: np.random.Generator) -> np.ndarray:
     """float32 (k, 32, 16, 16) windows of ``features`` at evenly spread rows, shuffled."""
     if features is None:
-        noise = np.maximum(rng.standard_normal((k + 18, 512)), 0.0)
+        noise = np.maximum(rng.standard_normal((k + FEATURE_CONTEXT + 2, FEATURE_DIM)), 0.0)
         features = ((noise[:-2] + noise[1:-1] + noise[2:]) / 3.0).astype(np.float32)
     rows = np.round(np.linspace(0, len(features) - 1, k)).astype(np.int64)
     return audio_mod.audio_windows(features, rng.permutation(rows))
@@ -286,7 +249,7 @@ def face_psnr(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     Returns:
         float64 (k,); a frame with zero error gets ``PSNR_CAP_DB``.
     """
-    if reference.shape != candidate.shape or reference.shape[1:3] != (320, 320):
+    if reference.shape != candidate.shape or reference.shape[1:3] != (FRAME_SIZE, FRAME_SIZE):
         raise InputError(
             f"expected two (k, 320, 320, 3) arrays, got {reference.shape} and {candidate.shape}"
         )
@@ -344,149 +307,6 @@ def quality_gate(
         frames=len(per_frame),
         provider=session.providers[0] if session.providers else "",
     )
-
-
-# ---------------------------------------------------------------------------- conversions
-
-
-def _generator_inputs(model) -> tuple[str, str, bool]:
-    """(visual name, audio name, fixed batch) of an ONNX generator, found by channel count."""
-    found: dict[int, tuple[str, bool]] = {}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[1].HasField("dim_value"):
-            found[dims[1].dim_value] = (value.name, dims[0].dim_value == 1)
-    if 6 not in found or 32 not in found:
-        raise ModelError(
-            "expected a generator with inputs [B,6,320,320] and [B,32,16,16], got "
-            f"{[v.name for v in model.graph.input]}"
-        )
-    return found[6][0], found[32][0], found[6][1]
-
-
-def _output_node(model) -> list[str]:
-    """The name of the node producing the graph output (none if an input is the output)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get(model.graph.output[0].name)
-    return [] if node is None else [node.name]
-
-
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over uint8 visual + float audio arrays."""
-
-    def __init__(self, names: tuple[str, str], visual, audio, batch: int) -> None:
-        self.names, self.visual, self.audio, self.batch, self.pos = names, visual, audio, batch, 0
-
-    def get_next(self) -> dict | None:
-        if self.pos >= len(self.visual):
-            return None
-        sl = slice(self.pos, self.pos + self.batch)
-        self.pos += self.batch
-        v = (self.visual[sl].transpose(0, 3, 1, 2) / np.float32(255.0)).astype(np.float32)
-        return {self.names[0]: v, self.names[1]: np.ascontiguousarray(self.audio[sl])}
-
-    def rewind(self) -> None:
-        self.pos = 0
-
-
-def quantize_int8(
-    model: str | Path,
-    out: str | Path,
-    visual: np.ndarray,
-    audio: np.ndarray,
-    options: Int8Options = Int8Options(),
-) -> Path:
-    """Write a static INT8 version of ``model`` to ``out`` (atomically), calibrated on the inputs.
-
-    Args:
-        model: FP32 generator.
-        out: the INT8 model to write; its directory must exist.
-        visual: uint8 (k, 320, 320, 6) calibration visual inputs (avatar frames). Not mutated.
-        audio: float32 (k, 32, 16, 16) calibration audio windows. Not mutated.
-
-    Raises:
-        InputError: bad calibration arrays. ModelError: not a generator, or the quantiser failed.
-    """
-    import onnx
-    from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    model, out = check_model_file(model), Path(out)
-    if visual.dtype != np.uint8 or visual.shape[1:] != (320, 320, 6) or len(visual) < 1:
-        raise InputError(f"expected uint8 (k >= 1, 320, 320, 6) visual inputs, got {visual.shape}")
-    if audio.dtype != np.float32 or audio.shape != (len(visual), 32, 16, 16):
-        raise InputError(
-            f"expected float32 ({len(visual)}, 32, 16, 16) audio windows, got "
-            f"{audio.dtype} {audio.shape}"
-        )
-    proto = onnx.load(str(model))
-    visual_name, audio_name, fixed = _generator_inputs(proto)
-    batch = 1 if fixed else max(1, options.calibration_batch)
-    for i, node in enumerate(proto.graph.node):  # nodes_to_exclude needs names
-        node.name = node.name or f"node_{i}"
-    with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
-        src = Path(tmp) / "named.onnx"
-        onnx.save(proto, str(src))
-        try:
-            if options.preprocess:  # symbolic shape inference (sympy) is for transformers
-                quant_pre_process(str(src), str(Path(tmp) / "pre.onnx"), skip_symbolic_shape=True)
-                src = Path(tmp) / "pre.onnx"
-            qdq = options.format is QuantFormat.QDQ
-            signed = options.signed_activations
-            q.quantize_static(
-                str(src),
-                str(Path(tmp) / "int8.onnx"),
-                _Reader((visual_name, audio_name), visual, audio, batch),
-                quant_format=q.QuantFormat.QDQ if qdq else q.QuantFormat.QOperator,
-                per_channel=options.per_channel,
-                reduce_range=options.reduce_range,
-                activation_type=q.QuantType.QInt8 if signed else q.QuantType.QUInt8,
-                weight_type=q.QuantType.QInt8,
-                nodes_to_exclude=_output_node(onnx.load(str(src))) if options.float_output else [],
-                calibrate_method=q.CalibrationMethod.MinMax,
-                calibration_providers=["CPUExecutionProvider"],
-            )
-        except Exception as exc:  # ORT's quantiser raises Fail, ValueError, KeyError, ...
-            raise ModelError(f"INT8 quantisation failed: {exc}", path=model) from exc
-        os.replace(Path(tmp) / "int8.onnx", out)
-    return out
-
-
-def _toposort(graph) -> None:
-    """Reorder ``graph.node`` so every node comes after its inputs' producers (in place)."""
-    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
-        if not ready:
-            raise ModelError("FP16 conversion produced a graph with a cycle or a dangling input")
-        ordered += ready
-        known.update(o for n in ready for o in n.output)
-        pending = [n for n in pending if not any(n is r for r in ready)]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def convert_fp16(model: str | Path, out: str | Path) -> Path:
-    """Write an FP16 version of ``model`` to ``out`` (atomically): fp16 weights and compute,
-    float32 inputs and outputs (``keep_io_types``), so the session's checks are unchanged.
-
-    Raises:
-        ModelError: not a generator, or the converted graph fails ``onnx.checker``.
-    """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = check_model_file(model)
-    proto = onnx.load(str(model))
-    _generator_inputs(proto)
-    try:
-        half = convert_float_to_float16(proto, keep_io_types=True)
-        _toposort(half.graph)  # the converter appends its input Casts after their consumers
-        onnx.checker.check_model(half)
-    except Exception as exc:  # the converter raises AssertionError, ValueError, ...
-        raise ModelError(f"FP16 conversion failed: {exc}", path=model) from exc
-    return save_model(half, out)
 
 
 # ---------------------------------------------------------------------------- cache

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lipsync_ray.fileio import write_json
+from lipsync_ray.workdir.layout import REPORT
 
 __all__ = ["ActorInfo", "RunReport", "StageTimes", "Timeline"]
 
@@ -136,5 +137,5 @@ class RunReport:
             f"providers: {', '.join(self.providers) or '-'}; precision: "
             f"{self.precision.get('precision', 'fp32')}\n"
             f"CPU ms/frame: {stages}\n"
-            f"output: {self.output}\nreport: {self.work_dir.rstrip('/')}/report.json"
+            f"output: {self.output}\nreport: {self.work_dir.rstrip('/')}/{REPORT}"
         )

@@ -31,20 +31,13 @@ from typing import Protocol
 
 import numpy as np
 
-from lipsync_ray.actors import (
-    CONCURRENCY_GROUPS,
-    ChunkResult,
-    ChunkSpec,
-    CompositorActor,
-    InferenceActor,
-    JobContext,
-)
-from lipsync_ray.chunks import ChunkRange, plan_chunks
+from lipsync_ray.actors import CONCURRENCY_GROUPS, CompositorActor, InferenceActor
+from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, plan_chunks
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
-from lipsync_ray.inference import SessionOptions
+from lipsync_ray.options import SessionOptions
 from lipsync_ray.storage import Location
 
 __all__ = [

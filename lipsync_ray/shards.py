@@ -27,7 +27,9 @@ its host, the upper end).
 
 from __future__ import annotations
 
+import mmap
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +102,18 @@ def decode_image(data: bytes, codec: str, height: int, width: int) -> np.ndarray
 
 def _claim_spare(spares: Path, tmp: Path) -> bool:
     """Rename one spare file to ``tmp``; compositors racing for the same file each get another
-    or none."""
-    for spare in sorted(spares.glob("*.parquet")) if spares.is_dir() else ():
+    or none. Anything there that is not a regular file (a link planted to make the write land
+    elsewhere) is removed, never written through; so is a spare directory that is a link."""
+    if spares.is_symlink() or spares.parent.is_symlink() or not spares.is_dir():
+        return False
+    for spare in sorted(spares.glob("*.parquet")):
         try:
             os.replace(spare, tmp)
         except FileNotFoundError:
             continue
-        return True
+        if stat.S_ISREG(os.lstat(tmp).st_mode):
+            return True
+        tmp.unlink()
     return False
 
 
@@ -121,6 +128,31 @@ class ShardInfo:
     sha256: str  # of the whole file; "" for a shard released as soon as it was recorded
     bytes: int
     file: str  # path relative to the work directory
+
+    @classmethod
+    def of_file(
+        cls,
+        path: Path,
+        work_dir: Path,
+        *,
+        chunk: int,
+        start: int,
+        stop: int,
+        rows: int,
+        checksum: bool = True,
+    ) -> ShardInfo:
+        """The record of ``path``, a whole file in ``work_dir`` that holds ``rows`` frames of
+        ``chunk`` (output frames ``[start, stop)``): its size, and its SHA-256 unless
+        ``checksum`` is off (a shard released as soon as it is recorded is never verified)."""
+        return cls(
+            chunk=chunk,
+            start=start,
+            stop=stop,
+            rows=rows,
+            sha256=file_sha256(path) if checksum else "",
+            bytes=path.stat().st_size,
+            file=str(path.relative_to(work_dir)),
+        )
 
 
 def write_shard(
@@ -180,14 +212,14 @@ def write_shard(
     with atomic_path(path) as tmp:
         if not (reuse_spare and _write_over_spare(table, tmp, spare_dir(work_dir), options)):
             pq.write_table(table, tmp, **options)
-    return ShardInfo(
+    return ShardInfo.of_file(
+        path,
+        work_dir,
         chunk=chunk,
         start=int(frame_indices[0]),
         stop=int(frame_indices[-1]) + 1,
         rows=len(frames),
-        sha256=file_sha256(path) if checksum else "",
-        bytes=path.stat().st_size,
-        file=str(path.relative_to(work_dir)),
+        checksum=checksum,
     )
 
 
@@ -202,23 +234,31 @@ def _write_over_spare(table: pa.Table, tmp: Path, spares: Path, options: dict) -
     if not _claim_spare(spares, tmp):
         return False
     try:
+        # O_NOFOLLOW and the descriptor from here on: the file written is the one checked.
+        fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
         size = table.nbytes + _PARQUET_SLACK_BYTES
-        if tmp.stat().st_size < size:
+        have = os.fstat(fd).st_size
+        if have < size:
             if not hasattr(os, "posix_fallocate"):  # macOS: a hole could end in SIGBUS
                 return False
             # Allocated, not a hole: a full disk fails here with ENOSPC, not with a SIGBUS
             # when the memory map first writes to the new pages.
-            fd = os.open(tmp, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            finally:
-                os.close(fd)
-        with pa.memory_map(str(tmp), "r+") as sink:
+            os.posix_fallocate(fd, 0, size)
+        with mmap.mmap(fd, max(have, size)) as mapped:
+            buffer = pa.py_buffer(mapped)
+            sink = pa.FixedSizeBufferWriter(buffer)
             pq.write_table(table, sink, **options)
             end = sink.tell()
-        os.truncate(tmp, end)
-    except (OSError, pa.ArrowException):
+            sink.close()
+            del sink, buffer  # the map closes only once no buffer exports it
+        os.ftruncate(fd, end)
+    except (OSError, ValueError, BufferError, pa.ArrowException):
         return False
+    finally:
+        os.close(fd)
     return True
 
 

@@ -8,7 +8,7 @@ Everything is resolved to a :class:`Location` on the driver, before anything sta
 A location is *local* when its filesystem is the local disk (``LocalFileSystem``, or a
 ``SubTreeFileSystem`` over it): it is then used in place, exactly like a plain path, and on a
 multi-node cluster it must be on storage that every node mounts at the same path. Anything else
-is staged through a node-local cache (:data:`CACHE_ROOT`)::
+is staged through a node-local cache (:func:`local_cache`: this user's own, mode 0700)::
 
     avatar, audio, features   stage_in: copied once per node and version (memory maps need files)
     output                    written locally, then stage_out: temp name + move, never partial
@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -43,10 +45,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lipsync_ray.errors import InputError, LipsyncError, RenderError
-from lipsync_ray.fileio import atomic_path
+from lipsync_ray.fileio import atomic_path, private_temp_dir, write_json
 
 __all__ = [
-    "CACHE_ROOT",
     "S3_CONNECT_TIMEOUT_S",
     "S3_MAX_ATTEMPTS",
     "S3_REQUEST_TIMEOUT_S",
@@ -56,7 +57,10 @@ __all__ = [
     "delete",
     "describe_failure",
     "download",
+    "file_key",
+    "inside",
     "list_files",
+    "local_cache",
     "local_copy",
     "node_dir",
     "resolve",
@@ -66,8 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Node-local: every node (driver and actors) keeps its own staged copies here.
-CACHE_ROOT = Path(tempfile.gettempdir()) / "lipsync-ray-storage"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BLOCK = 8 << 20  # copy buffer, bytes
 
@@ -199,11 +201,16 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
     """A local path holding the file or directory tree at ``location``.
 
     Local locations are used in place (no copy). Others are copied once into
-    ``<cache_root>/<key>/<name>``, where the key hashes the filesystem, the path and the size and
-    modification time of every file, so a changed source is fetched again; the copy is renamed
-    into place whole, so concurrent actors on one node never see half of it, and a lock makes
-    the actors that start together on a node wait for one copy. Names starting with
-    ``.`` (caches, temporary files) are not copied.
+    ``<cache_root>/stage/<key>/<name>`` (default :func:`local_cache`), where the key hashes the
+    filesystem, the path and the size and modification time of every file, so a changed source
+    is fetched again; the copy is renamed into place whole, so concurrent actors on one node
+    never see half of it, and a lock makes the actors that start together on a node wait for
+    one copy. Names starting with ``.`` (caches, temporary files) are not copied.
+
+    A copy is reused only when it still is what was staged: the same files, each a regular
+    file of the source's size with the modification time it was given (recorded beside it in
+    ``<key>/.staged.json``). A copy that fails this (a temp cleaner removed a file, something
+    wrote into it) is staged again.
 
     Raises:
         InputError: nothing at ``location``, or the store cannot be read.
@@ -219,16 +226,19 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
     digest = hashlib.sha256(f"{_identity(location.filesystem)}|{location.path}".encode())
     for rel, f in sorted(files.items()):
         digest.update(f"|{rel}:{f.size}:{f.mtime_ns}".encode())
-    root = (cache_root or CACHE_ROOT) / "stage"
+    root = (cache_root or local_cache()) / "stage"
     final = root / digest.hexdigest()[:24]
     target = final / (location.name or "root")
-    if final.is_dir():
+    if _staged_intact(final, target, files):
         return target
     root.mkdir(parents=True, exist_ok=True)
     # One copy per node: the actors of a node start together, and all but the first wait.
     with _node_lock(root / f".{final.name}.lock"):
-        if final.is_dir():
+        if _staged_intact(final, target, files):
             return target
+        if final.exists():
+            log.warning("the staged copy %s is not what was staged; staging it again", final)
+            shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         staged = tmp / target.name
         try:
@@ -237,6 +247,11 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
                     download(location.filesystem, f.path, staged / rel if rel else staged)
             if info.type == pafs.FileType.Directory:
                 staged.mkdir(exist_ok=True)  # an empty directory stays a directory
+            record = {}
+            for rel in files:
+                copied = (staged / rel if rel else staged).stat()
+                record[rel] = [copied.st_size, copied.st_mtime_ns]
+            write_json(tmp / _STAGED, record)
             try:
                 tmp.rename(final)
             except OSError:  # staged first by a process the lock did not reach (another host)
@@ -246,6 +261,44 @@ def stage_in(location: Location, cache_root: Path | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("staged %s into %s", location, target)
     return target
+
+
+def _tree(root: Path) -> set[str]:
+    """Every name under ``root`` that is not a directory (files, links, others), relative,
+    leaving out names that start with ``.`` as :func:`list_files` does: those are caches the
+    renderer keeps beside the copy (the avatar's content stamp), never staged."""
+    names = set()
+    for base, dirs, leaves in os.walk(root):
+        rel = os.path.relpath(base, root)
+        links = [d for d in dirs if os.path.islink(os.path.join(base, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*leaves, *links]:
+            if not name.startswith("."):
+                names.add(name if rel == "." else posixpath.join(rel, name))
+    return names
+
+
+_STAGED = ".staged.json"  # beside a staged copy: {relative path: [size, mtime_ns]} of its files
+
+
+def _staged_intact(final: Path, target: Path, files: dict[str, pafs.FileInfo]) -> bool:
+    """Whether ``final`` holds the copy of ``files`` that :func:`stage_in` made: its record,
+    nothing else in it, and every file a regular one (not a link) of the source's size and
+    the recorded time."""
+    try:
+        record = json.loads((final / _STAGED).read_text())
+        if not isinstance(record, dict) or record.keys() != files.keys():
+            return False
+        if "" not in files and _tree(target) != set(files):
+            return False
+        for rel, f in files.items():
+            st = os.lstat(target / rel if rel else target)
+            copied = [st.st_size, st.st_mtime_ns]
+            if not stat.S_ISREG(st.st_mode) or copied != record[rel] or st.st_size != f.size:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def stage_out(local_file: str | Path, location: Location) -> None:
@@ -275,11 +328,50 @@ def stage_out(local_file: str | Path, location: Location) -> None:
             raise
 
 
+def local_cache() -> Path:
+    """This node's cache for this user, ``<tmp>/lipsync-ray-<uid>/storage``: made with mode
+    0700 and checked to be this user's own on every call, so no other user can plant or read
+    staged copies (:func:`lipsync_ray.fileio.private_temp_dir`).
+
+    Raises:
+        InputError: the directory exists but is not this user's private one.
+    """
+    return private_temp_dir("storage")
+
+
 def node_dir(kind: str, location: Location) -> Path:
-    """``<CACHE_ROOT>/<kind>/<key of location>``: a node-local directory for one location,
+    """``<local_cache()>/<kind>/<key of location>``: a node-local directory for one location,
     the same on every node and in every process."""
     text = f"{_identity(location.filesystem)}|{location.path}"
-    return CACHE_ROOT / kind / hashlib.sha256(text.encode()).hexdigest()[:24]
+    return local_cache() / kind / hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def file_key(location: Location) -> tuple:
+    """What the file at ``location`` is: two locations with equal keys are the same file.
+    On the local disk, links are followed and an existing file is known by its device and
+    inode (so hard links match too); elsewhere by the filesystem and the normalised path."""
+    local = location.local_path()
+    if local is None:
+        return ("store", *_real(location))
+    try:
+        st = os.stat(local)
+    except OSError:
+        return ("path", os.path.realpath(local))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def inside(location: Location, directory: Location) -> bool:
+    """Whether ``location`` is ``directory`` or lies under it (links followed on the local
+    disk)."""
+    (fs_a, a), (fs_b, b) = _real(location), _real(directory)
+    return fs_a == fs_b and (a == b or a.startswith(b.rstrip("/") + "/"))
+
+
+def _real(location: Location) -> tuple[str, str]:
+    local = location.local_path()
+    if local is not None:
+        return "local", os.path.realpath(local)
+    return _identity(location.filesystem), posixpath.normpath("/" + location.path.lstrip("/"))
 
 
 def delete(location: Location) -> None:
@@ -289,6 +381,16 @@ def delete(location: Location) -> None:
         location.filesystem.delete_dir(location.path)
     elif info.type == pafs.FileType.File:
         location.filesystem.delete_file(location.path)
+
+
+def delete_if_empty(location: Location) -> None:
+    """Remove the directory at ``location`` when nothing is under it (an object store has no
+    empty directories to remove: nothing happens there); anything else there stays."""
+    if location.info().type != pafs.FileType.Directory:
+        return
+    selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
+    if not location.filesystem.get_file_info(selector):
+        location.filesystem.delete_dir(location.path)
 
 
 # ------------------------------------------------------------------------ failures, checks
@@ -366,17 +468,27 @@ def check_readable(location: Location) -> pafs.FileInfo:
 def check_writable(directory: Location) -> None:
     """Check that files can be written in ``directory`` (which need not exist yet): a small
     probe object is written and deleted (object stores have no permission bits to look at, and
-    a missing bucket only shows on the first write). On the local disk, the nearest existing
-    directory must be writable.
+    a missing bucket only shows on the first write). On the local disk the probe file goes
+    into the nearest existing directory: permission bits do not tell (root passes them, and
+    ``/proc`` or a read-only mount refuse files anyway).
 
     Raises:
         InputError: the URI, and why nothing can be written there.
     """
     local = directory.local_path()
     if local is not None:
-        existing = next((p for p in (local, *local.parents) if p.exists()), None)
-        if existing is not None and not os.access(existing, os.W_OK):
-            raise InputError("cannot write there: permission denied", path=directory)
+        existing = next(p for p in (local, *local.parents) if p.exists())
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".lipsync-ray-probe-", dir=existing)
+        except OSError as exc:
+            why = (
+                "permission denied"
+                if isinstance(exc, PermissionError)
+                else (f"cannot create a file in {existing}: {exc.strerror or exc}")
+            )
+            raise InputError(f"cannot write there: {why}", path=directory) from None
+        os.close(fd)
+        os.unlink(probe)
         return
     target = directory
     if not _object_store(directory.filesystem):

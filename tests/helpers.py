@@ -43,3 +43,30 @@ def demo_inputs(
     )
     audio = write_audio(root / "speech.wav", synth_speech(audio_seconds, seed=audio_seed))
     return {"avatar": Path(avatar.info.path), "audio": audio}
+
+
+class RayStartedError(RuntimeError):
+    """Ray was started by a case that had to be rejected first."""
+
+
+def ray_tripwire(monkeypatch) -> None:
+    """Make any attempt to start or join Ray raise :class:`RayStartedError` (for checks that
+    must come before Ray): use from a fixture that takes ``monkeypatch``."""
+    import ray
+
+    def tripwire(*args, **kwargs):
+        raise RayStartedError("ray.init was called before the input was rejected")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", tripwire)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's one ``lipsync-ray: error:`` line on ``err`` (asserted: one line, no
+    traceback, not an unexpected error)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("lipsync-ray: error: "), lines[0]
+    assert "Traceback" not in err and "unexpected" not in lines[0], lines[0]
+    return lines[0]

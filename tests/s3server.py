@@ -5,7 +5,9 @@ Everything reaches it the way a user's S3 would be reached: ``AWS_ENDPOINT_URL``
 ``AWS_*`` credentials in the environment, which pyarrow's S3 client reads. They are set before
 any Ray cluster of the module starts, so its workers inherit them, and so does a
 ``lipsync-ray`` subprocess. The server keeps its objects across :meth:`S3Server.restart`
-(moto's state lives in this process), like a real server restarted in place.
+(moto's state lives in this process), like a real server restarted in place; while it is down
+every request fails (open connections are cut, new ones dropped unanswered) and the requests
+that arrived are kept, so a test can show they were retried.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -47,6 +50,12 @@ class _RequestLog(logging.Handler):
             heads = (f'"{method} {path} ', f'"{method} {path}?')
             return sum(1 for line in self.lines if any(h in line for h in heads))
 
+    def answered(self, request_line: str, since: int = 0) -> bool:
+        """Whether ``request_line`` (``PUT /bucket/key?query HTTP/1.1``, as sent) was answered,
+        looking from the ``since``-th logged request on."""
+        with self._lock:
+            return any(f'"{request_line}"' in line for line in self.lines[since:])
+
 
 @dataclass
 class S3Server:
@@ -55,6 +64,7 @@ class S3Server:
     bucket: str = BUCKET
     requests: _RequestLog = field(default_factory=_RequestLog)
     _server: object = None
+    _connections: list = field(default_factory=list)  # accepted sockets, cut by stop()
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -101,18 +111,54 @@ class S3Server:
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
+        # Keep every accepted connection, so stop() can cut the kept-alive ones: werkzeug's
+        # threads would otherwise go on answering them after the server stopped.
+        wsgi = self._server._server
+        accept = wsgi.get_request
+
+        def get_request():
+            conn, address = accept()
+            self._connections.append(conn)
+            return conn, address
+
+        wsgi.get_request = get_request
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()  # closes the listening socket: clients get "connection refused"
             self._server = None
+        for conn in self._connections:  # and open connections are cut: "connection reset"
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._connections.clear()
 
-    def restart(self, down_s: float = 0.0) -> None:
-        import time
-
+    def restart(self, down_s: float = 0.0, *, until_dropped: int = 0) -> list[str]:
+        """Stop the server for ``down_s`` seconds, and longer until ``until_dropped`` requests
+        have come in (at most 60 s), then start it again with the same objects. Meanwhile
+        connections are accepted and closed without an answer (what a client sees of a
+        server that dies under it). Returns the request lines that were dropped so."""
         self.stop()
-        time.sleep(down_s)
+        dropped: list[str] = []
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", self.port))
+            sock.listen(64)
+            sock.settimeout(0.05)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60:
+                if time.monotonic() - t0 >= down_s and len(dropped) >= until_dropped:
+                    break
+                try:
+                    conn, _ = sock.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(2.0)
+                    with contextlib.suppress(OSError):
+                        head = conn.recv(65536).split(b"\r\n", 1)[0]
+                        dropped.append(head.decode("latin-1"))
         self.start()
+        return dropped
 
     def iam_key(self) -> tuple[str, str]:
         """A real IAM user's key pair, allowed everything (for when IAM checks are on)."""

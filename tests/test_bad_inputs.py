@@ -237,15 +237,12 @@ def _audio_directory(good, tmp):
 
 
 def _audio_unreadable(good, tmp):
-    path = _speech(tmp / "locked.wav", 1.0)
-    path.chmod(0)
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        return {"audio": path}
-    path.chmod(0o644)
-    pytest.skip("running as root: chmod 000 does not block reads (the directory case covers it)")
+    """A file whose bytes cannot be read, as root too (CI runs as root, which chmod 000 does
+    not stop): a link to /proc/self/mem, a regular file whose first byte (address 0, never
+    mapped) fails with EIO in whichever process reads it."""
+    path = tmp / "locked.wav"
+    path.symlink_to("/proc/self/mem")
+    return {"audio": path}
 
 
 # --------------------------------------------------------------------------- broken models

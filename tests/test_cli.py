@@ -11,6 +11,7 @@ import pytest
 from helpers import cli_command
 
 from lipsync_ray.cli import build_parser, config_from_args, main, render_argv
+from lipsync_ray.flags import RENDER_FLAGS, SECTIONS
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -100,6 +101,10 @@ def _render_args(tmp_path: Path, **over) -> list[str]:
 def test_render_bad_input_is_one_line_exit_2(tmp_path, capsys, over, message):
     if over.get("-o") == "OUT.avi":
         over = {"-o": str(tmp_path / "out.avi")}
+    if over:  # an output problem: the inputs are there (they are checked first)
+        (tmp_path / "no-avatar").mkdir()
+        for name in ("no.wav", "no.onnx", "no-enc.onnx"):
+            (tmp_path / name).write_bytes(b"present")
     rc = main(_render_args(tmp_path, **over))
     err = capsys.readouterr().err
     assert rc == 2
@@ -165,7 +170,7 @@ def _round_trip(config):
 def _configs():
     from lipsync_ray.composite import BlendOptions
     from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
-    from lipsync_ray.encode import EncodeOptions
+    from lipsync_ray.encode import EncodeOptions, VideoCodec
     from lipsync_ray.inference import Provider, SessionOptions
     from lipsync_ray.precision import Precision
     from lipsync_ray.shards import ShardCodec
@@ -194,8 +199,10 @@ def _configs():
             trt_fp16=True,
             trt_cache_dir="/tmp/trt",
             io_binding=False,
+            graph_io=False,
         ),
-        encode=EncodeOptions(crf=28, preset="superfast"),
+        allow_cpu_fallback=True,
+        encode=EncodeOptions(crf=28, preset="superfast", codec=VideoCodec.H264_NVENC),
         encode_mode=EncodeMode.SINGLE,
         shard_codec=ShardCodec.JPEG,
         blend=BlendOptions("hard", 0.2),
@@ -212,8 +219,103 @@ def _configs():
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_render_argv_rebuilds_the_config(index):
+    """Configs written out by hand, every field a flag sets in one of them: an independent
+    check of the table's paths (the per-flag round trip below reads them from the table)."""
     config = list(_configs())[index]
     assert _round_trip(config) == config
+
+
+def _non_default_values() -> dict:
+    """A value other than the field's default for every flag of the table, by option."""
+    from lipsync_ray.config import EncodeMode, Placement
+    from lipsync_ray.inference import Provider
+    from lipsync_ray.options import Blend, Precision, ShardCodec, VideoCodec
+    from lipsync_ray.vad import SilenceOptions
+
+    return {
+        "--model": "other.onnx",
+        "--audio-encoder": "other-enc.onnx",
+        "--features": "f.npy",
+        "--address": "auto",
+        "--batch-size": 8,
+        "--inference-actors": 3,
+        "--gpus-per-actor": 0.5,
+        "--cpus-per-actor": 1.5,
+        "--compositors": 5,
+        "--compositor-niceness": 7,
+        "--chunk-frames": 32,
+        "--max-retries": 0,
+        "--chunk-timeout": 12.5,
+        "--placement": Placement.SPLIT,
+        "--providers": (Provider.CUDA, Provider.CPU),
+        "--gpu-mem-limit": 11 << 29,  # 5.5 GiB
+        "--trt-cache": "/tmp/trt",
+        "--fp16": True,
+        "--no-io-binding": False,
+        "--no-graph-io": False,
+        "--precision": Precision.INT8,
+        "--precision-threshold": 30.5,
+        "--precision-cache": "/tmp/pc",
+        "--allow-cpu-fallback": True,
+        "--shard-codec": ShardCodec.JPEG,
+        "--encode-mode": EncodeMode.SINGLE,
+        "--video-codec": VideoCodec.H264_NVENC,
+        "--crf": 28,
+        "--preset": "superfast",
+        "--start-frame": 9,
+        "--blend": Blend.HARD,
+        "--feather": 0.2,
+        "--silence-passthrough": SilenceOptions(),
+        "--silence-threshold-db": -40.0,
+        "--silence-min-s": 0.6,
+        "--silence-fade-frames": 2,
+        "--work-dir": "/tmp/wd",
+        "--keep-shards": True,
+        "--overwrite": True,
+    }
+
+
+def _with(obj, path, value):
+    """``obj`` with the field at ``path`` set to ``value`` (a section that is off turned on)."""
+    from dataclasses import replace
+
+    name, *rest = path
+    if rest:
+        value = _with(getattr(obj, name) or SECTIONS[name](), rest, value)
+    return replace(obj, **{name: value})
+
+
+def test_every_flag_of_the_table_has_a_value_to_try():
+    assert [f.option for f in RENDER_FLAGS] == list(_non_default_values())
+
+
+def _get(obj, path):
+    for name in path:
+        obj = None if obj is None else getattr(obj, name)
+    return obj
+
+
+@pytest.mark.parametrize("flag", RENDER_FLAGS, ids=lambda f: f.option)
+def test_each_flag_round_trips(flag):
+    """config -> render_argv -> parse -> config_from_args gives the same config, for a value
+    of that one flag other than its default, which the flag carries."""
+    from lipsync_ray.config import RenderConfig
+
+    # The two audio sources exclude each other: --features replaces the encoder.
+    base = RenderConfig(model="m.onnx", audio_encoder=None if flag.dest == "features" else "e")
+    value = _non_default_values()[flag.option]
+    config = _with(base, flag.path, value)
+    assert _get(config, flag.path) == value != _get(base, flag.path)
+    assert flag.option in render_argv(config)
+    assert _round_trip(config) == config
+
+
+def test_render_argv_writes_only_the_flags_asked_for():
+    from lipsync_ray.config import RenderConfig
+    from lipsync_ray.encode import EncodeOptions
+
+    config = RenderConfig(model="m", audio_encoder="e", encode=EncodeOptions(crf=31))
+    assert render_argv(config, ["--crf", "--preset"]) == ["--crf", "31", "--preset", "veryfast"]
 
 
 # ------------------------------------------- flag defaults: the dataclasses' own, said once
@@ -273,6 +375,34 @@ def test_help_shows_the_dataclass_default(command, flag, cls_field, monkeypatch)
     action = _action(cli.build_parser(), [*command, flag])
     assert action.default is None
     assert action.help.endswith("(default 77)"), action.help
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--batch-size", "batch_size"),
+        ("--inference-actors", "inference_actors"),
+        ("--gpus-per-actor", "gpus_per_actor"),
+        ("--cpus-per-actor", "cpus_per_inference_actor"),
+        ("--compositors", "compositors"),
+    ],
+)
+def test_help_of_a_pool_size_left_to_the_cluster_comes_from_the_sizing(flag, field, monkeypatch):
+    """The help shows what PoolConfig.resolved picks (no second statement of its rules):
+    change its constants, the help follows."""
+    from lipsync_ray import config
+
+    monkeypatch.setattr(config, "GPU_SHARE", 0.5)
+    monkeypatch.setattr(config, "GPU_BATCH", 32)
+    monkeypatch.setattr(config, "CPU_BATCH", 3)
+    on_gpu, on_cpu = config.PoolConfig().resolved(16, 1), config.PoolConfig().resolved(8, 0)
+    help = _action(build_parser(), ["render", flag]).help
+    assert help.endswith(
+        f"(default: sized from the cluster: {getattr(on_gpu, field):g} on 16 CPUs + 1 GPU, "
+        f"{getattr(on_cpu, field):g} on 8 CPUs)"
+    ), help
+    if field == "batch_size":
+        assert "32 on 16 CPUs + 1 GPU, 3 on 8 CPUs" in help
 
 
 def _action(parser, path):

@@ -18,7 +18,7 @@ def test_the_generator_has_the_contract_shapes():
     visual, audio, out = _shapes(build_model(Arch.UNET328, Size.SMALL))
     size, channels = contract.FRAME_SIZE, contract.VISUAL_CHANNELS
     assert visual[1:] == (channels, size, size)
-    assert audio[1:] == (contract.AUDIO_CHANNELS, 16, 16)
+    assert audio[1:] == (contract.AUDIO_CHANNELS, contract.AUDIO_SIZE, contract.AUDIO_SIZE)
     assert out[1:] == (3, size, size)
 
 
@@ -30,5 +30,6 @@ def test_the_audio_encoder_has_the_contract_shapes():
 
 def test_the_audio_window_fills_the_generator_audio_input():
     assert contract.FEATURE_CONTEXT == 2 * contract.AUDIO_CONTEXT
-    assert contract.FEATURE_CONTEXT * contract.FEATURE_DIM == contract.AUDIO_CHANNELS * 16 * 16
+    audio_values = contract.AUDIO_CHANNELS * contract.AUDIO_SIZE**2
+    assert audio_values == contract.FEATURE_CONTEXT * contract.FEATURE_DIM
     assert (contract.CROP_SIZE - contract.FRAME_SIZE) % 2 == 0  # the ROI is the crop's centre

@@ -279,14 +279,16 @@ def failing_generator():
         ("segment-upstream-error", EncodeError, "upstream failure"),
     ],
 )
-def test_failure_leaves_nothing(tmp_path: Path, case: str, error: type, match: str) -> None:
+def test_failure_leaves_the_previous_output(
+    tmp_path: Path, case: str, error: type, match: str
+) -> None:
     seg_dir = tmp_path / "segments"
     seg_dir.mkdir()
     segments = write_segments(seg_dir, EncodeOptions()) if case.startswith("concat") else []
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "out.mp4"
-    out.write_bytes(b"an older result")  # must not survive a failed call either
+    out.write_bytes(b"an older result")  # stays as it was: a failed call replaces nothing
     options = EncodeOptions()
     with pytest.raises(error, match=match):
         if case == "concat-expected-frames":
@@ -300,7 +302,8 @@ def test_failure_leaves_nothing(tmp_path: Path, case: str, error: type, match: s
             encode_segment(wrong_size_midway(), out, options)
         else:
             encode_segment(failing_generator(), out, options)
-    assert list(out_dir.iterdir()) == []
+    assert list(out_dir.iterdir()) == [out]  # no temp file left either
+    assert out.read_bytes() == b"an older result"
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -64,15 +64,26 @@ def reference_inputs(tmp_path_factory, small_models):
     return avatar, audio, root
 
 
-def test_reference_with_the_identity_model_reproduces_the_avatar(reference_inputs, small_models):
+@pytest.mark.parametrize(
+    ("style", "phases"),
+    [
+        ("jpeg", {"load", "features", "session", "generate", "encode"}),
+        # inference, pasting and encoding overlap: one phase
+        ("threaded", {"load", "features", "session", "generate_encode"}),
+    ],
+)
+def test_reference_with_the_identity_model_reproduces_the_avatar(
+    reference_inputs, small_models, style, phases
+):
     """The identity generator returns its ROI, so the reference's MP4 must show the avatar's
     frames in ping-pong order, up to the paste's resampling, JPEG and H.264."""
     avatar, audio, root = reference_inputs
-    out = root / "ref.mp4"
+    out = root / f"ref-{style}.mp4"
     argv = [
         *cli_command(), "reference", str(avatar.path), str(audio),
         "-o", str(out), "--model", str(small_models["identity"]),
-        "--audio-encoder", str(small_models["encoder"]), "--crf", "18",
+        "--audio-encoder", str(small_models["encoder"]), "--crf", "18", "--style", style,
+        "--batch-size", "3",  # batches that do not divide the frames
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -84,4 +95,4 @@ def test_reference_with_the_identity_model_reproduces_the_avatar(reference_input
     expected = bundle.read_frames(pingpong_indices(len(video), bundle.frame_count))
     worst = min(psnr_db(v, e) for v, e in zip(video, expected, strict=True))
     assert worst > 30, worst
-    assert set(result["phases_s"]) == {"load", "features", "session", "generate", "encode"}
+    assert result["style"] == style and set(result["phases_s"]) == phases

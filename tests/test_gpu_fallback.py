@@ -70,9 +70,9 @@ def test_the_probe_captures_onnxruntime_own_words(monkeypatch):
 
     if Provider.CUDA.value not in ort.get_available_providers():
         pytest.skip("the CPU-only onnxruntime has no CUDA provider to probe")
-    import lipsync_ray.inference as inference
+    import lipsync_ray.inference.providers as providers
 
-    monkeypatch.setattr(inference, "provider_library_error", lambda provider: None)
+    monkeypatch.setattr(providers, "provider_library_error", lambda provider: None)
     reason = gpu_fallback_reason(Provider.CUDA, SessionOptions())
     assert "libonnxruntime_providers_cuda.so" in reason and _onnxruntime_words(reason)
     assert "\n" not in reason and "\x1b" not in reason

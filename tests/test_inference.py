@@ -118,9 +118,9 @@ def test_thread_count_follows_cpus(tmp_path):
 
 def test_missing_gpu_provider_falls_back_loudly(tmp_path, caplog):
     """CUDA and TensorRT are asked for on a machine without them: CPU runs, and we say so."""
-    import lipsync_ray.inference as inference
+    import lipsync_ray.inference.providers as providers
 
-    inference._warned.clear()
+    providers._warned.clear()
     with caplog.at_level(logging.WARNING, logger="lipsync_ray.inference"):
         session = GeneratorSession(
             _generator(tmp_path / "m.onnx"),

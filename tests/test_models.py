@@ -263,18 +263,17 @@ def test_unet_output_follows_its_inputs(models, name):
 
 @pytest.mark.parametrize(
     ("name", "roi_db", "border_db"),
-    # Measured (seed 0): full ~40.5 / ~54 dB (every level comes back outside the mouth; the
-    # rest is the audio there), small ~19.7 / ~19.8 dB. SMALL's up5 has 2 output channels, so it
-    # keeps luma and red-minus-blue only, and these test images vary each colour
-    # independently. Random weights: about 12 dB.
+    # Measured (seed 0), in silence: full ~54 / ~54 dB (every level comes back), small ~19.7 /
+    # ~19.8 dB. SMALL's up5 has 2 output channels, so it keeps luma and red-minus-blue only,
+    # and these test images vary each colour independently. Random weights: about 12 dB.
     [
-        pytest.param("full_unet", 37.0, 50.0, marks=pytest.mark.slow),
+        pytest.param("full_unet", 50.0, 50.0, marks=pytest.mark.slow),
         ("small_unet", 17.0, 19.0),
         ("small_random_unet", None, None),
     ],
 )
 def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
-    visual, audio = _visual(30, 2), _audio(31, 2)
+    visual, audio = _visual(30, 2), np.zeros((2, 32, 16, 16), np.float32)  # silence
     out = _session(models[name]).run(["output"], {"input": visual, "audio": audio})[0]
     roi = visual[:, :3]
     border = np.ones((320, 320), bool)
@@ -288,22 +287,29 @@ def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
 
 
 @pytest.mark.slow
-def test_face_weights_survive_int8(tmp_path, small_unet, small_random_unet):
-    """INT8 passes the 35 dB gate with FACE weights; random weights are too chaotic for it."""
-    from lipsync_ray.precision import Precision, quality_gate, quantize_int8
+def test_face_weights_under_int8(tmp_path, small_unet, small_random_unet):
+    """INT8 keeps the FACE weights' face (>= 35 dB in silence) but not the opened mouth, whose
+    edge is steep: the gate refuses it (models build --help and the README say so). Random
+    weights are too chaotic for INT8 either way."""
+    from lipsync_ray.precision import Precision, quality_gate
+    from lipsync_ray.quantize import quantize_int8
 
     rng = np.random.default_rng(40)
     visual = (_visual(40, 10).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
     rows = np.maximum(rng.standard_normal((12, 18, 512)), 0)
     windows = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 3  # 16 smoothed feature rows
     audio = windows.reshape(12, 32, 16, 16).astype(np.float32)  # the windows' layout
+    silence = np.zeros_like(audio)
     psnr = {}
     for name, model in (("face", small_unet), ("random", small_random_unet)):
         fp32 = save_model(model, tmp_path / f"{name}.onnx")
         int8 = quantize_int8(fp32, tmp_path / f"{name}-int8.onnx", visual[:6], audio[:6])
-        gate = quality_gate(fp32, int8, visual[6:], audio[6:10], precision=Precision.INT8)
-        psnr[name] = gate.psnr_db
-    assert psnr["face"] >= 35.0 and psnr["random"] < 30.0, psnr
+        for sound, windows in (("silence", silence), ("features", audio)):
+            gate = quality_gate(fp32, int8, visual[6:], windows[6:10], precision=Precision.INT8)
+            psnr[name, sound] = gate.psnr_db
+    # Measured: face 38.5 dB in silence, 26-29 dB with the mouth opened; random ~15 dB.
+    assert psnr["face", "silence"] >= 35.0 and psnr["face", "features"] < 35.0, psnr
+    assert max(psnr["random", "silence"], psnr["random", "features"]) < 30.0, psnr
 
 
 @pytest.mark.slow
@@ -312,7 +318,9 @@ def test_weights_default_and_metadata(full_encoder, small_unet, small_random_une
         return {p.key: p.value for p in model.metadata_props}["lipsync_ray.weights"]
 
     assert meta(small_unet) == "face" and meta(small_random_unet) == "random"
-    assert meta(full_encoder) == "random"
+    assert meta(full_encoder) == "face"
+    random_encoder = build_model(Arch.AUDIO_ENCODER, Size.SMALL, weights="random")
+    assert meta(random_encoder) == "random"
     same = build_model(Arch.UNET328, Size.SMALL, weights="face")
     assert same.SerializeToString() == small_unet.SerializeToString()
     other = build_model(Arch.UNET328, Size.SMALL, seed=1)
@@ -376,8 +384,7 @@ def test_identity_returns_the_roi_exactly(names):
         ({"arch": Arch.UNET328, "size": "huge"}, "expected an Arch and a Size"),
         ({"arch": Arch.UNET328, "seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"arch": Arch.UNET328, "weights": "pretty"}, "weights must be one of random|face"),
-        ({"arch": Arch.AUDIO_ENCODER, "weights": Weights.FACE}, "random weights only"),
-        ({"arch": Arch.IDENTITY, "weights": "face"}, "random weights only"),
+        ({"arch": Arch.IDENTITY, "weights": "face"}, "identity has no weights to choose"),
     ],
 )
 def test_bad_options_raise_input_error(kwargs, match):

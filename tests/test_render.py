@@ -14,14 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import demo_inputs, psnr_db
 
-from lipsync_ray.actors import (
-    ChunkSpec,
-    CompositorActor,
-    JobContext,
-    Predictions,
-    session_options_here,
-)
+from lipsync_ray.actors import CompositorActor, session_options_here
 from lipsync_ray.avatar import Avatar, pingpong_indices
+from lipsync_ray.chunks import ChunkSpec, JobContext, Predictions
 from lipsync_ray.composite import Blend, BlendOptions
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.dev.speech import synth_speech, write_audio

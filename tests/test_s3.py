@@ -18,6 +18,7 @@ machine would. Frames are compared with a plain-path render of the same inputs.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -216,15 +217,17 @@ def test_split_placement_stages_the_avatar_once_per_node(
     # Two nodes, two copies: the driver's on the head (its compositors use it), and one on
     # node B shared by both of its actors (they start together; one waits for the other).
     assert s3.requests.count("GET", f"/{s3.bucket}/d/avatar/avatar.json") - fetches == 2
-    staged = list((cluster.node_b_tmp / "lipsync-ray-storage" / "stage").glob("*/avatar"))
+    cache = cluster.node_b_tmp / f"lipsync-ray-{os.getuid()}" / "storage"
+    staged = list((cache / "stage").glob("*/avatar"))
     assert len(staged) >= 1
     _same_video(_fetched(s3, "d/out.mp4", tmp_path), reference)
 
 
 def test_server_restarted_mid_render(s3, cluster, small_models, inputs, reference, tmp_path):
-    """The server goes away for a second once two segments are up, and comes back with its
-    objects: requests in between are refused and retried (S3_MAX_ATTEMPTS), and the render
-    finishes with the same frames."""
+    """The server goes away once two segments are up, for a second and until a request has
+    failed against it (open connections cut, new ones dropped unanswered), and comes back
+    with its objects: the failed requests are retried (S3_MAX_ATTEMPTS) and answered, and
+    the render finishes with the same frames."""
     restarted: dict = {}
 
     def restart_when_two_segments() -> None:
@@ -232,7 +235,8 @@ def test_server_restarted_mid_render(s3, cluster, small_models, inputs, referenc
         while time.monotonic() < deadline and not done.is_set():
             segments = _segments(s3, "e/work")
             if segments >= 2:
-                s3.restart(down_s=1.0)
+                restarted["logged"] = len(s3.requests.lines)
+                restarted["dropped"] = s3.restart(down_s=1.0, until_dropped=1)
                 restarted["segments"] = segments
                 return
             time.sleep(0.05)
@@ -248,6 +252,11 @@ def test_server_restarted_mid_render(s3, cluster, small_models, inputs, referenc
         watcher.join()
     assert restarted, "the render ended before the server could be restarted"
     assert restarted["segments"] < report.chunks
+    dropped = [line for line in restarted["dropped"] if line]
+    assert dropped, "no request reached the server while it was down"
+    # The same request (method, key and query) was sent again and answered after the restart.
+    retried = [line for line in dropped if s3.requests.answered(line, restarted["logged"])]
+    assert retried, f"none of the failed requests was answered later: {dropped}"
     _same_video(_fetched(s3, "e/out.mp4", tmp_path), reference)
 
 

@@ -10,7 +10,13 @@ import pytest
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError, ShardError
 from lipsync_ray.fileio import file_sha256
-from lipsync_ray.shards import ShardCodec, iter_shard_frames, shard_metadata, write_shard
+from lipsync_ray.shards import (
+    ShardCodec,
+    ShardInfo,
+    iter_shard_frames,
+    shard_metadata,
+    write_shard,
+)
 from lipsync_ray.workdir import Manifest, keep_spare, shard_path, spare_dir
 
 
@@ -108,6 +114,18 @@ def test_orphan_adoption_and_forget(tmp_path):
     assert Manifest.load(tmp_path).verified(ChunkRange(2, 8, 12))
     manifest.forget(2)
     assert 2 not in Manifest.load(tmp_path).chunks
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_shard_info_of_a_file(tmp_path, checksum):
+    """The one constructor of a record (shards, segments, adopted files): the file's size and
+    name in the work directory, its hash unless skipped, the chunk's range as given."""
+    path = tmp_path / "segments" / "chunk-000004.mp4"
+    path.parent.mkdir()
+    path.write_bytes(bytes(range(256)) * 3)
+    info = ShardInfo.of_file(path, tmp_path, chunk=4, start=32, stop=40, rows=8, checksum=checksum)
+    assert info == ShardInfo(4, 32, 40, 8, file_sha256(path) if checksum else "", 768,
+                             "segments/chunk-000004.mp4")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import lipsync_ray.inference as inference
+import lipsync_ray.inference.providers as providers
+import lipsync_ray.inference.session as session_mod
 from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
-from lipsync_ray.trt import engine_build_lock, file_key, tensorrt_loads, tensorrt_options
+from lipsync_ray.inference.trt import engine_build_lock, file_key, tensorrt_loads, tensorrt_options
 
 TRT = Provider.TENSORRT.value
 INPUTS = (("visual_u8", (320, 320, 6)), ("audio", (32, 16, 16)))
@@ -54,11 +55,11 @@ def test_tensorrt_provider_options(options, expected):
 
 @pytest.mark.parametrize("loads", [True, False])
 def test_tensorrt_stays_in_the_order_only_when_its_libraries_load(monkeypatch, caplog, loads):
-    monkeypatch.setattr(inference, "tensorrt_loads", lambda: loads)
-    monkeypatch.setattr(inference, "_warned", set())  # an earlier test may have warned already
+    monkeypatch.setattr(providers, "tensorrt_loads", lambda: loads)
+    monkeypatch.setattr(providers, "_warned", set())  # an earlier test may have warned already
     available = [TRT, Provider.CUDA.value, Provider.CPU.value]
     with caplog.at_level(logging.WARNING):
-        entries = inference._provider_entries(SessionOptions(trt_max_batch=4), available)
+        entries = providers.provider_entries(SessionOptions(trt_max_batch=4), available)
     names = [e if isinstance(e, str) else e[0] for e in entries]
     assert names == ([TRT] if loads else []) + [Provider.CUDA.value, Provider.CPU.value]
     assert ("libnvinfer.so.10" in caplog.text) is not loads
@@ -74,7 +75,7 @@ def test_engine_directory_and_profile_of_a_generator(tmp_path, monkeypatch, fixe
     model = build_model(Arch.UNET328, Size.SMALL, input_names=names, fixed_batch=fixed_batch)
     path = save_model(model, tmp_path / "unet.onnx")
     session = GeneratorSession(path, SessionOptions(providers=(Provider.CPU,)))
-    monkeypatch.setattr(inference, "tensorrt_loads", lambda: True)
+    monkeypatch.setattr(session_mod, "tensorrt_loads", lambda: True)
     monkeypatch.setattr(
         "onnxruntime.get_available_providers", lambda: [TRT, "CPUExecutionProvider"]
     )
@@ -107,7 +108,7 @@ _ACTOR = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from lipsync_ray.trt import engine_build_lock
+    from lipsync_ray.inference.trt import engine_build_lock
 
     engine_dir = Path(sys.argv[1])
     with engine_build_lock(engine_dir):
@@ -143,8 +144,8 @@ def test_private_temp_dir_is_ours_or_refused(tmp_path, monkeypatch):
     import os
     import tempfile
 
-    from lipsync_ray.trt import default_trt_root, private_temp_dir
-    from lipsync_ray.wrapper import default_wrapper_dir
+    from lipsync_ray.inference.trt import default_trt_root, private_temp_dir
+    from lipsync_ray.inference.wrapper import default_wrapper_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     base = tmp_path / f"lipsync-ray-{os.getuid()}"

@@ -7,8 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lipsync_ray.actors import ChunkResult
-from lipsync_ray.chunks import ChunkRange, plan_chunks
+from lipsync_ray.chunks import ChunkRange, ChunkResult, plan_chunks
 from lipsync_ray.config import EncodeMode, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.report import RunReport, StageTimes
@@ -144,7 +143,7 @@ def test_segments_mode_releases_shards_into_bounded_spares(tmp_path):
     plan = plan_chunks(FRAMES, CHUNK)
     for chunk in plan:
         result = _render(work, chunk)
-        segment = replace(result.shard, file=f"{layout.SEGMENTS}/x-{chunk.chunk}.mp4")
+        segment = replace(result.shard, file=layout.chunk_file(chunk.chunk, segment=True))
         work.record(replace(result, segment=segment))
     manifest = Manifest.load(work.path)
     assert manifest.released == {0, 1, 2}

@@ -22,7 +22,7 @@ from lipsync_ray.composite import prediction_to_uint8
 from lipsync_ray.dev.models import Arch, Size, build_model, save_model
 from lipsync_ray.errors import ModelError
 from lipsync_ray.inference import DeviceBuffers, GeneratorSession, Provider, SessionOptions
-from lipsync_ray.wrapper import default_wrapper_dir, wrap_generator
+from lipsync_ray.inference.wrapper import default_wrapper_dir, wrap_generator
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 

@@ -6,7 +6,9 @@
   next to the bare FPS of the same model (one session, best batch) measured in the same run,
   with per-stage CPU, the phases of its wall time and the peak memory of the whole process
   tree (driver, raylet, workers); optionally beside ``lipsync-ray reference``, the
-  single-process script it replaces (:mod:`lipsync_ray.dev.reference`), on the same footage.
+  single-process scripts it replaces (:mod:`lipsync_ray.dev.reference`), on the same footage.
+
+``bench encode`` is :mod:`lipsync_ray.dev.bench_encode`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_ray.errors import InputError
+from lipsync_ray.flags import render_argv
 from lipsync_ray.inference import (
     GeneratorSession,
     Provider,
@@ -88,7 +91,7 @@ def bench_inference(
     options = options or SessionOptions(providers=(Provider.CPU,))
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-fp16-") as tmp:
         if fp16:
-            from lipsync_ray.precision import convert_fp16
+            from lipsync_ray.quantize import convert_fp16
 
             model = convert_fp16(model, Path(tmp) / "fp16.onnx")
         session = GeneratorSession(model, options, cpus=cpus)
@@ -352,10 +355,12 @@ class RenderBench:
     render_batch: int = 0  # frames per generator call in the render
     frames_generated: int = 0  # frames that went through the generator (silence skips some)
     precision: dict = field(default_factory=dict)
-    # The single-process reference (lipsync_ray.dev.reference) on the same footage and model, as
-    # a process: {"wall_s", "fps", "cpu_ms_per_frame", "peak_rss_mb", "phases_s", ...}; its
-    # wall over the render's is ``speedup``. Empty without ``reference``.
+    # The single-process references (lipsync_ray.dev.reference) on the same footage and model,
+    # each as a process, by style ("jpeg", "threaded"): {"style", "wall_s", "fps",
+    # "cpu_ms_per_frame", "peak_rss_mb", "phases_s", ...}. ``reference`` is the faster of them,
+    # and its wall over the render's is ``speedup``. Empty without ``reference``.
     reference: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
     speedup: float = 0.0
     settings: dict = field(default_factory=dict)
 
@@ -405,6 +410,38 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lipsync_ray.cli", *args]
 
 
+# Both scripts the render is measured against (lipsync_ray.dev.reference.ReferenceStyle).
+REFERENCE_STYLES = ("jpeg", "threaded")
+
+
+def _run_reference(
+    style: str, avatar: Path, speech: Path, out: Path, unet: Path, encoder: Path, config,
+    *, log_path: Path,
+) -> dict:  # fmt: skip
+    """``lipsync-ray reference --style STYLE`` as a process, timed from start to exit."""
+    import json
+
+    run = run_process(
+        _cli(
+            "reference", str(avatar), str(speech), "-o", str(out), "--style", style,
+            "--model", str(unet), "--audio-encoder", str(encoder),
+            *render_argv(config, ["--crf", "--preset"]),
+        ),
+        log_path=log_path,
+    )  # fmt: skip
+    inner = json.loads(run.stdout.strip().splitlines()[-1])
+    return {
+        "style": style,
+        "wall_s": run.wall_s,
+        "fps": inner["frames"] / run.wall_s,
+        "frames": inner["frames"],
+        "cpu_ms_per_frame": 1000.0 * run.cpu_s / inner["frames"],
+        "peak_rss_mb": run.peak_rss_mb,
+        "phases_s": {"before_run": run.wall_s - inner["wall_s"], **inner["phases_s"]},
+        "provider": inner["provider"],
+    }
+
+
 def bench_render(
     model: str = "full",
     seconds: float = 60.0,
@@ -442,16 +479,16 @@ def bench_render(
             bare batch: bare runs one session with every thread, the render one per CPU.
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
-        reference: also run ``lipsync-ray reference`` (lipsync_ray.dev.reference) on the same
-            avatar, audio and model, with the render's preset and CRF.
+        reference: also run ``lipsync-ray reference`` (lipsync_ray.dev.reference) in both
+            styles on the same avatar, audio and model, with the render's preset and CRF;
+            ``speedup`` is against the faster.
     """
     import json
 
-    from lipsync_ray.cli import render_argv
     from lipsync_ray.config import RenderConfig
     from lipsync_ray.dev.models import Arch, Size, build_model, save_model
     from lipsync_ray.dev.speech import synth_speech, write_audio
-    from lipsync_ray.pipeline import prepare_generator
+    from lipsync_ray.pools import prepare_generator
     from lipsync_ray.precision import Precision
     from lipsync_ray.workdir.layout import report_path
 
@@ -536,30 +573,15 @@ def bench_render(
             **phases,
             "shutdown": run.exited_at - report["phases_s"]["finished_at"],
         }
-        ref: dict = {}
+        references: dict[str, dict] = {}
         if reference:
-            ref_run = run_process(
-                _cli(
-                    "reference", str(bundle.path), str(speech), "-o", str(root / "ref.mp4"),
-                    "--model", str(unet), "--audio-encoder", str(encoder),
-                    "--crf", str(config.encode.crf), "--preset", config.encode.preset,
-                ),
-                log_path=root / "reference.log",
-            )  # fmt: skip
-            inner = json.loads(ref_run.stdout.strip().splitlines()[-1])
-            ref = {
-                "wall_s": ref_run.wall_s,
-                "fps": inner["frames"] / ref_run.wall_s,
-                "frames": inner["frames"],
-                "cpu_ms_per_frame": 1000.0 * ref_run.cpu_s / inner["frames"],
-                "peak_rss_mb": ref_run.peak_rss_mb,
-                "phases_s": {
-                    "before_run": ref_run.wall_s - inner["wall_s"],
-                    **inner["phases_s"],
-                },
-                "provider": inner["provider"],
-            }
-            os.sync()
+            for style in REFERENCE_STYLES:
+                references[style] = _run_reference(
+                    style, bundle.path, speech, root / f"ref-{style}.mp4", unet, encoder, config,
+                    log_path=root / f"reference-{style}.log",
+                )  # fmt: skip
+                os.sync()
+        ref = min(references.values(), key=lambda r: r["wall_s"]) if references else {}
         after = None
         if best is not None:
             after = bench_inference(
@@ -595,6 +617,7 @@ def bench_render(
             frames_generated=report["frames_generated"],
             precision=dict(report["precision"]),
             reference=ref,
+            references=references,
             speedup=ref["wall_s"] / run.wall_s if ref else 0.0,
             settings={
                 **report["settings"],
@@ -605,78 +628,3 @@ def bench_render(
         )
     finally:
         tmp.cleanup()
-
-
-@dataclass(frozen=True)
-class EncodeBench:
-    """One x264 preset on the benchmark's footage, encoded as a compositor does (one thread,
-    64-frame segments from BGR frames)."""
-
-    preset: str
-    crf: int
-    frames: int
-    cpu_ms_per_frame: float  # the encoding process's CPU (BGR→YUV conversion included)
-    mbit_per_s: float  # at 25 fps
-    psnr_db: float  # mean over frames, against the frames before encoding (Y, U and V)
-    worst_psnr_db: float
-
-
-def bench_encode(
-    presets: Sequence[str] = ("ultrafast", "superfast", "veryfast", "faster"),
-    *,
-    crf: int = 20,
-    seconds: float = 10.0,
-    size_wh: tuple[int, int] = (1280, 720),
-    avatar: str = "photo",
-    segment_frames: int = 64,
-    work_root: str | Path | None = None,
-) -> list[EncodeBench]:
-    """CPU, bit rate and quality of each x264 ``preset`` at ``crf`` on generated footage.
-
-    The frames are made first and kept in memory; each preset then encodes them in segments of
-    ``segment_frames`` (as compositors encode chunks) with one thread, timed by this process's
-    CPU, and the segments are decoded and compared with the frames (PSNR over all planes of
-    the BGR frames, so chroma subsampling counts against every preset alike).
-    """
-    import av
-
-    from lipsync_ray.dev.synthetic import draw_face_frames, photo_frames
-    from lipsync_ray.encode import EncodeOptions, encode_segment
-
-    n = max(1, round(seconds * 25))
-    if avatar == "photo":
-        frames = list(photo_frames(n, size_wh)[0])
-    else:
-        frames = list(draw_face_frames(n, size_wh))
-    results = []
-    with tempfile.TemporaryDirectory(prefix="lipsync-bench-encode-", dir=work_root) as tmp:
-        for preset in presets:
-            options = EncodeOptions(crf=crf, preset=preset, threads=1)
-            paths, c0 = [], time.process_time()
-            for k, lo in enumerate(range(0, n, segment_frames)):
-                path = Path(tmp) / f"{preset}-{k:04d}.mp4"
-                encode_segment(frames[lo : lo + segment_frames], path, options)
-                paths.append(path)
-            cpu = time.process_time() - c0
-            size = sum(p.stat().st_size for p in paths)
-            psnrs, i = [], 0
-            for path in paths:
-                with av.open(str(path)) as container:
-                    for decoded in container.decode(video=0):
-                        got = decoded.to_ndarray(format="bgr24").astype(np.float64)
-                        mse = np.mean((got - frames[i]) ** 2)
-                        psnrs.append(10 * np.log10(255.0**2 / max(mse, 1e-12)))
-                        i += 1
-                path.unlink()
-            results.append(
-                EncodeBench(
-                    preset=preset,
-                    crf=crf,
-                    frames=n,
-                    cpu_ms_per_frame=1000.0 * cpu / n,
-                    mbit_per_s=size * 8 / (n / 25) / 1e6,
-                    psnr_db=float(np.mean(psnrs)),
-                    worst_psnr_db=float(np.min(psnrs)),
-                )
-            )
-    return results

@@ -17,7 +17,7 @@ def print_inference_bench(results: Sequence) -> None:
 
 
 def print_encode_bench(results: Sequence, *, avatar: str, crf: int) -> None:
-    """``bench encode``'s table: one ``bench.EncodeBench`` per preset."""
+    """``bench encode``'s table: one ``bench_encode.EncodeBench`` per preset."""
     print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
           f"   ({avatar} footage, CRF {crf}, 1 thread, 64-frame segments)")  # fmt: skip
     for r in results:
@@ -73,11 +73,12 @@ def print_render_bench(r, first) -> None:
     print(
         f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
     )
-    if r.reference:
-        ref = r.reference
-        print(f"reference single-process script, whole process: {ref['fps']:.2f} FPS "
+    for style, ref in r.references.items():
+        print(f"reference script ({style}), whole process: {ref['fps']:.2f} FPS "
               f"({ref['wall_s']:.1f} s; {ref['cpu_ms_per_frame']:.1f} CPU ms/frame, peak RSS "
               f"{ref['peak_rss_mb']:.0f} MB)")  # fmt: skip
         print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ref["phases_s"].items()))
-        print(f"lipsync-ray render vs the reference, same footage and model: {r.speedup:.2f}x "
-              f"faster (wall of the reference / wall of the render)")  # fmt: skip
+    if r.reference:
+        style = r.reference["style"]
+        print(f"lipsync-ray render vs the faster reference ({style}), same footage and "
+              f"model: {r.speedup:.2f}x faster (its wall / the render's wall)")  # fmt: skip

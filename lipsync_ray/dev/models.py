@@ -22,13 +22,14 @@ already-normalised input), and the statistics fold into the convolution
 weights and biases of the inference graph, which has no normalisation ops.
 Random weights without this give a constant grey output.
 
-``Weights.FACE`` (the UNet's default) replaces some channels of some convolutions with
-designed rows (``_face_weights``): a linear path carries the ROI from ``inc`` through the
-skip connection to the output, and a smooth audio term and a small share of the random
-network are added to it inside a mouth mask only, so the output looks like the input face
-(FULL: every level of the ROI outside the mask comes back exactly, so a paste does not show)
-and INT8 stays within the 35 dB gate. ``Weights.RANDOM`` keeps the all-random network
-(chaotic: INT8 ~15 dB).
+``Weights.FACE`` (the default of the UNet and the audio encoder) replaces some channels of
+some convolutions with designed rows (``_face_weights``): the encoder measures each frame's
+loudness into some of its features, and in the UNet a linear path carries the ROI from ``inc``
+through the skip connection to the output while the loudness opens a dark mouth inside a mouth
+mask only. So the mouth opens with the speech, silence returns the input face (FULL: every
+level, so a paste does not show), and nothing outside the mouth ever changes. INT8 keeps the
+face but not the opened mouth's edge: the quality gate refuses it. ``Weights.RANDOM`` keeps the
+all-random networks (chaotic: INT8 ~15 dB).
 """
 
 from __future__ import annotations
@@ -96,16 +97,17 @@ class Size(enum.Enum):
 
 
 class Weights(enum.Enum):
-    """How the UNet's weights are made (the audio encoder's are always ``RANDOM``).
+    """How the UNet's and the audio encoder's weights are made (the identity has none).
 
     RANDOM: He-normal, BatchNorm folded from one calibration pass. Input-sensitive but chaotic
-    (tiny input changes, e.g. INT8 rounding, change the output a lot); the output looks like
-    coloured noise.
-    FACE: like a trained generator: the output reproduces the ROI, and around the mouth it is
-    shifted smoothly by the audio's change over the window; the rest of the network is random
-    as above but only reaches the output there, with a small gain (``_face_weights``). FULL
-    passes the rest of the ROI through exactly; SMALL keeps luma and red-minus-blue only.
-    Survives INT8.
+    (tiny input changes, e.g. INT8 rounding, change the output a lot); the UNet's output looks
+    like coloured noise.
+    FACE: like a trained pair: the encoder measures each frame's loudness, and the UNet
+    reproduces the ROI and opens a dark mouth in it as far as the loudness goes, closed in
+    silence; the rest of both networks is random as above and does not reach the UNet's
+    output (``_face_weights``). FULL passes the ROI through exactly; SMALL keeps luma and
+    red-minus-blue only. INT8 keeps the face (38-42 dB in silence) but not the opened mouth's
+    edge (20-26 dB: the 35 dB gate refuses it).
     """
 
     RANDOM = "random"
@@ -147,11 +149,12 @@ class _Builder:
         rng: np.random.Generator | None,
         folded: Sequence[WeightBias] | None = None,
         plan: face.FacePlan | None = None,
+        random_std: float = 1.0,
     ):
         self.rng = rng
         self.folded = folded
         self.plan = plan
-        self.random_std = face.RANDOM_STD if plan is not None else 1.0
+        self.random_std = random_std
         self.sig: dict[str, face.Sig] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -351,11 +354,18 @@ def _encoder(b: _Builder, mel: str, widths: tuple[int, ...]) -> str:
         (w3, (3, 2), False), (w3, 1, True),  # 3 x 3
     ]  # fmt: skip
     x = mel
+
+    def design(i: int, cout: int, res: bool) -> face.Design | None:
+        return b.plan.encoder(i, b.channels[x], cout, res) if b.plan else None
+
     for i, (cout, stride, res) in enumerate(plan):
-        y = b.conv(x, cout, name=f"enc.{i}", kernel=3, stride=stride, pad=1)
+        d = design(i, cout, res)
+        y = b.conv(x, cout, name=f"enc.{i}", kernel=3, stride=stride, pad=1, design=d)
         x = b.relu(b.add(y, x) if res else y)  # residual before the ReLU, as in Wav2Lip
-    x = b.relu(b.conv(x, w4, name=f"enc.{len(plan)}", kernel=3))  # 3x3 -> 1x1
-    x = b.relu(b.conv(x, FEATURE_DIM, name=f"enc.{len(plan) + 1}"))
+    n = len(plan)
+    x = b.relu(b.conv(x, w4, name=f"enc.{n}", kernel=3, design=design(n, w4, False)))  # 1x1
+    d = design(n + 1, FEATURE_DIM, False)
+    x = b.relu(b.conv(x, FEATURE_DIM, name=f"enc.{n + 1}", design=d))
     return b.op("Flatten", [x], out="features", axis=1)
 
 
@@ -499,14 +509,14 @@ def _check_names(arch: Arch, input_names: Sequence[str] | None) -> tuple[str, ..
 
 
 def _check_weights(arch: Arch, weights: Weights | str | None) -> Weights:
-    default = Weights.FACE if arch is Arch.UNET328 else Weights.RANDOM
+    default = Weights.RANDOM if arch is Arch.IDENTITY else Weights.FACE
     try:
         chosen = default if weights is None else Weights(weights)
     except ValueError:
         choices = "|".join(w.value for w in Weights)
         raise InputError(f"weights must be one of {choices}, got {weights!r}") from None
-    if chosen is not default and arch is not Arch.UNET328:
-        raise InputError(f"{arch.value} has random weights only, got weights={chosen.value!r}")
+    if chosen is not default and arch is Arch.IDENTITY:
+        raise InputError(f"{arch.value} has no weights to choose, got weights={chosen.value!r}")
     return chosen
 
 
@@ -529,15 +539,16 @@ def build_model(
             (some exports use ``("visual_input", "audio_input")``). Audio encoder: one
             name, default ``("mel",)``.
         fixed_batch: batch axis fixed to 1 instead of the dynamic axis ``"batch"``.
-        weights: UNet only: ``Weights.FACE`` (the default: behaves like a trained generator)
-            or ``Weights.RANDOM``. None: the arch's default (the other archs: RANDOM only).
+        weights: UNet and audio encoder: ``Weights.FACE`` (the default: they behave like a
+            trained pair) or ``Weights.RANDOM``. None: the arch's default (identity: RANDOM,
+            its only choice).
 
     Returns:
         An opset-17 model that passes ``onnx.checker``, with no BatchNormalization nodes.
 
     Raises:
         InputError: unknown arch, size or weights, a negative seed, bad ``input_names``, or
-            ``Weights.FACE`` for an arch other than the UNet.
+            ``Weights.FACE`` for the identity.
     """
     try:
         arch, size = Arch(arch), Size(size)
@@ -559,8 +570,11 @@ def build_model(
         model = b.model(_outputs(arch, batch), "identity")
     else:
         rng = np.random.default_rng(seed)
-        plan = face.FacePlan(int(seed)) if weights is Weights.FACE else None
-        calib = _Builder(rng, plan=plan)
+        plan = face.FacePlan() if weights is Weights.FACE else None
+        # The UNet's random rows stay small next to its designed signals (INT8 resolution);
+        # the encoder's keep the spread a real encoder's features have.
+        random_std = face.RANDOM_STD if plan and arch is Arch.UNET328 else 1.0
+        calib = _Builder(rng, plan=plan, random_std=random_std)
         _network(calib, arch, size, names, BATCH_AXIS)
         stat_outputs = [
             helper.make_tensor_value_info(s, TensorProto.FLOAT, None) for s in calib.stat_names
@@ -573,6 +587,8 @@ def build_model(
         model = infer.model(_outputs(arch, batch), arch.value.replace("-", "_"))
 
     meta = {"arch": arch.value, "size": size.value, "seed": str(seed), "weights": weights.value}
+    if weights is Weights.FACE:
+        meta["design"] = str(face.DESIGN_VERSION)
     for key, value in meta.items():
         model.metadata_props.add(key=f"lipsync_ray.{key}", value=value)
     onnx.checker.check_model(model)

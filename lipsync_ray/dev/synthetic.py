@@ -1,7 +1,7 @@
 """Generated media for the demo and the tests: a drawn talking face, videos, a ready avatar.
 
 The face is drawn with OpenCV (skin-coloured head with soft shading, eyes with irises, brows,
-nose, lips around a mouth that opens and closes) over a gradient background with a fixed
+nose, closed lips) over a gradient background with a fixed
 seeded texture, and drifts a little (translation and scale) from frame to frame.
 ``make_demo_avatar`` builds a bundle from it without face detection: the crop boxes follow
 from the drawing. Whether the MTCNN detector (``face.py``) finds the drawn face is checked by
@@ -39,6 +39,13 @@ __all__ = [
 ]
 
 _SKIN = (120, 160, 215)  # BGR
+# The mouth line, in head radii below the head's centre: in the lower-face box (``pose_box``:
+# from 0.05 radii above the centre, 1.68 radii square) it is (0.05 + 0.515) / 1.68 of the way
+# down, ROI row 106 of 320, where the stand-in generator opens the mouth.
+MOUTH_Y = 0.515
+# Bumped when the drawing changes, so a demo redraws the avatar it keeps (version 1 moved its
+# own mouth).
+AVATAR_VERSION = 2
 _LIPS = (90, 80, 170)
 _MOUTH = (40, 30, 70)
 # pixel format for each encoder we write (all exact or near-exact for BGR input)
@@ -74,8 +81,9 @@ def face_poses(n_frames: int, size_wh: tuple[int, int] = (1280, 720), seed: int 
         scale = 1.0 + 0.04 * math.sin(0.7 * t + phase[0])
         cx = w / 2 + 0.02 * w * math.sin(0.9 * t + phase[1])
         cy = h / 2 + 0.015 * h * math.sin(1.3 * t + phase[2])
-        mouth = 0.5 + 0.5 * math.sin(2 * math.pi * 2.5 * t + phase[3])  # ~2.5 syllables/s
-        poses.append(FacePose((cx, cy), (base_r * 0.8 * scale, base_r * scale), mouth))
+        # The mouth stays closed: a lip-sync model opens it (the stand-in generator does, with
+        # the speech's loudness), so the avatar's own mouth must not move.
+        poses.append(FacePose((cx, cy), (base_r * 0.8 * scale, base_r * scale), 0.0))
     return poses
 
 
@@ -127,7 +135,7 @@ def _draw_face(canvas: np.ndarray, pose: FacePose) -> None:
     cv2.fillConvexPoly(
         canvas, np.round(nose * 16).astype(np.int32), (100, 130, 190), cv2.LINE_AA, 4
     )
-    my = cy + 0.48 * ry
+    my = cy + MOUTH_Y * ry
     open_h = 0.02 * ry + 0.14 * ry * pose.mouth_open
     _ell(canvas, (cx, my), (0.36 * rx, open_h + 0.05 * ry), _LIPS)  # lips
     _ell(canvas, (cx, my), (0.3 * rx, open_h), _MOUTH)  # mouth opening
@@ -210,7 +218,7 @@ def make_demo_avatar(
         draw_face_frames(n, size_wh, seed),
         boxes,
         fps=fps,
-        source={"kind": "synthetic", "seed": seed, "seconds": seconds},
+        source={"kind": "synthetic", "seed": seed, "seconds": seconds, "version": AVATAR_VERSION},
         preprocessing={"detector": "synthetic-drawing", "smoothing": None},
         overwrite=overwrite,
     )

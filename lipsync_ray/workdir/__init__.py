@@ -10,8 +10,12 @@
     remote        WorkStore, RemoteWorkDir: a work directory off the local disk
     directory     WorkDir: the one object the driver talks to, from open to finish
 
-The names are imported on first use (PEP 562): the shard format and the actors import
-:mod:`.layout` and :mod:`.remote` while this package's driver parts import them.
+The names are imported on first use (PEP 562), because the runtime's leaf modules import
+:mod:`.layout` (``report``, ``shards``, ``actors``: the names of the files they write) while
+this package's driver parts import them (:mod:`.directory` needs ``report`` and ``shards``,
+:mod:`.manifest` needs ``shards``). Importing ``lipsync_ray.workdir.layout`` runs this file
+first: with plain imports here, ``import lipsync_ray.shards`` would load :mod:`.directory`
+before ``shards`` has defined what it needs.
 """
 
 from __future__ import annotations

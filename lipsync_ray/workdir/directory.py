@@ -16,21 +16,26 @@
     work.close()                             (also on failure) the manifest up to the store
 
 The manifest only records shards whose checksum it has seen, and a work directory of another
-fingerprint is wiped (with --overwrite) or refused, so a resume never mixes two renders.
+fingerprint is cleared (with --overwrite) or refused, so a resume never mixes two renders.
+
+A work directory is the renderer's when it holds nothing yet or holds a manifest of its own:
+:meth:`WorkDir.open` refuses any other folder (before Ray starts), and clearing one deletes
+only the renderer's own files in it (:func:`lipsync_ray.workdir.layout.remove_chunk_files`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 from lipsync_ray import audio as audio_mod
-from lipsync_ray.actors import ChunkResult, JobContext
-from lipsync_ray.chunks import ChunkRange
+from lipsync_ray.chunks import ChunkRange, ChunkResult, JobContext
 from lipsync_ray.config import EncodeMode, RenderConfig
 from lipsync_ray.encode import MediaInfo, concat_segments, encode_video, probe, remove_partials
 from lipsync_ray.errors import InputError, LipsyncError
@@ -70,17 +75,56 @@ class WorkDir:
         self.path = job.work_dir
         self.segments = config.encode_mode is EncodeMode.SEGMENTS
         self._manifest: Manifest | None = None
+        self._found: Manifest | None = None  # the manifest that open() found there
+        self._claimed = False
 
     @classmethod
     def open(cls, job: Job, config: RenderConfig) -> WorkDir:
         """The job's work directory; one off the local disk is mirrored first (so a failing
-        store fails here, before the audio is decoded or an actor starts)."""
+        store fails here, before the audio is decoded or an actor starts). Checks that the
+        directory is the renderer's (see :meth:`claim`)."""
         work = cls(job, config)
         if job.remote is not None:
             job.remote.pull()
+        work.claim()
         if job.remote is not None or job.output_location is not None:
             job.output.parent.mkdir(parents=True, exist_ok=True)  # a node-local stand-in
         return work
+
+    def claim(self) -> None:
+        """Check, before anything is written, that the work directory is the renderer's: it
+        does not exist, holds nothing (empty ``shards/`` and ``segments/`` aside) or holds a
+        readable manifest; no name the renderer writes through is a symbolic link. An
+        unreadable manifest is passed with ``--overwrite`` only where every entry beside it
+        is one the renderer writes (the render then starts afresh).
+
+        Raises:
+            InputError: one line naming the directory, the manifest or the link.
+        """
+        self._claimed = True
+        path = self.path
+        if not path.is_dir():
+            return
+        layout.check_no_links(path)
+        try:
+            self._found = Manifest.load(path)
+        except InputError:
+            if not self.config.overwrite:
+                raise
+            if _foreign_entries(path):
+                raise InputError(
+                    "the work directory's manifest is unreadable and the directory holds "
+                    "other files; not starting afresh there, use another --work-dir",
+                    path=path,
+                ) from None
+            log.warning("%s: unreadable manifest, starting afresh (--overwrite)", path)
+            return
+        if self._found is None and _foreign_entries(path, manifest=False):
+            raise InputError(
+                "the work directory is not empty and holds no manifest of a render; "
+                "use an empty or new --work-dir",
+                path=path,
+            )
 
     def __enter__(self) -> WorkDir:
         return self
@@ -116,9 +160,11 @@ class WorkDir:
             InputError: the work directory belongs to another render (or its manifest is
                 unreadable) and ``--overwrite`` is off.
         """
+        if not self._claimed:
+            self.claim()
         self.path.mkdir(parents=True, exist_ok=True)
-        config = self.config
-        manifest = Manifest.load(self.path)
+        config, remote = self.config, self.job.remote
+        manifest, found = self._found, self._found
         if manifest is not None and manifest.fingerprint != fingerprint:
             if not config.overwrite:
                 raise InputError(
@@ -127,16 +173,21 @@ class WorkDir:
                     path=self.path,
                 )
             manifest = None
+        on_save = None
+        if remote is not None:  # the store's chunk files of another render go first
+            on_save = remote.attach(fingerprint, layout.manifest_path(self.path))
         if manifest is None:
-            layout.remove_chunk_dirs(self.path)
+            layout.remove_chunk_files(self.path, _recorded(found))
             manifest = Manifest(
                 self.path, fingerprint, config.to_dict(), frames, config.pool.chunk_frames
             )
-            manifest.save()
-        manifest.spares = spares if self.reuses_spares else 0
-        self._manifest = manifest
-        if self.job.remote is not None:
-            self.job.remote.attach(manifest)
+            manifest.save()  # published below, with the found one
+        # What this render does with the manifest's files, part of the value from here on.
+        self._manifest = replace(
+            manifest, spares=spares if self.reuses_spares else 0, on_save=on_save
+        )
+        if remote is not None:
+            remote.publish_manifest()
 
     def pending(self, plan: Sequence[ChunkRange]) -> list[ChunkRange]:
         """The chunks of ``plan`` that still need rendering, in order: files renamed into place
@@ -256,7 +307,7 @@ class WorkDir:
         Returns the report as the user sees it (output and work directory as given)."""
         job = self.job
         if not self.config.keep_shards:
-            layout.remove_chunk_dirs(self.path)
+            layout.remove_chunk_files(self.path, _recorded(self.manifest))
         report.save(layout.report_path(self.path))
         if job.output_location is None and job.remote is None:
             return report
@@ -274,6 +325,53 @@ class WorkDir:
         chunks); a no-op for a local work directory, or once :meth:`finish` published it."""
         if self.job.remote is not None:
             self.job.remote.publish_manifest()
+
+
+def _recorded(manifest: Manifest | None) -> list[str]:
+    """The chunk files a manifest accounts for (names relative to its work directory)."""
+    if manifest is None:
+        return []
+    return [info.file for info in (*manifest.chunks.values(), *manifest.segments.values())]
+
+
+# What a work directory of the renderer's holds at its top level; the chunk directories are
+# checked by name inside (layout.is_chunk_file).
+_OURS = {layout.MANIFEST, layout.REPORT}
+
+
+def _foreign_entries(path: Path, *, manifest: bool = True) -> bool:
+    """Whether the directory ``path`` holds anything the renderer did not write: with
+    ``manifest`` off, any entry but empty ``shards/`` and ``segments/`` counts."""
+    for entry in os.scandir(path):
+        name = entry.name
+        if name in layout.CHUNK_DIRS and entry.is_dir(follow_symlinks=False):
+            if any(not (manifest and layout.is_chunk_file(rel)) for rel in _chunk_dir(path, name)):
+                return True
+        elif not manifest or (name not in _OURS and not _partial_of(name)):
+            return True
+    return False
+
+
+def _chunk_dir(path: Path, name: str) -> list[str]:
+    """The entries of ``path/name`` (``shards/.spare``'s instead of itself), relative to
+    ``path``."""
+    rels = []
+    with os.scandir(path / name) as entries:
+        for entry in entries:
+            rel = f"{name}/{entry.name}"
+            if rel == f"{layout.SHARDS}/{layout.SPARES}" and entry.is_dir(follow_symlinks=False):
+                rels += _chunk_dir(path, rel)
+            else:
+                rels.append(rel)
+    return rels
+
+
+def _partial_of(name: str) -> bool:
+    """A temp file of the manifest or the report (lipsync_ray.fileio.partial_path)."""
+    return any(
+        name.startswith(f".{Path(ours).stem}.") and name.endswith(f".partial{Path(ours).suffix}")
+        for ours in _OURS
+    )
 
 
 def _relocate(report: RunReport, job: Job) -> RunReport:

@@ -2,11 +2,21 @@
 segments. A work directory holds the chunks of one fingerprint (its manifest says which), so a
 resume never mixes two renders.
 
-The avatar's part is :func:`avatar_identity`: its ``avatar.json`` and the names and sizes of
-its files, cheap enough for every render. (The precision cache keys the avatar by the pixels
-of the frames its gate uses instead, :mod:`lipsync_ray.precision`: a reduced model is only
-reused for the frames it was measured on. The two are kept apart on purpose: making one of
-them the other would rename every existing cache entry or invalidate every work directory.)
+What it covers, and what each costs per render:
+
+    avatar      avatar.json's bytes and the content SHA-256 of its three arrays
+                (:func:`avatar_identity`; checked against a stamp by size, mtime, ctime and
+                inode, microseconds, and hashed again only when they moved:
+                :mod:`lipsync_ray.avatar_digest`)
+    audio       the audio file's SHA-256 (a few MB), and the features it gave (or the
+                precomputed features) as an array: so also the audio encoder's output
+    model       the SHA-256 of the generator file the actors load (FP32, INT8 or FP16)
+    settings    chunking, batch size, start frame, shard codec, encode mode and options,
+                blend, silence passthrough
+
+(The precision cache keys the avatar by the pixels of the frames its gate uses instead,
+:mod:`lipsync_ray.precision`: a reduced model is only reused for the frames it was measured
+on.)
 """
 
 from __future__ import annotations
@@ -19,17 +29,25 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_ray.avatar import META_NAME
+from lipsync_ray.avatar_digest import content_digests
 from lipsync_ray.config import PoolConfig, RenderConfig
-from lipsync_ray.fileio import file_sha256
 
 __all__ = ["avatar_identity", "render_fingerprint"]
 
 
 def avatar_identity(bundle: str | Path) -> str:
-    """Hex SHA-256 of the avatar bundle's metadata file and the names and sizes of its files."""
+    """Hex SHA-256 of the bundle's ``avatar.json`` and the content digests of its arrays (of
+    a bundle ``Avatar.open`` accepted).
+
+    Raises:
+        InputError: an array no longer holds the rows ``avatar.json`` records.
+    """
     root = Path(bundle)
-    parts = [file_sha256(root / META_NAME)]
-    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(root.iterdir()) if p.is_file()]
+    meta_path = root / META_NAME
+    meta_bytes = meta_path.read_bytes()
+    digests = content_digests(root, json.loads(meta_bytes), meta_path)
+    parts = [hashlib.sha256(meta_bytes).hexdigest()]
+    parts += [f"{name}:{digest}" for name, digest in sorted(digests.items())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -41,6 +59,7 @@ def render_fingerprint(
     model: str,
     features: np.ndarray,
     start_frame: int,
+    audio: str,
 ) -> str:
     """Hex SHA-256 of the render's inputs and settings.
 
@@ -51,9 +70,11 @@ def render_fingerprint(
         model: SHA-256 of the generator file the actors load (FP32, INT8 or FP16).
         features: float32 (N, 512) audio features; not mutated.
         start_frame: the avatar frame of output frame 0.
+        audio: SHA-256 of the audio file (silence passthrough reads its samples).
     """
     parts = {
         "avatar": avatar,
+        "audio": audio,
         "features": hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(),
         "model": model,
         "chunk_frames": config.pool.chunk_frames,
@@ -61,7 +82,12 @@ def render_fingerprint(
         "start_frame": start_frame,
         "shard_codec": config.shard_codec.value,
         "encode_mode": config.encode_mode.value,
-        "encode": [config.encode.crf, config.encode.preset, config.encode.codec.value],
+        "encode": [
+            config.encode.crf,
+            config.encode.preset,
+            config.encode.codec.value,
+            config.encode.fps,
+        ],
         "blend": [config.blend.mode.value, config.blend.feather],
         "silence": None if config.silence is None else asdict(config.silence),
     }

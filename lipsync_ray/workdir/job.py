@@ -4,25 +4,32 @@
 ::
 
     check_job_paths(audio, output)     cheap checks before models or the avatar are opened, and
-                                       before Ray starts: inputs exist, the output's directory
-                                       and the work directory take a probe file (storage errors
-                                       are InputErrors that name the URI)
+                                       before Ray starts: inputs exist and can be read, the
+                                       output is none of them, the output's directory and the
+                                       work directory take a probe file, an existing output
+                                       needs --overwrite (storage errors are InputErrors that
+                                       name the URI)
     make_job(config, avatar, ...)      a validated Job: local paths, or node-local stand-ins
     open_avatar(location)              in place when local, else staged into this node's cache
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyarrow.fs import LocalFileSystem
+
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.config import RenderConfig
-from lipsync_ray.errors import InputError
+from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.storage import (
     Location,
     check_readable,
     check_writable,
+    file_key,
+    inside,
     node_dir,
     resolve,
     stage_in,
@@ -30,7 +37,14 @@ from lipsync_ray.storage import (
 from lipsync_ray.workdir.layout import WORK_SUFFIX
 from lipsync_ray.workdir.remote import RemoteWorkDir
 
-__all__ = ["Job", "check_job_paths", "make_job", "open_avatar"]
+__all__ = [
+    "Job",
+    "check_job_paths",
+    "check_not_an_input",
+    "config_models",
+    "make_job",
+    "open_avatar",
+]
 
 
 @dataclass(frozen=True)
@@ -56,23 +70,45 @@ def check_job_paths(
     filesystem=None,
     work_dir: str | Path | Location | None = None,
     avatar: str | Path | Location | None = None,
+    features: str | Path | Location | None = None,
+    models: Sequence[str | Path] = (),
 ) -> tuple[Location, Location]:
     """Cheap checks of a render's own paths, before models or the avatar are opened and before
-    Ray starts: the audio (and ``avatar``, when given) exist, the output does not (unless
-    ``overwrite``), and the output's directory and the work directory (``work_dir``, default
-    ``<output>.work``) can be written (a probe file is written there and removed).
+    Ray starts, in this order:
+
+    1. the inputs: the audio and ``features`` are files that can be read, ``avatar`` is a
+       directory, the ``models`` (local paths) exist;
+    2. the output: an ``.mp4`` in an existing directory, not a directory, not one of the inputs
+       (the same file once links are followed, hard links included) and not inside the avatar
+       bundle; the work directory (``work_dir``, default ``<output>.work``) not a file; a probe
+       file is written in both places and removed;
+    3. last, only then: an existing output needs ``overwrite`` (so that message never hides a
+       missing input).
 
     Paths may be URIs or paths inside ``filesystem``; returns (output, audio) resolved.
 
     Raises:
         InputError: one line naming the path and the cause, storage failures included (no
             such bucket, credentials refused, an endpoint that cannot be reached or times out).
+        ModelError: a model file that is not there.
     """
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    work = resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
-    audio_type = check_readable(audio).type
+    work = _work_location(output, work_dir, filesystem)
+    inputs = [_check_input_file(audio, "audio file")]
+    if features is not None:
+        inputs.append(_check_input_file(resolve(features, filesystem), "feature file"))
+    bundle = None
+    if avatar is not None:
+        bundle = resolve(avatar, filesystem)
+        if check_readable(bundle).type != pafs.FileType.Directory:
+            raise InputError("avatar bundle directory not found", path=bundle)
+    for model in models:
+        if not Path(model).is_file():
+            raise ModelError("model file not found", path=model)
+        inputs.append(resolve(model))
+
     parent = output.parent()
     parent_type = check_readable(parent).type
     if parent_type != pafs.FileType.Directory and not (
@@ -82,27 +118,64 @@ def check_job_paths(
     output_type = check_readable(output).type
     if output_type == pafs.FileType.Directory:
         raise InputError("the output is a directory", path=output)
-    if output_type != pafs.FileType.NotFound and not overwrite:
-        raise InputError("the output exists; use --overwrite to replace it", path=output)
     suffix = Path(output.name).suffix
     if suffix.lower() not in (".mp4", ".m4v", ".mov"):
         raise InputError(f"the output must be an .mp4 file, got {suffix!r}", path=output)
-    if audio_type != pafs.FileType.File:
-        what = (
-            "is a directory, expected an audio file"
-            if audio_type == pafs.FileType.Directory
-            else "audio file not found"
-        )
-        raise InputError(what, path=audio)
-    if avatar is not None:
-        bundle = resolve(avatar, filesystem)
-        if check_readable(bundle).type != pafs.FileType.Directory:
-            raise InputError("avatar bundle directory not found", path=bundle)
-    check_writable(parent)
+    check_not_an_input(output, inputs, bundle)
     if check_readable(work).type == pafs.FileType.File:
         raise InputError("the work directory is a file", path=work)
+    check_writable(parent)
     check_writable(work)
+    if output_type != pafs.FileType.NotFound and not overwrite:
+        raise InputError("the output exists; use --overwrite to replace it", path=output)
     return output, audio
+
+
+def check_not_an_input(
+    output: Location, inputs: Sequence[Location], avatar: Location | None = None
+) -> None:
+    """Refuse an ``output`` that is one of ``inputs`` (the same file once links are followed,
+    hard links included: ``--overwrite`` would replace the input) or lies inside the
+    ``avatar`` bundle (every file there is part of the avatar).
+
+    Raises:
+        InputError: naming the output and the input it would replace.
+    """
+    key = file_key(output)
+    for source in inputs:
+        if file_key(source) == key:
+            raise InputError(
+                f"the output is an input of this render ({source}); write it elsewhere",
+                path=output,
+            )
+    if avatar is not None and inside(output, avatar):
+        raise InputError(
+            f"the output is inside the avatar bundle ({avatar}); write it elsewhere",
+            path=output,
+        )
+
+
+def _check_input_file(location: Location, what: str) -> Location:
+    """``location`` is a file that can be read (on the local disk, its first byte is read:
+    permission bits do not tell for root)."""
+    import pyarrow.fs as pafs
+
+    kind = check_readable(location).type
+    if kind == pafs.FileType.NotFound:
+        raise InputError(f"{what} not found", path=location)
+    if kind == pafs.FileType.Directory:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise InputError(f"is a directory, expected {article} {what}", path=location)
+    if kind != pafs.FileType.File:
+        raise InputError(f"expected a regular {what}, got a special file", path=location)
+    local = location.local_path()
+    if local is not None:
+        try:
+            with open(local, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise InputError(f"{what} not readable: {exc.strerror or exc}", path=location) from None
+    return location
 
 
 def make_job(
@@ -122,9 +195,11 @@ def make_job(
     fs = filesystem
     if work_dir is None:
         work_dir = config.work_dir
+    features = features if features is not None else config.features
     output_at, audio_at = check_job_paths(
-        audio, output, config.overwrite, filesystem=fs, work_dir=work_dir
-    )
+        audio, output, config.overwrite, filesystem=fs, work_dir=work_dir, features=features,
+        models=config_models(config), avatar=Location(LocalFileSystem(), str(avatar.path)),
+    )  # fmt: skip
     start = config.start_frame if start_frame is None else start_frame
     period = max(1, 2 * avatar.frame_count - 2)
     if not 0 <= start < period:
@@ -133,8 +208,7 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    work_at = resolve(work_dir, fs) if work_dir else output_at.sibling(WORK_SUFFIX)
-    features = features if features is not None else config.features
+    work_at = _work_location(output_at, work_dir, fs)
     if features is None and not config.audio_encoder:
         raise InputError("give an audio encoder model or precomputed features")
     output_local, work_local = output_at.local_path(), work_at.local_path()
@@ -151,6 +225,19 @@ def make_job(
         output_location=None if output_local else output_at,
         remote=remote,
     )
+
+
+def config_models(config: RenderConfig) -> tuple[str, ...]:
+    """The model files a render with ``config`` reads: the generator and the audio encoder."""
+    return tuple(str(m) for m in (config.model, config.audio_encoder) if m)
+
+
+def _work_location(
+    output: Location, work_dir: str | Path | Location | None, filesystem=None
+) -> Location:
+    """A render's work directory: ``work_dir`` (in ``filesystem``), or by default
+    ``<output>.work`` beside the output."""
+    return resolve(work_dir, filesystem) if work_dir else output.sibling(WORK_SUFFIX)
 
 
 def _object_store(location: Location) -> bool:

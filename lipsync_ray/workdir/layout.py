@@ -15,12 +15,23 @@ a name above is always whole, and listings that skip dot names never see one hal
 
 A work directory off the local disk has the same layout on the store, in the driver's
 node-local mirror and in each compositor's node-local scratch (:mod:`.remote`).
+
+What is ours: a directory with no entries, or one whose ``manifest.json`` is ours
+(:mod:`.manifest`). In it the renderer deletes only the files these names describe (the
+chunk files, spares and their temp files: :func:`is_chunk_file`), and a directory it made only
+once it is empty; a file of the user's beside them stays. Nothing it writes follows a symbolic
+link: a link at one of these names is refused (:func:`check_no_links`).
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
+
+from lipsync_ray.errors import InputError
 
 __all__ = [
     "CHUNK_DIRS",
@@ -30,9 +41,12 @@ __all__ = [
     "SHARDS",
     "SPARES",
     "WORK_SUFFIX",
+    "check_no_links",
+    "chunk_file",
     "chunk_name",
+    "is_chunk_file",
     "manifest_path",
-    "remove_chunk_dirs",
+    "remove_chunk_files",
     "report_path",
     "segment_path",
     "shard_path",
@@ -76,7 +90,65 @@ def spare_dir(work_dir: str | Path) -> Path:
     return Path(work_dir) / SHARDS / SPARES
 
 
-def remove_chunk_dirs(work_dir: str | Path) -> None:
-    """Delete the shards (spares included) and segments; nothing there is fine."""
-    for sub in CHUNK_DIRS:
-        shutil.rmtree(Path(work_dir) / sub, ignore_errors=True)
+# A chunk file's name relative to the work directory, or the temp name of one being written
+# (lipsync_ray.fileio.partial_path), or a spare; "/"-separated as on a store.
+_CHUNK_FILE = re.compile(
+    rf"(?:{SHARDS}/(?:{re.escape(SPARES)}/)?(?:\.)?chunk-\d{{6}}(?:\.[0-9a-f]{{8}}\.partial)?"
+    rf"\.parquet|{SEGMENTS}/(?:\.)?chunk-\d{{6}}(?:\.[0-9a-f]{{8}}\.partial)?\.mp4)"
+)
+
+
+def chunk_file(chunk: int, *, segment: bool) -> str:
+    """The name relative to the work directory of chunk ``chunk``'s shard or segment: the only
+    file name a manifest may record for it."""
+    return (
+        f"{SEGMENTS}/{chunk_name(chunk, '.mp4')}"
+        if segment
+        else (f"{SHARDS}/{chunk_name(chunk, '.parquet')}")
+    )
+
+
+def is_chunk_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to the work directory, ``/``-separated) is a name the renderer
+    writes in ``shards/`` or ``segments/``: a chunk file, its temp file, or a spare."""
+    return _CHUNK_FILE.fullmatch(rel) is not None
+
+
+def check_no_links(work_dir: str | Path) -> None:
+    """Refuse a work directory where a name the renderer writes through is a symbolic link
+    (a link there would make a write land outside the directory).
+
+    Raises:
+        InputError: naming the link.
+    """
+    root = Path(work_dir)
+    names = [root / MANIFEST, root / REPORT, root / SHARDS, root / SEGMENTS, spare_dir(root)]
+    for sub in (root / SHARDS, root / SEGMENTS, spare_dir(root)):
+        if sub.is_dir() and not sub.is_symlink():
+            names += [p for p in sub.iterdir() if is_chunk_file(p.relative_to(root).as_posix())]
+    for path in names:
+        if path.is_symlink():
+            raise InputError(
+                "the work directory holds a symbolic link where the renderer writes; "
+                "remove it, or use another --work-dir",
+                path=path,
+            )
+
+
+def remove_chunk_files(work_dir: str | Path, recorded: Iterable[str] = ()) -> None:
+    """Delete the renderer's files in ``shards/`` and ``segments/`` (:func:`is_chunk_file`)
+    and those in ``recorded`` (names from a manifest), then each of the two directories that
+    is left empty. Anything else there stays; links are removed, never followed."""
+    root = Path(work_dir)
+    names = {rel for rel in recorded if is_chunk_file(rel)}
+    for sub in (spare_dir(root), root / SHARDS, root / SEGMENTS):
+        if sub.is_dir() and not sub.is_symlink():
+            names.update(
+                rel for p in sub.iterdir() if is_chunk_file(rel := p.relative_to(root).as_posix())
+            )
+    for rel in sorted(names):
+        (root / rel).unlink(missing_ok=True)
+    for sub in (spare_dir(root), root / SHARDS, root / SEGMENTS):
+        if sub.is_dir() and not sub.is_symlink():
+            with contextlib.suppress(OSError):  # not empty: something of the user's is there
+                os.rmdir(sub)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lipsync_ray.chunks import ChunkRange
 from lipsync_ray.errors import InputError
-from lipsync_ray.fileio import file_sha256, write_json
+from lipsync_ray.fileio import write_json
 from lipsync_ray.shards import ShardInfo, verify_file
-from lipsync_ray.workdir.layout import manifest_path, spare_dir
+from lipsync_ray.workdir.layout import chunk_file, manifest_path, spare_dir
 
 __all__ = ["MANIFEST_VERSION", "Manifest", "keep_spare"]
 
@@ -31,6 +31,8 @@ def keep_spare(path: Path, work_dir: str | Path, limit: int) -> bool:
         return False
     spares = spare_dir(work_dir)
     spares.mkdir(parents=True, exist_ok=True)
+    if spares.is_symlink() or spares.parent.is_symlink():  # a move there would leave the dir
+        return False
     if sum(1 for _ in spares.glob("*.parquet")) >= limit:
         return False
     try:
@@ -54,10 +56,12 @@ class Manifest:
     # Chunks whose shard was deleted after its segment was made (--keep-shards off): complete
     # when their segment verifies.
     released: set[int] = field(default_factory=set)
-    # Called with the manifest's path after every save (set by WorkDir: a work directory off
-    # the local disk uploads it).
+    # How this render treats the files (given when the manifest is made or opened, never
+    # changed after; not saved):
+    # called with the manifest's path after every save (a work directory off the local disk
+    # uploads it: RemoteWorkDir.attach gives the hook);
     on_save: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
-    # Released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
+    # released shard files kept in ``spare_dir`` for new shards to overwrite (0: deleted).
     spares: int = field(default=0, compare=False, repr=False)
 
     @property
@@ -66,28 +70,42 @@ class Manifest:
 
     @classmethod
     def load(cls, work_dir: Path) -> Manifest | None:
-        """The manifest in ``work_dir``, or None if there is none."""
+        """The manifest in ``work_dir``, or None if there is none.
+
+        Every field is checked: a file name must be the one the layout gives its chunk
+        (:func:`~lipsync_ray.workdir.layout.chunk_file`), so no recorded name leads out of
+        the work directory.
+
+        Raises:
+            InputError: the file is not a manifest of this version (unparseable, truncated,
+                not an object, a field of the wrong type); one line, naming it.
+        """
         path = manifest_path(work_dir)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
         try:
+            if path.is_symlink() or not path.is_file():
+                raise ValueError("not a regular file")
             data = json.loads(path.read_text())
-            if data.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"version {data.get('version')}, expected {MANIFEST_VERSION}")
-            chunks = {int(k): ShardInfo(**v) for k, v in data["chunks"].items()}
-            segments = {int(k): ShardInfo(**v) for k, v in data.get("segments", {}).items()}
-            released = {int(k) for k in data.get("released", [])}
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            version = data.get("version")
+            if not _is_int(version) or version != MANIFEST_VERSION:
+                raise ValueError(f"version {version!r:.20}, expected {MANIFEST_VERSION}")
+            released = data.get("released", [])
+            if not isinstance(released, list) or not all(_is_int(k) for k in released):
+                raise ValueError("released must be a list of chunk numbers")
             return cls(
                 work_dir=work_dir,
-                fingerprint=data["fingerprint"],
-                settings=data["settings"],
-                frames=int(data["frames"]),
-                chunk_frames=int(data["chunk_frames"]),
-                chunks=chunks,
-                segments=segments,
-                released=released,
+                fingerprint=_typed(data, "fingerprint", str),
+                settings=_typed(data, "settings", dict),
+                frames=_count(data, "frames"),
+                chunk_frames=_count(data, "chunk_frames"),
+                chunks=_records(data.get("chunks"), "chunks", segment=False),
+                segments=_records(data.get("segments", {}), "segments", segment=True),
+                released=set(released),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise InputError(
                 f"the work directory's manifest is unreadable ({exc}); "
                 "use --overwrite to start the render again",
@@ -113,14 +131,13 @@ class Manifest:
 
     def adopt(self, path: Path, chunk: ChunkRange, *, segment: bool = False) -> None:
         """Record a file that is known to be whole (renamed into place) but not yet listed."""
-        info = ShardInfo(
+        info = ShardInfo.of_file(
+            path,
+            self.work_dir,
             chunk=chunk.chunk,
             start=chunk.start,
             stop=chunk.stop,
             rows=chunk.frames,
-            sha256=file_sha256(path),
-            bytes=path.stat().st_size,
-            file=str(path.relative_to(self.work_dir)),
         )
         if segment:
             self.segments[chunk.chunk] = info
@@ -174,3 +191,47 @@ class Manifest:
         ):
             return False
         return verify_file(self.work_dir / info.file, info)
+
+
+_INFO_TYPES = {"chunk": int, "start": int, "stop": int, "rows": int, "sha256": str,
+               "bytes": int, "file": str}  # fmt: skip
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _typed(data: dict, key: str, kind: type):
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key} must be a JSON {kind.__name__}, got {value!r:.40}")
+    return value
+
+
+def _count(data: dict, key: str) -> int:
+    value = _typed(data, key, int)
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+    return value
+
+
+def _records(value, key: str, *, segment: bool) -> dict[int, ShardInfo]:
+    """A manifest's ``chunks`` or ``segments``: chunk number (6 digits) -> its record."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object")
+    records = {}
+    for name, fields in value.items():
+        if not (isinstance(fields, dict) and fields.keys() == _INFO_TYPES.keys()):
+            raise ValueError(f"{key}[{name!r:.20}] must have the fields {sorted(_INFO_TYPES)}")
+        for field_name, kind in _INFO_TYPES.items():
+            _typed(fields, field_name, kind)
+        info = ShardInfo(**fields)
+        if not (name.isdigit() and int(name) == info.chunk):
+            raise ValueError(f"{key}[{name!r:.20}] records chunk {info.chunk}")
+        if info.file != chunk_file(info.chunk, segment=segment):
+            raise ValueError(
+                f"{key}[{name!r:.20}] names {info.file!r:.60}, expected "
+                f"{chunk_file(info.chunk, segment=segment)!r}"
+            )
+        records[info.chunk] = info
+    return records

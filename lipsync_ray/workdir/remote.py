@@ -8,10 +8,11 @@
                      read and write, kept in step with the store
 
 Order of a render on the driver: :meth:`RemoteWorkDir.pull` (mirror := store),
-:meth:`~RemoteWorkDir.attach` (once the manifest is open; it then goes up as chunks finish, at
-most every 5 s), chunks upload themselves, :meth:`~RemoteWorkDir.fetch` (the files the join
-reads), :meth:`~RemoteWorkDir.finish` (manifest and report up; shards and segments removed
-unless kept; mirror dropped). :class:`lipsync_ray.workdir.WorkDir` makes these calls.
+:meth:`~RemoteWorkDir.attach` (once the fingerprint is known; the manifest then goes up as
+chunks finish, at most every 5 s), chunks upload themselves, :meth:`~RemoteWorkDir.fetch` (the
+files the join reads), :meth:`~RemoteWorkDir.finish` (manifest and report up; shards and
+segments removed unless kept; mirror dropped). :class:`lipsync_ray.workdir.WorkDir` makes
+these calls.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from lipsync_ray.errors import RenderError
 from lipsync_ray.storage import (
     Location,
     delete,
+    delete_if_empty,
     download,
     list_files,
     node_dir,
@@ -40,7 +43,7 @@ from lipsync_ray.storage import (
 from lipsync_ray.workdir import layout
 
 if TYPE_CHECKING:
-    from lipsync_ray.actors import ChunkResult
+    from lipsync_ray.chunks import ChunkResult
     from lipsync_ray.workdir.manifest import Manifest
 
 __all__ = ["RemoteWorkDir", "WorkStore"]
@@ -116,17 +119,17 @@ class RemoteWorkDir:
         log.info("work directory %s mirrored in %s (%d files)", self.location, self.mirror,
                  len(wanted))  # fmt: skip
 
-    def attach(self, manifest: Manifest) -> None:
-        """Called once the manifest is open. A manifest of another render means the store's
-        chunk files belong to that render: remove them before any new chunk is uploaded, as
-        the local path removes them. Then publish the manifest as it changes."""
-        if manifest.fingerprint != self._remote_fingerprint:
+    def attach(self, fingerprint: str, manifest: Path) -> Callable[[Path], None]:
+        """Called once the render's ``fingerprint`` is known, before its manifest (the file
+        ``manifest``, in the mirror) is opened. A manifest of another render on the store
+        means its chunk files belong to that render: remove them before any new chunk is
+        uploaded, as the local path removes them. Returns the manifest's ``on_save`` hook,
+        which publishes it as it changes (call :meth:`publish_manifest` once it is open)."""
+        if fingerprint != self._remote_fingerprint:
             with self._errors("cannot clear the work directory"):
-                for sub in layout.CHUNK_DIRS:
-                    delete(self.location.join(sub))
-        self._manifest_path = manifest.path
-        manifest.on_save = self._manifest_saved
-        self.publish_manifest()
+                self._remove_chunks()
+        self._manifest_path = manifest
+        return self._manifest_saved
 
     def _manifest_saved(self, path: Path) -> None:
         if time.monotonic() - self._uploaded >= _MANIFEST_EVERY_S:
@@ -161,9 +164,17 @@ class RemoteWorkDir:
         stage_out(layout.report_path(self.mirror), self.location.join(layout.REPORT))
         if not self.store.keep_shards:
             with self._errors("cannot remove the chunks from the work directory"):
-                for sub in layout.CHUNK_DIRS:
-                    delete(self.location.join(sub))
+                self._remove_chunks()
         shutil.rmtree(self.mirror, ignore_errors=True)
+
+    def _remove_chunks(self) -> None:
+        """Delete the renderer's chunk files on the store, then its chunk folders where that
+        left them empty; anything else there stays."""
+        for rel in list_files(self.location):
+            if layout.is_chunk_file(rel):
+                delete(self.location.join(rel))
+        for folder in layout.CHUNK_DIRS:
+            delete_if_empty(self.location.join(folder))
 
     def _errors(self, doing: str):
         hint = "the finished chunks are kept there: run again to resume"

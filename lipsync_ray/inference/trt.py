@@ -13,16 +13,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lipsync_ray import fileio
 from lipsync_ray.errors import ModelError
 from lipsync_ray.fileio import file_sha256
 
 if TYPE_CHECKING:
-    from lipsync_ray.inference import SessionOptions
+    from lipsync_ray.options import SessionOptions
 
 __all__ = [
     "TENSORRT_LIBRARIES",
@@ -146,19 +146,11 @@ def default_trt_root(model: Path) -> Path:
 
 
 def private_temp_dir(name: str) -> Path:
-    """``<tmp>/lipsync-ray-<uid>/<name>``, made with mode 0700 and owned by this user.
-
-    The system temp directory is shared: another user could make this path first and plant
-    models or engines in it (a TensorRT plan can load plugins), so it must be ours.
+    """``<tmp>/lipsync-ray-<uid>/<name>``, this user's own with mode 0700 (see
+    :func:`lipsync_ray.fileio.private_temp_dir`): a TensorRT plan can load plugins, so nobody
+    else may plant one there.
 
     Raises:
-        ModelError: the directory exists but belongs to someone else or others can write it.
+        ModelError: the directory is not this user's private one.
     """
-    base = Path(tempfile.gettempdir()) / f"lipsync-ray-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    info = base.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise ModelError(f"{base} must be a private directory of this user (mode 0700)")
-    path = base / name
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    return fileio.private_temp_dir(name, error=ModelError)

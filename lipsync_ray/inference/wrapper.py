@@ -12,7 +12,7 @@ and makes four more passes over it (x255, clip, transpose, astype) plus a finite
     finite     bool ()                <--Not IsNaN ReduceSum (output x 0)
 
 Each step is the float32 operation NumPy does today (``np.divide(x, np.float32(255))`` in
-``inference._visual_tensor``; ``clip(y * 255, 0, 255).astype(uint8)`` in
+``inference.session._visual_tensor``; ``clip(y * 255, 0, 255).astype(uint8)`` in
 ``composite.prediction_to_uint8``: Cast to uint8 truncates toward zero like ``astype``), so
 the output is bit-identical to the NumPy path on the CPU provider. ``finite`` is False when
 the generator's output holds a NaN or an Inf: ``y * 0`` is 0 for every finite value and NaN
@@ -40,9 +40,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lipsync_ray.contract import FRAME_SIZE, VISUAL_CHANNELS
 from lipsync_ray.errors import ModelError
-from lipsync_ray.inference import _generator_io, _graph_ports, _load_checked
-from lipsync_ray.trt import private_temp_dir
+from lipsync_ray.inference.graph import all_tensors, generator_io, graph_ports, load_checked
+from lipsync_ray.inference.trt import private_temp_dir
 
 __all__ = [
     "WRAPPER_VERSION",
@@ -108,7 +109,7 @@ def wrapped_graph(model, path: Path | str = "model.onnx"):
     from onnx import TensorProto, helper
 
     path = Path(path)
-    io = _generator_io(*_graph_ports(model), path)
+    io = generator_io(*graph_ports(model), path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise ModelError(f"uint8 graph I/O needs opset >= {MIN_OPSET}, got {opset}", path=path)
@@ -136,7 +137,9 @@ def wrapped_graph(model, path: Path | str = "model.onnx"):
     image_dims = [out_dims[i] for i in (0, 2, 3, 1)] if out_dims else None
 
     index = list(graph.input).index(visual_in)
-    new_input = helper.make_tensor_value_info(visual_u8, TensorProto.UINT8, [batch, 320, 320, 6])
+    new_input = helper.make_tensor_value_info(
+        visual_u8, TensorProto.UINT8, [batch, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS]
+    )
     graph.input.remove(visual_in)
     graph.input.insert(index, new_input)
 
@@ -189,14 +192,12 @@ def _model_key(path: Path, model) -> str:
     """Hash of the model file, the external-data files it names, and the recipe."""
     import onnx
 
-    from lipsync_ray.inference import _all_tensors
-
     digest = hashlib.sha256(json.dumps([WRAPPER_VERSION, onnx.__version__]).encode())
     files = [path]
     files += sorted(
         {
             path.parent / next(e.value for e in t.external_data if e.key == "location")
-            for t in _all_tensors(model)
+            for t in all_tensors(model)
             if t.data_location == onnx.TensorProto.EXTERNAL
         }
     )
@@ -221,7 +222,7 @@ def wrap_generator(model: str | Path, cache_dir: str | Path | None = None) -> Wr
     """
     import onnx
 
-    path, graph_only = _load_checked(model)
+    path, graph_only = load_checked(model)
     path = path.resolve()
     key = _model_key(path, graph_only)
     root = Path(cache_dir) if cache_dir is not None else default_wrapper_dir(path)
