@@ -107,7 +107,8 @@ def _gcs_address(ray) -> str:
 def own_ray_cluster():
     """For a module that starts its own cluster(s) in this process: the shared cluster is
     stopped first (the next module asking for ``ray_cluster`` starts it again; the collection
-    order runs these modules last, so none does)."""
+    order runs these modules last, so none does). A module fixture that shuts Ray down itself
+    (tests/test_s3.py) works too, at the cost of one more start of the shared cluster."""
     import ray
 
     if ray.is_initialized():

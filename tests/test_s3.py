@@ -52,11 +52,13 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def cluster(s3, own_ray_cluster, tmp_path_factory):
+def cluster(s3, tmp_path_factory):
     """Head (2 CPUs) + node B (2 CPUs, one simulated GPU, its own TMPDIR)."""
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():
+        ray.shutdown()
     node_b_tmp = tmp_path_factory.mktemp("node-b-tmp")
     cluster = Cluster(
         initialize_head=True,
