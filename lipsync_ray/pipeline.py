@@ -48,6 +48,7 @@ from lipsync_ray.avatar import pingpong_indices
 from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.encode import check_video_encoder
+from lipsync_ray.errors import RenderError
 from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     EncoderSession,
@@ -461,38 +462,97 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
     return out
 
 
+# The embedded cluster's address: every Ray process of it listens here and nowhere else.
+LOOPBACK = "127.0.0.1"
+
+
 def init_ray(ray, address: str | None) -> None:
     """Join a cluster (``address``, or RAY_ADDRESS as set inside `ray job submit`), or start an
-    embedded one whose dashboard stays on 127.0.0.1. Token authentication is Ray's default for
-    ``ray.init()`` since 2.60; ``ray start`` needs RAY_AUTH_MODE=token (see the README)."""
+    embedded one for this process: every listener of it (GCS, raylet, agents, workers) on the
+    loopback interface, token authentication on whatever RAY_AUTH_MODE says, no dashboard.
+
+    Ray's own log messages from ``ray.init`` go to this package's log at DEBUG level (the
+    CLI's ``--debug``), not to the terminal. Raises RenderError, with the embedded cluster
+    stopped, where this Ray would listen beyond the loopback interface.
+    """
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
-    with _lean_embedded_cluster():
-        ray.init(
-            # "local": always a new cluster, even when a `ray start` cluster runs on this
-            # machine (ray.init() would otherwise join it); --address auto joins one on purpose.
-            address="local",
-            include_dashboard=False,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
+    with _ray_messages_at_debug():
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return
+        _token_authentication_on()
+        with _embedded_node():
+            ray.init(
+                # "local": always a new cluster, even when a `ray start` cluster runs on this
+                # machine (ray.init() would otherwise join it); --address auto joins one.
+                address="local",
+                include_dashboard=False,
+                dashboard_host=LOOPBACK,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RenderError(
+            f"the embedded Ray cluster would listen on {node_ip}, not only on {LOOPBACK} "
+            f"(Ray {ray.__version__}): start one with `ray start` and pass --address"
         )
 
 
-@contextlib.contextmanager
-def _lean_embedded_cluster():
-    """While ``ray.init`` starts an embedded cluster, leave off the head processes that a
-    render on its own cluster never uses: the autoscaler's monitor (the cluster is this
-    machine, fixed), the log monitor (logs are not sent to the driver) and the API server
-    (with the dashboard off it serves only usage statistics; there is no job to submit).
+def _token_authentication_on() -> None:
+    """RAY_AUTH_MODE=token for this process and the cluster it starts, also where the user's
+    environment says ``disabled``. Ray reads the mode into its config when it loads: the
+    config is refreshed here, whatever the variable said before. The token comes from where
+    Ray looks (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); ``ray.init`` writes
+    ~/.ray/auth_token when there is none."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.info("RAY_AUTH_MODE=%s ignored: an embedded Ray cluster uses a token", mode)
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
-    ``ray.init`` waits for the API server to publish its address and starts the others
-    beside it: on the 2-vCPU benchmark machine this took the embedded start from about 3-6 s
-    to 2-2.5 s and ``ray.shutdown`` from 1.4 s to 0.2-0.4 s. GCS, raylet, its agents and
-    the workers start as usual. These are Ray internals (``ray._private.node``), so where
-    they are not as expected Ray starts as it always does.
+    _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's config
+
+
+class _ToDebugLog(logging.Handler):
+    """Re-logs a record of Ray's logger on this package's logger at DEBUG level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("ray %s: %s", record.levelname.lower(), record.getMessage())
+
+
+@contextlib.contextmanager
+def _ray_messages_at_debug():
+    """Ray's Python logger ("ray") writes to stderr through its own handler, so a plain
+    ``ray.init`` prints lines such as "Token authentication is enabled ..." on the terminal of
+    a render that went well. Meanwhile its records go to this package's log at DEBUG instead.
+    A failure still reaches the caller as the exception ``ray.init`` raises."""
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:], ray_logger.propagate
+    ray_logger.handlers, ray_logger.propagate = [_ToDebugLog()], False
+    try:
+        yield
+    finally:
+        ray_logger.handlers, ray_logger.propagate = saved
+
+
+@contextlib.contextmanager
+def _embedded_node(*, loopback: bool = True):
+    """While ``ray.init`` starts an embedded cluster, set its head node's address to the
+    loopback one (``loopback``), give its dashboard agent a free port, and leave off the head
+    processes that a render on its own cluster never uses: the autoscaler's monitor (the
+    cluster is this machine, fixed), the log monitor (logs are not sent to the driver) and the
+    API server (with the dashboard off it serves only usage statistics; no job to submit).
+
+    The node's address decides where every Ray process binds: given as ``_node_ip_address``,
+    ``ray.init`` replaces 127.0.0.1 with the machine's network address, so it is set here on
+    the node's parameters instead (``init_ray`` checks that it held). Ray rewrites 127.0.0.1
+    in an address to join the same way: no other driver can join a loopback cluster, so a
+    cluster meant to be joined by address (the tests' shared one) passes ``loopback=False``.
+    Leaving off the three processes took the embedded start on the 2-vCPU benchmark machine
+    from about 3-6 s to 2-2.5 s and ``ray.shutdown`` from 1.4 s to 0.2-0.4 s. These are Ray
+    internals (``ray._private.node``): where they are not as expected Ray starts as it always
+    does (and ``init_ray`` then refuses the cluster, its address not being the loopback one).
     """
     try:
         from ray._private import node as node_mod
@@ -503,14 +563,18 @@ def _lean_embedded_cluster():
         yield
         return
 
-    def lean_init(self, ray_params, *args, **kwargs):
+    def embedded_init(self, ray_params, *args, **kwargs):
         if kwargs.get("ray_init_cluster") and hasattr(ray_params, "no_monitor"):
+            if loopback:
+                ray_params.node_ip_address = LOOPBACK
+            # a free port, not 52365: a `ray start` head on this machine needs that one
+            ray_params.dashboard_agent_listen_port = 0
             ray_params.no_monitor = True
             ray_params.include_log_monitor = False
             self.start_api_server = lambda **_: None
         original(self, ray_params, *args, **kwargs)
 
-    node_mod.Node.__init__ = lean_init
+    node_mod.Node.__init__ = embedded_init
     try:
         yield
     finally:

@@ -77,6 +77,7 @@ _SIGNALS: dict[str, Callable[[], np.ndarray]] = {
 }
 
 
+@pytest.mark.slow  # librosa's first call compiles (numba): ~20 s on 2 cores
 @pytest.mark.parametrize("name", list(_SIGNALS))
 def test_mel_matches_librosa_reference(name: str) -> None:
     samples = _readonly(_SIGNALS[name]())

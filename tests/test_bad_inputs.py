@@ -460,6 +460,7 @@ def test_render_rejects_bad_input_before_ray(case: Case, good, tmp_path, capsys,
 # --------------------------------------------------------------------- a few as subprocesses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [

@@ -63,11 +63,13 @@ def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path):
 
 
 @pytest.mark.ray
-def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
+def test_bench_render_prepares_and_measures_the_reduced_generator(tmp_path):
+    """One INT8 benchmark run (the two questions need the same render): the reduced model is
+    prepared before timing, and the bare measurement covers both generators."""
     config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
     r = bench_render(
-        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, work_root=tmp_path,
-        bare=False, avatar="drawn",
+        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
+        work_root=tmp_path, bare_warmup_s=0.5, avatar="drawn",
     )  # fmt: skip
     assert r.avatar == "drawn"
     assert r.precision_prepare_s > 0
@@ -75,6 +77,12 @@ def test_bench_render_prepares_reduced_precision_before_timing(tmp_path):
     assert r.precision["precision"] == "int8" and r.precision["cached"] is True
     assert r.precision["gate"]["passed"] and r.frames_generated == r.frames
     assert r.reference == {} == r.references and r.speedup == 0.0
+    assert [b.batch for b in r.bare] == sorted({1, 2, CPU_BATCH})
+    assert [b.batch for b in r.bare] == [b.batch for b in r.bare_reduced]
+    # the ratio's denominator stays FP32 at its own best batch, measured on both sides
+    assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
+    assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == CPU_BATCH
+    assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
 
 
 def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
@@ -88,49 +96,3 @@ def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
         assert r.frames == 12 and r.cpu_ms_per_frame > 0 and r.mbit_per_s > 0
         assert 30 < r.psnr_db < 60 and r.worst_psnr_db <= r.psnr_db
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.ray
-def test_bench_render_measures_the_reduced_generator_too(tmp_path):
-    config = RenderConfig(model="unet.onnx", precision=Precision.INT8, precision_threshold_db=20)
-    r = bench_render(
-        "small", 1.0, config=config, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
-        work_root=tmp_path, bare_warmup_s=0.5,
-    )  # fmt: skip
-    assert [b.batch for b in r.bare] == sorted({1, 2, CPU_BATCH})
-    assert [b.batch for b in r.bare] == [b.batch for b in r.bare_reduced]
-    # the ratio's denominator stays FP32 at its own best batch, measured on both sides
-    assert r.bare_batch == max(r.bare, key=lambda b: b.fps).batch == r.bare_after.batch
-    assert r.render_batch == r.settings["pool_resolved"]["batch_size"] == CPU_BATCH
-    assert r.ratio == pytest.approx(r.e2e_fps / r.bare_fps)
-
-
-def test_process_monitor_names_a_worker_once_it_becomes_an_actor(tmp_path):
-    # A Ray worker starts as "python default_worker.py", becomes "ray::IDLE", then takes its
-    # actor's name: the monitor must attribute its CPU to the actor, whenever it first saw it.
-    import subprocess
-    import sys
-    import textwrap
-
-    from lipsync_ray.dev.bench import ProcessTreeMonitor
-
-    child = textwrap.dedent(
-        """
-        import time
-        from ray._raylet import setproctitle
-        time.sleep(0.6)
-        setproctitle("ray::IDLE")
-        time.sleep(0.4)
-        setproctitle("ray::InferenceActor.infer")
-        t = time.process_time()
-        while time.process_time() - t < 0.5:
-            pass
-        time.sleep(0.4)
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", child])
-    with ProcessTreeMonitor(interval_s=0.1, list_every=1) as monitor:
-        proc.wait(timeout=30)
-    roles = monitor.cpu_by_role()
-    assert roles.get("ray::InferenceActor", 0) >= 0.4, roles
-    assert "ray (other)" not in roles and "ray::IDLE" not in roles

@@ -122,6 +122,7 @@ def _argv(job, out: Path, *extra: str) -> list[str]:
 
 
 @no_cuda
+@pytest.mark.slow
 def test_cli_providers_cuda_exits_2_before_ray_and_writes_nothing(job, tmp_path):
     """A fresh process (no Ray running): the driver's own check, before any cluster."""
     out = tmp_path / "out.mp4"

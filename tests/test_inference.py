@@ -273,6 +273,7 @@ def _reshaped(path: Path, source: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_io_binding_gives_the_plain_run_bit_for_bit(tmp_path):
     path = save_model(build_model(Arch.UNET328, Size.SMALL, seed=1), tmp_path / "unet.onnx")
     bound = GeneratorSession(path, CPU)

@@ -54,18 +54,30 @@ def small_encoder() -> onnx.ModelProto:
     return build_model(Arch.AUDIO_ENCODER, Size.SMALL)
 
 
+class _Models(dict):
+    """The models by fixture name, each built the first time a test asks for it (the full
+    UNet takes half a minute on 2 cores: only the tests that use it, ``slow``, pay for it)."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        super().__init__()
+        self._request = request
+
+    def __missing__(self, name: str) -> onnx.ModelProto:
+        model = (
+            build_model(Arch.IDENTITY)
+            if name == "identity"
+            else self._request.getfixturevalue(name)
+        )
+        self[name] = model
+        return model
+
+
 @pytest.fixture(scope="module")
-def models(
-    full_unet, small_unet, small_random_unet, full_encoder, small_encoder
-) -> dict[str, onnx.ModelProto]:
-    return {
-        "full_unet": full_unet,
-        "small_unet": small_unet,
-        "small_random_unet": small_random_unet,
-        "full_encoder": full_encoder,
-        "small_encoder": small_encoder,
-        "identity": build_model(Arch.IDENTITY),
-    }
+def models(request) -> dict[str, onnx.ModelProto]:
+    return _Models(request)
+
+
+FULL_UNET = pytest.param("full_unet", marks=pytest.mark.slow)
 
 
 # ---------------------------------------------------------------------------- test inputs
@@ -120,7 +132,7 @@ def _encoder_params(widths: tuple[int, ...], feature_dim: int = 512) -> int:
 @pytest.mark.parametrize(
     ("name", "params", "params_tol", "macs", "macs_tol"),
     [
-        ("full_unet", 12.15e6, 0.02, 4.89e9, 0.05),
+        pytest.param("full_unet", 12.15e6, 0.02, 4.89e9, 0.05, marks=pytest.mark.slow),
         ("full_encoder", 2.81e6, 0.02, 0.093e9, 0.05),
     ],
 )
@@ -136,7 +148,11 @@ def test_encoder_params_match_the_layer_list(full_encoder, small_encoder):
 
 
 @pytest.mark.parametrize(
-    ("small", "full"), [("small_unet", "full_unet"), ("small_encoder", "full_encoder")]
+    ("small", "full"),
+    [
+        pytest.param("small_unet", "full_unet", marks=pytest.mark.slow),
+        ("small_encoder", "full_encoder"),
+    ],
 )
 def test_small_models_are_much_cheaper(models, small, full):
     s, f = model_stats(models[small]), model_stats(models[full])
@@ -163,7 +179,7 @@ def test_model_stats_counts_conv_macs_by_hand():
 
 @pytest.mark.parametrize(
     "name",
-    ["full_unet", "small_unet", "small_random_unet", "full_encoder", "small_encoder", "identity"],
+    [FULL_UNET, "small_unet", "small_random_unet", "full_encoder", "small_encoder", "identity"],
 )
 def test_models_are_clean_inference_graphs(models, name):
     model = models[name]
@@ -194,6 +210,7 @@ def test_dynamic_batch_runs(models, name, feeds, outputs, batch):
         assert result.dtype == np.float32
 
 
+@pytest.mark.slow
 def test_full_unet_runs_at_batch_3(full_unet):
     out = _session(full_unet).run(["output"], {"input": _visual(1, 3), "audio": _audio(1, 3)})[0]
     assert out.shape == (3, 3, 320, 320)
@@ -227,7 +244,7 @@ def test_fixed_batch_other_archs(arch):
 # ---------------------------------------------------------------------------- weights
 
 
-@pytest.mark.parametrize("name", ["small_unet", "full_unet", "small_random_unet"])
+@pytest.mark.parametrize("name", ["small_unet", FULL_UNET, "small_random_unet"])
 def test_unet_output_follows_its_inputs(models, name):
     session = _session(models[name])
     v1, v2, a1, a2 = _visual(10, 2), _visual(11, 2), _audio(20, 2), _audio(21, 2)
@@ -249,7 +266,11 @@ def test_unet_output_follows_its_inputs(models, name):
     # Measured (seed 0), in silence: full ~54 / ~54 dB (every level comes back), small ~19.7 /
     # ~19.8 dB. SMALL's up5 has 2 output channels, so it keeps luma and red-minus-blue only,
     # and these test images vary each colour independently. Random weights: about 12 dB.
-    [("full_unet", 50.0, 50.0), ("small_unet", 17.0, 19.0), ("small_random_unet", None, None)],
+    [
+        pytest.param("full_unet", 50.0, 50.0, marks=pytest.mark.slow),
+        ("small_unet", 17.0, 19.0),
+        ("small_random_unet", None, None),
+    ],
 )
 def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
     visual, audio = _visual(30, 2), np.zeros((2, 32, 16, 16), np.float32)  # silence
@@ -265,6 +286,7 @@ def test_face_weights_reproduce_the_roi(models, name, roi_db, border_db):
         assert whole > roi_db and outside > border_db
 
 
+@pytest.mark.slow
 def test_face_weights_under_int8(tmp_path, small_unet, small_random_unet):
     """INT8 keeps the FACE weights' face (>= 35 dB in silence) but not the opened mouth, whose
     edge is steep: the gate refuses it (models build --help and the README say so). Random
@@ -290,6 +312,7 @@ def test_face_weights_under_int8(tmp_path, small_unet, small_random_unet):
     assert max(psnr["random", "silence"], psnr["random", "features"]) < 30.0, psnr
 
 
+@pytest.mark.slow
 def test_weights_default_and_metadata(full_encoder, small_unet, small_random_unet):
     def meta(model):
         return {p.key: p.value for p in model.metadata_props}["lipsync_ray.weights"]

@@ -138,14 +138,11 @@ assert not ray.is_initialized()
 
 
 @pytest.mark.ray
-def test_notebook_runs_a_tiny_sweep_and_plots(tmp_path, monkeypatch):
+def test_notebook_runs_a_tiny_sweep_and_plots(own_ray_cluster, tmp_path, monkeypatch):
+    """The kernel starts its own cluster; on 2 cores only one runs at a time (no shared one)."""
     import nbformat
-    import ray
     from nbclient import NotebookClient
 
-    # The kernel starts its own cluster; on 2 cores only one runs at a time.
-    if ray.is_initialized():
-        ray.shutdown()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend makes PNGs
 

@@ -17,12 +17,10 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(own_ray_cluster):
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},

@@ -206,6 +206,7 @@ def test_calibration_features_are_reproducible(models):
 # ---------------------------------------------------------------------------- INT8 and the gate
 
 
+@pytest.mark.slow
 def test_int8_small_unet_has_qdq_nodes_runs_and_keeps_the_output_float(
     models, avatar, features, tmp_path
 ):
@@ -230,6 +231,7 @@ def test_int8_small_unet_has_qdq_nodes_runs_and_keeps_the_output_float(
     assert pred.shape == (2, 3, 320, 320) and pred.min() >= 0 and pred.max() <= 1
 
 
+@pytest.mark.slow
 def test_int8_qoperator_format_on_a_fixed_batch_export(avatar, features, tmp_path):
     # Exports with the batch axis fixed to 1 are calibrated frame by frame.
     model = save_model(

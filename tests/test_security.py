@@ -8,24 +8,31 @@ would be read as weights).
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import re
 import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import pytest
-from helpers import demo_inputs
+from helpers import cli_command, demo_inputs
 from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.audio import load_features
 from lipsync_ray.avatar import Avatar
 from lipsync_ray.cli import main
-from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import check_generator_model, check_model_file
-from lipsync_ray.pipeline import render
 
 # ---------------------------------------------------------------- features: no pickles
 
@@ -269,39 +276,86 @@ def test_a_symlinked_bundle_directory_is_fine(bundle, tmp_path):
 
 # ------------------------------------------------ the embedded Ray stays on the loopback
 
+LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
-def test_embedded_ray_dashboard_is_off_or_on_loopback(good, tmp_path, monkeypatch):
-    """``render()`` with no address and no RAY_ADDRESS starts its own Ray: capture the
-    arguments of that ``ray.init`` call (then stop the render there)."""
-    import ray
 
-    calls: list[dict] = []
+def _sockets(process: psutil.Process) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket and bound UDP socket of ``process``."""
+    try:
+        connections = process.net_connections(kind="inet")
+    except psutil.Error:  # it ended meanwhile
+        return set()
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in connections
+        if c.laddr and (c.status == psutil.CONN_LISTEN or c.type == socket.SOCK_DGRAM)
+    }
 
-    class _StopError(Exception):
-        pass
 
-    def fake_init(*args, **kwargs):
-        calls.append({"args": args, **kwargs})
-        raise _StopError
+def _answer_without_token(port: int) -> int | None:
+    """The HTTP status of a job-agent request with no token; None: not an HTTP server."""
+    url = f"http://127.0.0.1:{port}/api/job_agent/jobs/"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (OSError, http.client.HTTPException):
+        return None
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", fake_init)
-    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)  # the session cluster lives on
-    config = RenderConfig(
-        model=str(good["model"]),
-        audio_encoder=str(good["encoder"]),
-        pool=PoolConfig(gpus_per_actor=0.0, compositors=1),
-    )
-    with pytest.raises(_StopError):
-        render(good["avatar"], good["audio"], tmp_path / "out.mp4", config)
-    assert len(calls) == 1
-    kwargs = calls[0]
-    # starts a new cluster ("local"), never joins one
-    assert not kwargs["args"] and kwargs.get("address") in (None, "local"), kwargs
-    dashboard_on = kwargs.get("include_dashboard", None) is not False
-    host = kwargs.get("dashboard_host")
-    assert host in (None, "127.0.0.1", "localhost"), kwargs
-    assert not dashboard_on or host in ("127.0.0.1", "localhost"), kwargs
-    assert "0.0.0.0" not in json.dumps(kwargs, default=str)
-    assert not (tmp_path / "out.mp4").exists()
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_embedded_render_listens_on_loopback_only_with_a_token_and_quietly(good, tmp_path):
+    """A real `lipsync-ray render` (no --address: it starts its own Ray) with RAY_AUTH_MODE
+    set to ``disabled``: while it runs, every socket its process tree listens on (driver, GCS,
+    raylet, agents, workers) is on the loopback interface, and Ray's agents refuse a request
+    that carries no token. Its stderr holds its own log lines and nothing from Ray."""
+    out = tmp_path / "out.mp4"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["RAY_AUTH_MODE"] = "disabled"  # the embedded cluster uses a token all the same
+    argv = [*cli_command(), "render", str(good["avatar"]), str(good["audio"]), "-o", str(out),
+            "--model", str(good["model"]), "--audio-encoder", str(good["encoder"]),
+            "--chunk-frames", "8"]  # fmt: skip
+    listening: dict[str, set[tuple[str, int]]] = {}  # process name -> sockets
+    answers: dict[tuple[str, int], int | None] = {}  # (agent, port) -> status without a token
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        render = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            root, deadline = psutil.Process(render.pid), time.monotonic() + 300
+            while render.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):
+                    for process in [root, *root.children(recursive=True)]:
+                        name = process.name()
+                        found = _sockets(process)
+                        listening.setdefault(name, set()).update(found)
+                        if "Agent" not in name:
+                            continue
+                        for _, port in found - {k for k in answers if k[0] == name}:
+                            answers[name, port] = _answer_without_token(port)
+                time.sleep(0.1)
+        finally:
+            if render.poll() is None:
+                render.kill()
+            render.wait(timeout=60)
+        err.seek(0)
+        stderr = err.read()
+    assert render.returncode == 0, stderr[-3000:]
+    assert out.is_file()
+    # The sampling saw the cluster itself, not only the driver.
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {
+        name for name, found in listening.items() if found
+    }, listening
+    outside = {name: sorted(found) for name, found in listening.items()
+               if any(ip not in LOOPBACK_IPS for ip, _ in found)}  # fmt: skip
+    assert not outside, outside
+    # Token authentication: the job route answers 401, never 405 (the route without a token
+    # check), and the runtime-env agent refuses every request.
+    statuses = {(name, status) for (name, _), status in answers.items()}
+    assert ("ray::DashboardAgent", 401) in statuses and ("ray::DashboardAgent", 405) not in statuses
+    assert {s for name, s in statuses if name == "ray::RuntimeEnvAgent"} == {401}, answers
+    # Nothing from Ray on stderr (no "Token authentication is enabled ..."): only this
+    # package's log lines.
+    lines = stderr.strip().splitlines()
+    own = re.compile(r"(INFO|WARNING) lipsync_ray[.\w]*: ")
+    assert lines and all(own.match(line) for line in lines), stderr

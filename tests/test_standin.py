@@ -133,6 +133,7 @@ def test_the_encoder_measures_loudness(encoder):
     assert np.all(np.diff(peaks[1:]) > 0), peaks
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_silence_returns_the_face(full, encoder, face):
     frame, box = FACES[face]()
@@ -185,6 +186,7 @@ def test_the_opening_follows_a_speech_clip(small, encoder):
     assert pause.sum() >= 10 and np.abs(darkening[pause]).max() == 0.0
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_a_pasted_frame_has_no_seam(full, encoder, face):
     frame, box = FACES[face]()
@@ -199,6 +201,7 @@ def test_a_pasted_frame_has_no_seam(full, encoder, face):
         assert abs(seam.score - untouched.score) < 0.05, context
 
 
+@pytest.mark.slow  # the full-size stand-in generator
 @pytest.mark.parametrize("face", FACES)
 def test_any_features_change_the_mouth_only(full, face):
     """Features from another encoder (rectified noise) may open the mouth anywhere in its
@@ -215,10 +218,11 @@ def test_any_features_change_the_mouth_only(full, face):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_output_matches_its_avatar(tmp_path):
+def test_demo_output_matches_its_avatar(own_ray_cluster, tmp_path):
     """The demo end to end: outside the mouth as in the avatar's own frames, the mouth open
     with the speech and closed in its pauses, the figures printed are the ones measured, and
-    a work directory that holds only the manifest and the report."""
+    a work directory that holds only the manifest and the report. The demo starts its own
+    (embedded) cluster: no shared one, whose simulated GPU it would join."""
     from lipsync_ray.avatar import Avatar
     from lipsync_ray.dev.demo import _untouched_seam, describe, measure_mouth, run_demo
 

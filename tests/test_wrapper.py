@@ -79,7 +79,7 @@ def _affine(path: Path, scale: float, shift: float, *, fill: float | None = None
 
 
 STANDINS = {
-    "unet-full": dict(arch=Arch.UNET328, size=Size.FULL),
+    "unet-full": dict(arch=Arch.UNET328, size=Size.FULL),  # slow: built here, ~8 s
     "unet-small": dict(arch=Arch.UNET328, size=Size.SMALL, weights="random"),
     "identity": dict(arch=Arch.IDENTITY),
     "other-names": dict(arch=Arch.UNET328, size=Size.SMALL, input_names=("x", "visual_audio")),
@@ -92,7 +92,9 @@ STANDINS = {
 }
 
 
-@pytest.mark.parametrize("name", list(STANDINS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "unet-full" else n for n in STANDINS]
+)
 def test_predict_is_bit_identical_to_the_numpy_path(tmp_path, name):
     path = save_model(build_model(**STANDINS[name]), tmp_path / f"{name}.onnx")
     visual, audio = _inputs(2 if name == "unet-full" else 3)
@@ -210,6 +212,7 @@ def test_many_actors_wrapping_at_once(tmp_path):
     np.testing.assert_array_equal(session.predict(visual, audio), _reference(path, visual, audio))
 
 
+@pytest.mark.slow
 def test_reduced_precision_models_are_wrapped_too(tmp_path):
     from lipsync_ray import precision
 
