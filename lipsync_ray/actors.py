@@ -32,7 +32,7 @@ from lipsync_ray.contract import (
     VISUAL_CHANNELS,
 )
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
-from lipsync_ray.errors import ModelError
+from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -43,6 +43,7 @@ from lipsync_ray.inference import (
     with_gpu_share,
 )
 from lipsync_ray.report import ActorInfo
+from lipsync_ray.seams import measure_seam
 from lipsync_ray.shards import ShardCodec, ShardInfo, iter_shard_frames, write_shard
 from lipsync_ray.storage import Location, local_copy
 from lipsync_ray.workdir.layout import segment_path, shard_path
@@ -391,8 +392,6 @@ class CompositorActor:
 
 def _seam(frame: np.ndarray, box) -> float | None:
     """The seam score of one pasted frame; None where the box leaves no room to measure."""
-    from lipsync_ray.errors import InputError
-    from lipsync_ray.seams import measure_seam
 
     try:
         return float(measure_seam(frame, box).score)

@@ -1,6 +1,10 @@
 """The ``lipsync-ray`` command: a thin layer that parses flags into typed values and calls the
 library. A known error prints one line and exits 2 (bad input) or 1 (anything else); the
 traceback only shows with ``--debug``.
+
+Each command imports the stages it runs inside its ``_cmd_*`` function: they load Ray, ONNX
+Runtime, OpenCV, PyAV or pyarrow (heavy), which ``--help``, a bad flag or another command
+should not pay for; the dev tooling (``lipsync_ray.dev``) is imported only by its commands.
 """
 
 from __future__ import annotations

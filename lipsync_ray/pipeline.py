@@ -509,8 +509,12 @@ def _token_authentication_on() -> None:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
         log.info("RAY_AUTH_MODE=%s ignored: an embedded Ray cluster uses a token", mode)
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
+    try:  # Ray's own switch (a private one): it also refreshes the config Ray read at import
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray that moved it reads the variable when its config loads
+        log.warning("this Ray has no _enable_token_auth: setting RAY_AUTH_MODE=token only")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return
     _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's config
 
 

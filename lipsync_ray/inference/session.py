@@ -281,6 +281,7 @@ class GeneratorSession:
                 f"prediction buffer must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}"
             )
         if self._wrapped is None:
+            # OpenCV (heavy) comes with composite: loaded only where a model runs unwrapped
             from lipsync_ray.composite import prediction_to_uint8
 
             pred = prediction_to_uint8(self.run(visual, audio))
