@@ -135,3 +135,18 @@ def small_models(tmp_path_factory) -> dict[str, Path]:
         ),
         "identity": save_model(build_model(Arch.IDENTITY, seed=0), root / "identity.onnx"),
     }
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, small_models) -> dict[str, Path]:
+    """A valid avatar (5 frames, 320x240), 1 s of speech and the small models: the inputs
+    the refusal tables start from (test_bad_inputs, test_refusals, test_nothing_lost,
+    test_security). Module-scoped: a module may alter them for its cases."""
+    from helpers import GOOD_AVATAR_FRAMES, GOOD_SIZE_WH, demo_inputs
+
+    root = tmp_path_factory.mktemp("good-inputs")
+    inputs = demo_inputs(
+        root, avatar_seconds=GOOD_AVATAR_FRAMES / 25, size_wh=GOOD_SIZE_WH, avatar_seed=2,
+        audio_seconds=1.0, audio_seed=4,
+    )  # fmt: skip
+    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}

@@ -45,6 +45,11 @@ def demo_inputs(
     return {"avatar": Path(avatar.info.path), "audio": audio}
 
 
+# The valid inputs the refusal tables start from (the `good` fixture in conftest.py).
+GOOD_AVATAR_FRAMES = 5
+GOOD_SIZE_WH = (320, 240)
+
+
 class RayStartedError(RuntimeError):
     """Ray was started by a case that had to be rejected first."""
 

@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import cli_command, demo_inputs
+from helpers import (
+    GOOD_AVATAR_FRAMES,
+    GOOD_SIZE_WH,
+    cli_command,
+    ray_tripwire,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.cli import main
@@ -41,43 +46,17 @@ from lipsync_ray.inference import (
 )
 
 _CPU = SessionOptions(providers=(Provider.CPU,))
-AVATAR_FRAMES = 5
-AVATAR_SIZE_WH = (320, 240)
+AVATAR_FRAMES = GOOD_AVATAR_FRAMES  # the `good` fixture's (conftest.py)
+AVATAR_SIZE_WH = GOOD_SIZE_WH
 
 
 # ------------------------------------------------------------------------------ good inputs
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory, small_models) -> dict[str, Path]:
-    """A valid avatar (5 frames, 320x240), 1 s of speech and the small models."""
-    root = tmp_path_factory.mktemp("good-inputs")
-    inputs = demo_inputs(
-        root,
-        avatar_seconds=AVATAR_FRAMES / 25,
-        size_wh=AVATAR_SIZE_WH,
-        avatar_seed=2,
-        audio_seconds=1.0,
-        audio_seed=4,
-    )
-    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}
-
-
-class _RayStartedError(RuntimeError):
-    pass
-
-
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start or join Ray fails loudly (validation must come first)."""
-    import ray
-
-    def tripwire(*args, **kwargs):
-        raise _RayStartedError("ray.init was called before the input was rejected")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", tripwire)
-    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    ray_tripwire(monkeypatch)
 
 
 def _render_argv(good: dict[str, Path], out: Path, **over) -> list[str]:

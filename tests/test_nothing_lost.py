@@ -30,7 +30,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from helpers import cli_command, demo_inputs, one_error_line, psnr_db, ray_tripwire
+from helpers import (
+    GOOD_AVATAR_FRAMES,
+    GOOD_SIZE_WH,
+    cli_command,
+    one_error_line,
+    psnr_db,
+    ray_tripwire,
+)
 
 from lipsync_ray import avatar_digest
 from lipsync_ray.avatar import Avatar, pingpong_indices, write_avatar
@@ -47,19 +54,8 @@ from lipsync_ray.workdir.job import Job
 from lipsync_ray.workdir.layout import shard_path, spare_dir
 from lipsync_ray.workdir.manifest import Manifest, keep_spare
 
-AVATAR_FRAMES = 5
-SIZE_WH = (320, 240)
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory, small_models) -> dict[str, Path]:
-    """A valid avatar (5 frames, 320x240), 1 s of speech and the small models."""
-    root = tmp_path_factory.mktemp("nothing-lost")
-    inputs = demo_inputs(
-        root, avatar_seconds=AVATAR_FRAMES / 25, size_wh=SIZE_WH, avatar_seed=2,
-        audio_seconds=1.0, audio_seed=4,
-    )  # fmt: skip
-    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}
+AVATAR_FRAMES = GOOD_AVATAR_FRAMES  # the `good` fixture's (conftest.py)
+SIZE_WH = GOOD_SIZE_WH
 
 
 @pytest.fixture

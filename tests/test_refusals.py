@@ -14,7 +14,6 @@ subprocess. The rest are unit tests of the public pieces (encode, storage).
   --overwrite".
 """
 
-# ruff: noqa: F811 - the fixture `good` comes from test_bad_inputs, by name
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import cli_command, one_error_line, ray_tripwire
-from test_bad_inputs import _render_argv, good  # noqa: F401
+from test_bad_inputs import _render_argv
 from test_encode import SR, N, make_frame, tone, write_segments
 from test_storage import remote_fs
 

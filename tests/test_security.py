@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import psutil
 import pytest
-from helpers import cli_command, demo_inputs
+from helpers import cli_command
 from onnx import TensorProto, helper, numpy_helper
 
 from lipsync_ray.audio import load_features
@@ -64,15 +64,6 @@ def test_object_npy_features_are_refused_unread(tmp_path):
         load_features(path)
     assert str(path) in str(info.value)
     assert not marker.exists()
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory, small_models) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("security-inputs")
-    inputs = demo_inputs(
-        root, avatar_seconds=0.2, size_wh=(320, 240), avatar_seed=2, audio_seconds=1.0, audio_seed=4
-    )
-    return {**inputs, "model": small_models["unet"], "encoder": small_models["encoder"]}
 
 
 def test_object_npy_features_refused_by_the_cli_before_ray(good, tmp_path, capsys, monkeypatch):
