@@ -33,7 +33,8 @@ from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.pipeline import Renderer
 from lipsync_ray.report import ActorInfo
 from lipsync_ray.storage import Location, file_key, inside, resolve
-from lipsync_ray.workdir.layout import REPORT, WORK_SUFFIX
+from lipsync_ray.workdir.job import work_location
+from lipsync_ray.workdir.layout import REPORT
 
 __all__ = ["BatchJob", "BatchReport", "JobOutcome", "check_jobs", "load_jobs", "render_batch"]
 
@@ -226,11 +227,8 @@ def check_jobs(
     for index, job in enumerate(jobs):
         where = job.where(index)
         output = _locate(job, index, job.output, filesystem)
-        work = (
-            _locate(job, index, job.work_dir, filesystem)
-            if job.work_dir
-            else output.sibling(WORK_SUFFIX)
-        )
+        given = _locate(job, index, job.work_dir, filesystem) if job.work_dir else None
+        work = work_location(output, given)
         key = file_key(output)
         problem = None
         if key in outputs:

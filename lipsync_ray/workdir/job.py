@@ -44,6 +44,7 @@ __all__ = [
     "config_models",
     "make_job",
     "open_avatar",
+    "work_location",
 ]
 
 
@@ -95,7 +96,7 @@ def check_job_paths(
     import pyarrow.fs as pafs
 
     output, audio = resolve(output, filesystem), resolve(audio, filesystem)
-    work = _work_location(output, work_dir, filesystem)
+    work = work_location(output, work_dir, filesystem)
     inputs = [_check_input_file(audio, "audio file")]
     if features is not None:
         inputs.append(_check_input_file(resolve(features, filesystem), "feature file"))
@@ -208,7 +209,7 @@ def make_job(
             f"{avatar.frame_count} frames, got {start}",
             path=avatar.path,
         )
-    work_at = _work_location(output_at, work_dir, fs)
+    work_at = work_location(output_at, work_dir, fs)
     if features is None and not config.audio_encoder:
         raise InputError("give an audio encoder model or precomputed features")
     output_local, work_local = output_at.local_path(), work_at.local_path()
@@ -232,7 +233,7 @@ def config_models(config: RenderConfig) -> tuple[str, ...]:
     return tuple(str(m) for m in (config.model, config.audio_encoder) if m)
 
 
-def _work_location(
+def work_location(
     output: Location, work_dir: str | Path | Location | None, filesystem=None
 ) -> Location:
     """A render's work directory: ``work_dir`` (in ``filesystem``), or by default
