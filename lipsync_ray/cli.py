@@ -280,19 +280,51 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- submit
+# A client of `lipsync-ray serve`: main() gives it a parser of its own, built without the
+# render's (whose defaults import PyAV, OpenCV and numpy), so that it starts fast.
+
+_GLOBAL_FLAGS = ("--debug", "-q", "--quiet")  # _top_parser's
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    from lipsync_ray.submit import add_submit_args, run_submit  # the standard library only
+
+    p = sub.add_parser(
+        "submit", help="render on a running service (`serve`): upload, show progress, download"
+    )
+    add_submit_args(p)
+    p.set_defaults(func=run_submit)
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv``: its first argument after the global flags."""
+    return next((a for a in argv if a not in _GLOBAL_FLAGS), None)
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    parser, sub = _top_parser()
+    _add_submit(sub)
+    return parser
+
+
 # ------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lipsync_ray.prepare import PrepareOptions
-
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="lipsync-ray",
         description="Re-render a talking-head video so the lips follow a new speech track, on Ray.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lipsync_ray.prepare import PrepareOptions
+
+    parser, sub = _top_parser()
 
     p = sub.add_parser("render", help="render an MP4 from an avatar and an audio file")
     add_render_args(p)
@@ -450,11 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_x264_args(p)
     p.set_defaults(func=_cmd_reference)
+    _add_submit(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _submit_parser() if _command_of(argv) == "submit" else build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
