@@ -255,6 +255,28 @@ def _cmd_bench_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from lipsync_ray.dev.bench_serve import bench_serve, check_settings, format_serve_bench
+
+    check_settings(
+        clips=args.clips,
+        concurrent=args.concurrent,
+        concurrent_seconds=args.concurrent_seconds,
+        long_seconds=args.long_seconds,
+    )
+    config = RenderConfig(model="-", audio_encoder="-", **render_options_from_args(args))
+    result = bench_serve(
+        args.model, config=config, avatar=args.avatar, avatar_seconds=args.avatar_seconds,
+        size_wh=args.size, clips=args.clips, concurrent=args.concurrent,
+        concurrent_seconds=args.concurrent_seconds, long_seconds=args.long_seconds,
+    )  # fmt: skip
+    print(format_serve_bench(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+        print(f"results: {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -445,6 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
     b.add_argument("--json", type=Path, help="write the results as JSON")
     b.set_defaults(func=_cmd_bench_encode)
+
+    b = bsub.add_parser(
+        "serve",
+        help="the render service: warm latency, concurrent FPS, a short clip during a long one",
+    )
+    b.add_argument("--model", default="full", help="full, small, identity or an ONNX path")
+    b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
+    b.add_argument("--avatar-seconds", type=float, default=4.0)
+    b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
+    b.add_argument("--clips", type=positive_int, default=10, help="warm 1-s clips timed (10)")
+    b.add_argument("--concurrent", type=positive_int, default=6, help="clips sent at once (6)")
+    b.add_argument("--concurrent-seconds", type=float, default=3.0, help="their length (3)")
+    b.add_argument(
+        "--long-seconds", type=float, default=60.0, help="the long render a 1-s clip joins (60)"
+    )
+    add_render_options(b)  # given to both the service and the `render` it is compared with
+    b.add_argument("--json", type=Path, help="write the results as JSON")
+    b.set_defaults(func=_cmd_bench_serve)
 
     p = sub.add_parser("demo", help="render a generated avatar and audio end to end (no downloads)")
     p.add_argument(

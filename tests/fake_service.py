@@ -31,6 +31,7 @@ import uuid
 import wave
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 TOKEN = "s3cret-token"
@@ -127,7 +128,7 @@ class FakeService:
 
     def __init__(self, *, token: str = TOKEN, max_upload_bytes: int = 64 * 1024) -> None:
         self.token = token
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes = self._max_upload_bytes = max_upload_bytes
         self.step = 10
         self.truncate_video = False
         self.jobs: dict[str, FakeJob] = {}
@@ -152,7 +153,7 @@ class FakeService:
         with self._lock:
             self._forced.clear()
             self.truncate_video = False
-            self.max_upload_bytes = 64 * 1024
+            self.max_upload_bytes = self._max_upload_bytes
 
     def __enter__(self) -> FakeService:
         self._thread.start()
@@ -294,6 +295,18 @@ def _wav_seconds(body: bytes):
         return _Refusal(400, f"the audio is not decodable: {exc}")
 
 
+def write_wav(path: Path, seconds: float, rate: int = 16_000) -> Path:
+    """A 220 Hz tone as 16-bit mono WAV (the standard library's ``wave``)."""
+    n = round(seconds * rate)
+    samples = (round(8000 * math.sin(2 * math.pi * 220 * i / rate)) for i in range(n))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(s.to_bytes(2, "little", signed=True) for s in samples))
+    return path
+
+
 def _json(status: int, data: dict) -> tuple[int, dict, bytes]:
     return status, {"Content-Type": "application/json"}, json.dumps(data).encode()
 
@@ -338,3 +351,14 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+if __name__ == "__main__":  # as a service process: `serving on URL`, stops on SIGINT/SIGTERM
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeService() as fake:
+        print(f"serving on {fake.url}", flush=True)
+        stop.wait()

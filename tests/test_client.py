@@ -4,18 +4,16 @@ service of ``tests/fake_service.py`` over real HTTP on loopback (no Ray)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import pytest
-from fake_service import BROKEN_ERROR, TOKEN, FakeService
+from fake_service import BROKEN_ERROR, TOKEN, FakeService, write_wav
 from helpers import cli_command
 
 from lipsync_ray.client import JobOptions, JobState, JobStatus, ServiceClient, resolve_token
@@ -28,18 +26,6 @@ from lipsync_ray.errors import (
 )
 
 HEAVY = ("ray", "cv2", "numpy", "onnxruntime", "av", "pyarrow")
-
-
-def write_wav(path: Path, seconds: float, rate: int = 16_000) -> Path:
-    """A sine tone as 16-bit mono WAV (the standard library's ``wave``)."""
-    n = round(seconds * rate)
-    samples = (round(8000 * math.sin(2 * math.pi * 220 * i / rate)) for i in range(n))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"".join(s.to_bytes(2, "little", signed=True) for s in samples))
-    return path
 
 
 def decoded_frames(path: Path) -> int:
