@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ class JobStatus:
     frames_total: int | None  # None until the service knows it
     fps: float | None  # frames_done / seconds running; None before running
     error: str | None  # one line, for a failed job
-    created_at: float  # UNIX seconds
+    created_at: float | None  # UNIX seconds
     started_at: float | None
     finished_at: float | None
     options: JobOptions
@@ -106,7 +107,7 @@ class JobStatus:
                 frames_total=_optional(data.get("frames_total"), int, "frames_total"),
                 fps=_optional(data.get("fps"), float, "fps"),
                 error=_optional(data.get("error"), str, "error"),
-                created_at=_typed(data["created_at"], float, "created_at"),
+                created_at=_optional(data.get("created_at"), float, "created_at"),
                 started_at=_optional(data.get("started_at"), float, "started_at"),
                 finished_at=_optional(data.get("finished_at"), float, "finished_at"),
                 options=JobOptions(**{k: v for k, v in options.items() if k in known}),
@@ -228,6 +229,8 @@ class ServiceClient:
             ("start_frame", start_frame), ("blend", blend), ("crf", crf), ("preset", preset),
             ("silence_passthrough", silence_passthrough),
         ):  # fmt: skip
+            if isinstance(value, enum.Enum):  # Blend.HARD: "hard"
+                value = value.value
             if value is not None:
                 query[name] = _BOOL_TEXT[value] if isinstance(value, bool) else str(value)
         path = "/v1/jobs?" + urllib.parse.urlencode(query)
@@ -265,9 +268,9 @@ class ServiceClient:
         if not out.parent.is_dir():
             raise InputError("the output's directory does not exist", path=out.parent)
         route = f"/v1/jobs/{_quote(job_id)}/video"
-        part = out.with_name(f".{out.name}.{os.getpid()}.part")
+        part = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")  # this download's
         try:
-            with self._open("GET", route) as answer, open(part, "wb") as f:
+            with self._open("GET", route) as answer, open(part, "xb") as f:
                 expected = answer.headers.get("Content-Length")
                 written = 0
                 while chunk := answer.read(_CHUNK_BYTES):
@@ -415,13 +418,18 @@ class ServiceClient:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             raise self._rejected(exc, url) from None
-        except urllib.error.URLError as exc:
-            reason = getattr(exc.reason, "strerror", None) or str(exc.reason)
-            raise RenderError(f"cannot reach the render service: {reason}", path=url) from None
-        except (ConnectionError, TimeoutError) as exc:  # reset mid-request, or a read timeout
-            what = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
-            if body is not None and isinstance(exc, ConnectionError):
-                what += " (during the upload: the body may exceed the service's --max-upload-mb)"
+        except urllib.error.URLError as exc:  # the request could not be sent
+            reason = exc.reason
+            if body is not None and isinstance(reason, BrokenPipeError | ConnectionResetError):
+                raise RenderError(
+                    f"the render service closed the connection during the upload of "
+                    f"{headers['Content-Length']} bytes (over its --max-upload-mb?)",
+                    path=url,
+                ) from None
+            text = getattr(reason, "strerror", None) or str(reason)
+            raise RenderError(f"cannot reach the render service: {text}", path=url) from None
+        except (OSError, http.client.HTTPException) as exc:  # no (HTTP) answer came back
+            what = "no answer in time" if isinstance(exc, TimeoutError) else repr(exc)
             raise RenderError(f"the render service failed to answer: {what}", path=url) from None
 
     def _rejected(self, exc: urllib.error.HTTPError, url: str) -> Exception:

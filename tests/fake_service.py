@@ -123,7 +123,8 @@ class FakeService:
 
     Attributes a test may read or set: ``jobs`` (by id), ``requests`` (method, path and
     Authorization header of each), ``max_upload_bytes``, ``step`` (frames per poll),
-    ``truncate_video`` (send half of the MP4 and hang up).
+    ``truncate_video`` (send half of the MP4 and hang up), ``early_reject`` (answer 413 to a
+    body over the limit without reading it, and hang up).
     """
 
     def __init__(self, *, token: str = TOKEN, max_upload_bytes: int = 64 * 1024) -> None:
@@ -131,6 +132,7 @@ class FakeService:
         self.max_upload_bytes = self._max_upload_bytes = max_upload_bytes
         self.step = 10
         self.truncate_video = False
+        self.early_reject = False  # 413 before reading the body, then hang up (as uvicorn may)
         self.jobs: dict[str, FakeJob] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self._forced: dict[str, tuple[int, str]] = {}
@@ -153,6 +155,7 @@ class FakeService:
         with self._lock:
             self._forced.clear()
             self.truncate_video = False
+            self.early_reject = False
             self.max_upload_bytes = self._max_upload_bytes
 
     def __enter__(self) -> FakeService:
@@ -319,6 +322,14 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
+            if service.early_reject and length > service.max_upload_bytes:
+                status, headers, body = _error(413, f"body of {length} bytes is over the limit")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+                return
 
             def body_reader() -> bytes:  # read once, also when refused (no broken pipe)
                 if not hasattr(self, "_body"):

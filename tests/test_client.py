@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -338,6 +340,62 @@ def test_submit_refuses_before_uploading(service, wav, tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr
     assert len(service.requests) == before  # nothing sent
     assert not out.exists() or out.read_bytes() == b"mine"
+
+
+def test_a_body_refused_before_it_is_read(client, service):
+    """A service may answer 413 as soon as it sees Content-Length and hang up mid-upload: the
+    client reports the 413 if it got to read it, else the upload that was cut off."""
+    service.early_reject = True
+    with pytest.raises(RenderError) as info:
+        client.submit("alice", b"RIFF" + bytes(16 << 20))
+    message = str(info.value)
+    assert "\n" not in message and service.url in message
+    if isinstance(info.value, RequestRejectedError):
+        assert info.value.status == 413
+    else:
+        assert "closed the connection during the upload of 16777220 bytes" in message
+
+
+@pytest.mark.parametrize(("answer", "message"), [(b"", "RemoteDisconnected"),
+                                                 (b"HELLO\r\n\r\n", "BadStatusLine")])  # fmt: skip
+def test_a_peer_that_is_no_http_service(answer, message):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(RenderError, match="failed to answer") as info:
+            ServiceClient(url, token=TOKEN).avatars()
+        thread.join(timeout=10)
+    assert message in str(info.value) and type(info.value) is RenderError
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestRejectedError("unknown avatar 'bob'", status=404, path="http://x/v1/jobs"),
+        RemoteRenderError("internal error", status=500, path="http://x/v1/jobs"),
+        RemoteRenderError("job 1 failed: boom"),
+        Cancelled("job 1 was cancelled", path="http://x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_the_errors_pickle_with_their_status(error):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert getattr(copy, "status", None) == getattr(error, "status", None)
+    assert (
+        copy.exit_code
+        == {RequestRejectedError: 2, RemoteRenderError: 1, Cancelled: 130}[type(error)]
+    )
 
 
 def test_overwrite_replaces_the_output(service, wav, tmp_path):
