@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -189,6 +190,12 @@ class ServiceClient:
         self.url = url.rstrip("/")
         self.timeout_s = float(timeout_s)
         self._token = resolve_token(token, token_file)
+        # A service on this machine is asked directly: an HTTP_PROXY of the environment (which
+        # urllib applies to 127.0.0.1 too unless NO_PROXY names it) would get the token.
+        direct = _is_loopback(parsed.hostname or "")
+        self._opener = urllib.request.build_opener(
+            *([urllib.request.ProxyHandler({})] if direct else [])
+        )
 
     def __repr__(self) -> str:
         return f"ServiceClient({self.url!r})"
@@ -415,7 +422,7 @@ class ServiceClient:
             headers["Content-Length"] = "0"
         request = urllib.request.Request(url, data=body, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout_s)
+            return self._opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             raise self._rejected(exc, url) from None
         except urllib.error.URLError as exc:  # the request could not be sent
@@ -461,6 +468,15 @@ def _error_message(raw: bytes) -> str:
         pass
     text = raw.decode(errors="replace").strip()
     return text.splitlines()[0][:200] if text else ""
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _quote(job_id: str) -> str:

@@ -398,6 +398,17 @@ def test_the_errors_pickle_with_their_status(error):
     )
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_loopback_service_is_asked_directly_not_through_a_proxy(service, monkeypatch, host):
+    """urllib sends even 127.0.0.1 to the environment's HTTP_PROXY (unless NO_PROXY names it):
+    a proxy would get the token; here it is a port where nothing listens."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_closed_port()}")
+    url = service.url.replace("127.0.0.1", host)
+    assert ServiceClient(url, token=TOKEN).avatars() == ["alice", "broken", "slow"]
+
+
 def test_overwrite_replaces_the_output(service, wav, tmp_path):
     out = tmp_path / "o.mp4"
     out.write_bytes(b"mine")

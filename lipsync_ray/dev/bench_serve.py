@@ -388,7 +388,7 @@ class ServiceProcess:
                 out.flush()
                 text = line.decode(errors="replace")
                 if self.url is None and "serving on " in text:
-                    self.url = text.split("serving on ", 1)[1].split()[0]
+                    self.url = text.split("serving on ", 1)[1].split()[0].rstrip(".,;")
                     self._ready.set()
 
     def _tail(self) -> str:
