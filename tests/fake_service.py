@@ -127,8 +127,11 @@ class FakeService:
     body over the limit without reading it, and hang up).
     """
 
-    def __init__(self, *, token: str = TOKEN, max_upload_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self, *, token: str = TOKEN, max_upload_bytes: int = 64 * 1024, avatars=AVATARS
+    ) -> None:
         self.token = token
+        self.avatars = tuple(avatars)  # any name but broken and slow renders like alice
         self.max_upload_bytes = self._max_upload_bytes = max_upload_bytes
         self.step = 10
         self.truncate_video = False
@@ -190,7 +193,7 @@ class FakeService:
         if route is None:
             return _error(404, f"no route {method} {path}")
         if route == "avatars":
-            return _json(200, {"avatars": list(AVATARS)})
+            return _json(200, {"avatars": list(self.avatars)})
         if route == "submit":
             return self._submit(query, headers, body_reader)
         if route == "list":
@@ -248,7 +251,7 @@ class FakeService:
             )
         if options["preset"] not in PRESETS:
             return _error(400, f"unknown preset {options['preset']!r}")
-        if avatar not in AVATARS:
+        if avatar not in self.avatars:
             return _error(404, f"unknown avatar {avatar!r}")
         seconds = _wav_seconds(body)
         if isinstance(seconds, _Refusal):
@@ -364,12 +367,18 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-if __name__ == "__main__":  # as a service process: `serving on URL`, stops on SIGINT/SIGTERM
+if __name__ == "__main__":
+    # As a service process: `python fake_service.py [AVATAR ...]` prints `serving on URL` and
+    # stops on SIGINT/SIGTERM; the token is LIPSYNC_RAY_TOKEN's, else TOKEN.
+    import os
     import signal
+    import sys
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with FakeService() as fake:
+    token = os.environ.get("LIPSYNC_RAY_TOKEN") or TOKEN
+    names = (*AVATARS, *sys.argv[1:])
+    with FakeService(token=token, max_upload_bytes=50 << 20, avatars=names) as fake:
         print(f"serving on {fake.url}", flush=True)
         stop.wait()
