@@ -255,6 +255,28 @@ def _cmd_bench_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from lipsync_ray.dev.bench_serve import bench_serve, check_settings, format_serve_bench
+
+    check_settings(
+        clips=args.clips,
+        concurrent=args.concurrent,
+        concurrent_seconds=args.concurrent_seconds,
+        long_seconds=args.long_seconds,
+    )
+    config = RenderConfig(model="-", audio_encoder="-", **render_options_from_args(args))
+    result = bench_serve(
+        args.model, config=config, avatar=args.avatar, avatar_seconds=args.avatar_seconds,
+        size_wh=args.size, clips=args.clips, concurrent=args.concurrent,
+        concurrent_seconds=args.concurrent_seconds, long_seconds=args.long_seconds,
+    )  # fmt: skip
+    print(format_serve_bench(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+        print(f"results: {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -280,19 +302,51 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- submit
+# A client of `lipsync-ray serve`: main() gives it a parser of its own, built without the
+# render's (whose defaults import PyAV, OpenCV and numpy), so that it starts fast.
+
+_GLOBAL_FLAGS = ("--debug", "-q", "--quiet")  # _top_parser's
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    from lipsync_ray.submit import add_submit_args, run_submit  # the standard library only
+
+    p = sub.add_parser(
+        "submit", help="render on a running service (`serve`): upload, show progress, download"
+    )
+    add_submit_args(p)
+    p.set_defaults(func=run_submit)
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv``: its first argument after the global flags."""
+    return next((a for a in argv if a not in _GLOBAL_FLAGS), None)
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    parser, sub = _top_parser()
+    _add_submit(sub)
+    return parser
+
+
 # ------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lipsync_ray.prepare import PrepareOptions
-
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="lipsync-ray",
         description="Re-render a talking-head video so the lips follow a new speech track, on Ray.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lipsync_ray.prepare import PrepareOptions
+
+    parser, sub = _top_parser()
 
     p = sub.add_parser("render", help="render an MP4 from an avatar and an audio file")
     add_render_args(p)
@@ -414,6 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, help="write the results as JSON")
     b.set_defaults(func=_cmd_bench_encode)
 
+    b = bsub.add_parser(
+        "serve",
+        help="the render service: warm latency, concurrent FPS, a short clip during a long one",
+    )
+    b.add_argument("--model", default="full", help="full, small, identity or an ONNX path")
+    b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
+    b.add_argument("--avatar-seconds", type=float, default=4.0)
+    b.add_argument("--size", type=_size, default=(1280, 720), help="avatar frame size WxH")
+    b.add_argument("--clips", type=positive_int, default=10, help="warm 1-s clips timed (10)")
+    b.add_argument("--concurrent", type=positive_int, default=6, help="clips sent at once (6)")
+    b.add_argument("--concurrent-seconds", type=float, default=3.0, help="their length (3)")
+    b.add_argument(
+        "--long-seconds", type=float, default=60.0, help="the long render a 1-s clip joins (60)"
+    )
+    add_render_options(b)  # given to both the service and the `render` it is compared with
+    b.add_argument("--json", type=Path, help="write the results as JSON")
+    b.set_defaults(func=_cmd_bench_serve)
+
     p = sub.add_parser("demo", help="render a generated avatar and audio end to end (no downloads)")
     p.add_argument(
         "--out-dir",
@@ -450,11 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_x264_args(p)
     p.set_defaults(func=_cmd_reference)
+    _add_submit(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _submit_parser() if _command_of(argv) == "submit" else build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

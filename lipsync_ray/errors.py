@@ -4,10 +4,13 @@
 
     LipsyncError                 root: catch this to catch everything we raise
     ├── InputError               bad user input (files, shapes, options); CLI exit code 2
-    │   └── ModelError           an ONNX model that cannot be used as given
+    │   ├── ModelError           an ONNX model that cannot be used as given
+    │   └── RequestRejectedError the render service refused a request (a 4xx answer)
     ├── EncodeError              decoding or encoding media failed mid-way
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
-    └── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    │   └── RemoteRenderError    a job failed on the render service, or it answered 5xx
+    └── Cancelled                the render was cancelled; CLI exit code 130
 
 Every error carries the path (and, where it applies, the frame or chunk) it is
 about, so that the CLI can print a single line that names the culprit.
@@ -18,11 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "Cancelled",
     "EncodeError",
     "InputError",
     "LipsyncError",
     "ModelError",
+    "RemoteRenderError",
     "RenderError",
+    "RequestRejectedError",
     "ShardError",
 ]
 
@@ -75,3 +81,53 @@ class ShardError(LipsyncError):
 
 class RenderError(LipsyncError):
     """A render could not finish: a chunk kept failing, a worker died too often, ..."""
+
+
+class Cancelled(LipsyncError):  # noqa: N818 (a state, not a fault)
+    """The render was cancelled (a cancel event was set, or the job was cancelled)."""
+
+    exit_code = 130
+
+
+class RequestRejectedError(InputError):
+    """The render service refused a request: a 4xx answer (bad audio or option, unknown avatar
+    or job, missing token, too large, a video asked for before it is done).
+
+    Args:
+        message: the service's own message (its JSON ``error.message``).
+        status: the HTTP status (400-499).
+        path: the URL of the request.
+    """
+
+    def __init__(self, message: str, *, status: int, path: str | Path | None = None) -> None:
+        self.status = status
+        super().__init__(message, path=path)
+
+    def __str__(self) -> str:
+        return f"the service refused the request ({self.status}): {super().__str__()}"
+
+    def __reduce__(self):
+        return _rebuild_with_status, (type(self), self.message, self.path, self.status)
+
+
+class RemoteRenderError(RenderError):
+    """A job failed on the render service (its ``error`` line), or the service answered 5xx.
+
+    Args:
+        message: the job's error or the service's message.
+        status: the HTTP status of a 5xx answer; None for a job that failed.
+        path: the URL of the request or job.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, path: str | Path | None = None
+    ) -> None:
+        self.status = status
+        super().__init__(message, path=path)
+
+    def __reduce__(self):
+        return _rebuild_with_status, (type(self), self.message, self.path, self.status)
+
+
+def _rebuild_with_status(cls, message: str, path: str | None, status: int | None):
+    return cls(message, path=path, status=status)

@@ -20,11 +20,16 @@ Energy-based voice activity on the decoded mono audio (``audio.load_audio``: flo
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lipsync_ray.errors import InputError
+
+# numpy is imported inside the functions that compute: SilenceOptions is part of RenderConfig,
+# which the CLI module loads, and `lipsync-ray submit` (a client) must start without numpy.
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "SilenceOptions",
@@ -60,7 +65,7 @@ class SilenceOptions:
 
 
 def _check_real(name: str, value, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{name} must be a number, got {value!r}")
     v = float(value)
     if not math.isfinite(v) or (low is not None and v < low):
@@ -70,12 +75,14 @@ def _check_real(name: str, value, low: float | None = None) -> float:
 
 
 def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
 def _check_samples(samples) -> np.ndarray:
+    import numpy as np
+
     x = np.asarray(samples)
     if x.ndim != 1 or not (np.issubdtype(x.dtype, np.floating) or x.size == 0):
         raise InputError(f"audio samples must be a 1-D float array, got {x.dtype} {x.shape}")
@@ -97,6 +104,8 @@ def frame_levels_db(samples, sample_rate: int, n_frames: int, fps: float = 25.0)
         float64 (n_frames,): dBFS of the mean-removed RMS over samples
         ``[round(k * sr / fps), round((k + 1) * sr / fps))``; -inf for no samples or zero energy.
     """
+    import numpy as np
+
     x = _check_samples(samples)
     sr = _check_int("sample_rate", sample_rate, low=1)
     n = _check_int("n_frames", n_frames, low=0)
@@ -141,6 +150,8 @@ def silent_frames(
     Returns:
         bool (n_frames,), True = silent.
     """
+    import numpy as np
+
     threshold = _check_real("threshold_db", threshold_db)
     min_s = _check_real("min_silence_s", min_silence_s, low=0.0)
     silent = frame_levels_db(samples, sample_rate, n_frames, fps) < threshold
@@ -168,6 +179,8 @@ def crossfade_weights(silent, fade_frames: int) -> np.ndarray:
         (so with F = 3: 0.75, 0.5, 0.25, then 0). With no non-silent frame at all, every
         weight is 0. Frames with weight 0 need no inference.
     """
+    import numpy as np
+
     s = np.asarray(silent)
     if s.ndim != 1 or s.dtype != bool:
         raise InputError(f"silent must be a 1-D bool array, got {s.dtype} {s.shape}")
