@@ -7,7 +7,9 @@
     │   └── ModelError           an ONNX model that cannot be used as given
     ├── EncodeError              decoding or encoding media failed mid-way
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
-    └── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    └── Cancelled                the render was cancelled (its work directory stays resumable);
+                                 CLI exit code 130
 
 Every error carries the path (and, where it applies, the frame or chunk) it is
 about, so that the CLI can print a single line that names the culprit.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "Cancelled",
     "EncodeError",
     "InputError",
     "LipsyncError",
@@ -75,3 +78,11 @@ class ShardError(LipsyncError):
 
 class RenderError(LipsyncError):
     """A render could not finish: a chunk kept failing, a worker died too often, ..."""
+
+
+class Cancelled(LipsyncError):  # noqa: N818 - a request, not a fault: no Error suffix
+    """The render was cancelled (``Renderer.render(cancel=...)``): no more chunks were
+    submitted; the finished ones stay recorded in the work directory, so a later render of the
+    same inputs resumes from them."""
+
+    exit_code = 130
