@@ -51,7 +51,7 @@ from lipsync_ray.avatar import pingpong_indices
 from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.encode import check_video_encoder
-from lipsync_ray.errors import Cancelled, RenderError
+from lipsync_ray.errors import Cancelled, InputError, RenderError
 from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     EncoderSession,
@@ -119,6 +119,32 @@ class _Counter:
             return next(self._count)
 
 
+class _WorkDirsInUse:
+    """The work directories of the renders running now: one render per directory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+
+    @contextlib.contextmanager
+    def hold(self, path: Path):
+        """Holds ``path`` for one render; raises InputError while another render holds it."""
+        key = str(path)
+        with self._lock:
+            if key in self._paths:
+                raise InputError(
+                    "another render of this renderer is using the work directory; give each "
+                    "render its own work directory (or output)",
+                    path=path,
+                )
+            self._paths.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paths.discard(key)
+
+
 class Renderer:
     """Renders many audios onto one avatar with one set of warm actor pools.
 
@@ -143,8 +169,8 @@ class Renderer:
     short render started during a long one finishes in seconds; the frames are those of each
     render run alone. What they do share is made once under a lock (Ray, the pools, the
     actors' descriptions, the audio encoder's session, whose ``run`` ONNX Runtime allows from
-    several threads) or counted under one (the renders served). Two renders must not use one
-    work directory at the same time.
+    several threads) or counted under one (the renders served). A render whose work directory
+    another running render uses is refused (InputError).
 
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
@@ -175,6 +201,7 @@ class Renderer:
         self._encoder: _Once[EncoderSession] = _Once()  # the audio encoder, on the driver
         self._shares: _Once[FairShare] = _Once()  # the pools' chunks, shared by renders
         self._served = _Counter()  # renders finished on these actors
+        self._working = _WorkDirsInUse()  # the work directories of the running renders
         import ray
 
         if not (ray.is_initialized() or config.address or os.environ.get("RAY_ADDRESS")):
@@ -317,7 +344,7 @@ class Renderer:
             filesystem=self.filesystem,
         )
         hooks = _Hooks(on_frames, cancel)
-        with WorkDir.open(job, self.config) as work:
+        with self._working.hold(job.work_dir), WorkDir.open(job, self.config) as work:
             return work.finish(self._render(job, work, timeline, started, hooks))
 
     def _render(
