@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lipsync_ray import pipeline
+from lipsync_ray.concurrency import WorkDirsInUse
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.pipeline import Renderer, RenderJob
@@ -117,7 +118,7 @@ def test_what_renders_share_or_carry_is_frozen(value):
 
 
 def test_a_work_directory_is_held_by_one_render_at_a_time(tmp_path):
-    in_use = pipeline._WorkDirsInUse()
+    in_use = WorkDirsInUse()
     work = tmp_path / "job.work"
     with in_use.hold(work), in_use.hold(tmp_path / "other.work"):
         with pytest.raises(InputError, match="another render") as refused, in_use.hold(work):
