@@ -344,7 +344,7 @@ def test_an_on_frames_hook_that_raises_is_logged_not_raised(caplog):
         calls.append((done, total))
         raise ValueError("display gone")
 
-    with caplog.at_level(logging.WARNING, logger="lipsync_ray.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="lipsync_ray.concurrency"):
         RenderHooks(on_frames=hook).frames(16, 62)
     assert calls == [(16, 62)]
     assert "on_frames(16, 62) raised" in caplog.text and "display gone" in caplog.text
