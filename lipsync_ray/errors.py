@@ -10,7 +10,8 @@
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
     ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
     │   └── RemoteRenderError    a job failed on the render service, or it answered 5xx
-    └── Cancelled                the render was cancelled; CLI exit code 130
+    └── Cancelled                the render was cancelled (its work directory stays resumable);
+                                 CLI exit code 130
 
 Every error carries the path (and, where it applies, the frame or chunk) it is
 about, so that the CLI can print a single line that names the culprit.
@@ -83,8 +84,10 @@ class RenderError(LipsyncError):
     """A render could not finish: a chunk kept failing, a worker died too often, ..."""
 
 
-class Cancelled(LipsyncError):  # noqa: N818 (a state, not a fault)
-    """The render was cancelled (a cancel event was set, or the job was cancelled)."""
+class Cancelled(LipsyncError):  # noqa: N818 - a request, not a fault: no Error suffix
+    """The render was cancelled (``Renderer.render(cancel=...)``, or a job on the service): no
+    more chunks were submitted; the finished ones stay recorded in the work directory, so a
+    later render of the same inputs resumes from them."""
 
     exit_code = 130
 

@@ -12,6 +12,9 @@
                                            (SYSTEM_RETRIES, not counted against max_retries)
                                          a hung chunk (no progress for chunk_timeout_s): its
                                            actor is restarted and the chunk retried
+                                         cancel (a threading.Event): no more chunks; Cancelled
+    FairShare / Share                  the pools' in-flight chunks shared by concurrent renders
+                                       (lipsync_ray.concurrency; ChunkScheduler takes a Share)
 
 The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
 with :func:`start_actors` and hands over the lists, the resolved pool settings, the work
@@ -20,11 +23,13 @@ directory that records finished chunks, and a callback that waits for restarted 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -33,10 +38,11 @@ import numpy as np
 
 from lipsync_ray.actors import CONCURRENCY_GROUPS, CompositorActor, InferenceActor
 from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, plan_chunks
+from lipsync_ray.concurrency import FairShare, Share
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
-from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.errors import Cancelled, InputError, LipsyncError, RenderError
 from lipsync_ray.options import SessionOptions
 from lipsync_ray.storage import Location
 
@@ -45,7 +51,9 @@ __all__ = [
     "ChunkRecorder",
     "ChunkScheduler",
     "ChunkTotals",
+    "FairShare",
     "Next",
+    "Share",
     "decide_failure",
     "padded_rows",
     "plan_chunks",
@@ -65,6 +73,11 @@ SYSTEM_RETRIES = 8
 # block there (up to ACTOR_START_TIMEOUT_S) instead of restarting the hung actor. Order between
 # chunks never mattered: `encode_chunk` takes the `composite` result as its argument.
 _UNORDERED = {"allow_out_of_order_execution": True}
+# How long the scheduler waits for a chunk before looking again, alone on its pools (seconds),
+# and when it shares them or can be cancelled: room freed by another render, or a cancel,
+# is noticed within this (a loop costs one ray.wait call).
+WAIT_ALONE_S = 1.0
+WAIT_SHARED_S = 0.1
 
 
 def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
@@ -278,6 +291,13 @@ class ChunkScheduler:
         on_frames: called with the frame count of each finished chunk (progress).
         await_actors: ``(actors, what)`` blocks until ``actors`` answer again after a restart;
             default :func:`wait_for_actors`.
+        share: this render's :class:`Share` of pools that concurrent renders use (the caller
+            opens and closes it); None: the render is alone on them, with ``pool.in_flight()``
+            chunks in flight.
+        cancel: once set, no more chunks are submitted and :meth:`run` raises
+            :class:`Cancelled` within about ``WAIT_SHARED_S``; the chunks in flight are
+            cancelled where they have not started (a started one finishes and its files are
+            adopted by the next render of the same work directory).
     """
 
     def __init__(
@@ -290,6 +310,8 @@ class ChunkScheduler:
         on_frames: Callable[[int], None],
         *,
         await_actors: Callable[[Sequence, str], None] | None = None,
+        share: Share | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.ray, self.pool, self.recorder = ray, pool, recorder
         self.inference, self.compositors = list(inference), list(compositors)
@@ -298,8 +320,15 @@ class ChunkScheduler:
         self.totals = ChunkTotals()
         self._retry: deque[tuple[ChunkSpec, int, int]] = deque()
         self._inflight: dict[object, _Task] = {}
-        self._load_inf = [0] * len(self.inference)
-        self._load_comp = [0] * len(self.compositors)
+        # Alone: a share of pools of its own, which gives exactly the single render's rules
+        # (pool.in_flight() chunks, least-loaded actors).
+        self._own_share = share is None
+        self.share = share or FairShare(pool.in_flight(), len(self.inference),
+                                        len(self.compositors)).open()  # fmt: skip
+        self.cancel = cancel
+        self._wait_s = WAIT_ALONE_S if share is None and cancel is None else WAIT_SHARED_S
+        self._upcoming: ChunkSpec | None = None  # the next new chunk, taken from specs
+        self._finished_chunks = 0
         self._context_ref = None
 
     def run(self, specs: Iterable[ChunkSpec], context: JobContext) -> ChunkTotals:
@@ -309,26 +338,33 @@ class ChunkScheduler:
             InputError: a chunk failed on bad input (fails the same way every time).
             RenderError: a chunk failed ``max_retries + 1`` times, lost its workers more than
                 SYSTEM_RETRIES times, or its actors did not come back.
+            Cancelled: ``cancel`` was set.
         """
-        ray, pool, inflight, retry = self.ray, self.pool, self._inflight, self._retry
-        limit = pool.in_flight()
+        try:
+            return self._run(iter(specs), context)
+        finally:
+            if self._own_share:
+                self.share.close()
+
+    def _run(self, pending: Iterator[ChunkSpec], context: JobContext) -> ChunkTotals:
+        ray, pool, inflight = self.ray, self.pool, self._inflight
+        self._check_cancel()
         self._context_ref = ray.put(context)
-        pending = iter(specs)
-        exhausted = False
         last_progress = time.monotonic()
         while True:
-            while len(inflight) < limit:
-                if retry:
-                    self._submit(*retry.popleft())
-                    continue
-                spec = None if exhausted else next(pending, None)
-                if spec is None:
-                    exhausted = True
-                    break
-                self._submit(spec, 0)
+            self._check_cancel()
+            more = self._fill(pending)
             if not inflight:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if not more:
+                    break
+                # Every slot is another render's: look again shortly.
+                if self.cancel is not None:
+                    self.cancel.wait(self._wait_s)
+                else:
+                    time.sleep(self._wait_s)
+                last_progress = time.monotonic()
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self._wait_s)
             for ref in ready:
                 self._finished(ref)
             now = time.monotonic()
@@ -345,24 +381,63 @@ class ChunkScheduler:
                 last_progress = now  # the restart is an event: the others get a full timeout
         return self.totals
 
-    def _submit(self, spec: ChunkSpec, attempt: int, system_failures: int = 0) -> None:
-        load_inf, load_comp = self._load_inf, self._load_comp
-        i = min(range(len(load_inf)), key=load_inf.__getitem__)
-        c = min(range(len(load_comp)), key=load_comp.__getitem__)
+    def _fill(self, pending: Iterator[ChunkSpec]) -> bool:
+        """Submit chunks (retries first) while the share has room; False once nothing is left
+        to submit."""
+        retry = self._retry
+        while True:
+            if retry:
+                item = retry[0]
+            else:
+                if self._upcoming is None:
+                    self._upcoming = next(pending, None)
+                if self._upcoming is None:
+                    self.share.idle()
+                    return False
+                item = (self._upcoming, 0, 0)
+            slot = self.share.take()
+            if slot is None:
+                return True
+            if retry:
+                retry.popleft()
+            else:
+                self._upcoming = None
+            self._submit(*item, slot=slot)
+
+    def _check_cancel(self) -> None:
+        if self.cancel is None or not self.cancel.is_set():
+            return
+        # Chunks not started yet are dropped; a started one cannot be interrupted (threaded
+        # actors), finishes, and its renamed files are adopted by the next render.
+        for task_ref, task in self._inflight.items():
+            for ref in (task_ref, task.predictions):
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref)
+        raise Cancelled(
+            f"the render was cancelled ({self._finished_chunks} chunks finished in this run "
+            "stay recorded)"
+        )
+
+    def _submit(
+        self,
+        spec: ChunkSpec,
+        attempt: int,
+        system_failures: int = 0,
+        *,
+        slot: tuple[int, int],
+    ) -> None:
+        i, c = slot
         preds = self.inference[i].infer.remote(spec)
         # One compositor call writes the chunk's shard and encodes its segment from the
         # same frames: no second task, no re-read.
         ref = self.compositors[c].composite.remote(spec, preds, self._context_ref)
-        load_inf[i] += 1
-        load_comp[c] += 1
         self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
         ray, totals = self.ray, self.totals
         task = self._inflight.pop(ref)
-        self._load_inf[task.inference] -= 1
-        self._load_comp[task.compositor] -= 1
+        self.share.give(task.inference, task.compositor)
         try:
             result: ChunkResult = ray.get(ref)
         except (ray.exceptions.RayError, LipsyncError) as exc:
@@ -375,6 +450,7 @@ class ChunkScheduler:
             totals.cpu[k] = totals.cpu.get(k, 0.0) + v
         totals.generated += result.generated
         totals.seams.extend(result.seam_scores)
+        self._finished_chunks += 1
         self.on_frames(result.shard.rows)
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
@@ -413,6 +489,7 @@ class ChunkScheduler:
     def _await_actors(self, task: _Task) -> None:
         """Block until the two actors of a failed chunk answer again (Ray restarts them)."""
         actors = (self.inference[task.inference], self.compositors[task.compositor])
+        self.share.idle()  # blocks here: other renders should not wait for this one meanwhile
         self._await(actors, task.spec.describe())
 
     def _restart_hung(self, task: _Task, now: float, last_progress: float) -> None:
