@@ -7,14 +7,14 @@ when the chunks phase ran. :func:`cpu_table` puts the two together:
 
 - every kind of process is split in time at the chunks phase: **start-up** (the process's
   start to the first chunk: imports, Ray's start, sessions, audio features), **steady**
-  (the chunks phase: what each frame costs) and **after** (join, shutdown), each from the
-  monitor's sample nearest the phase's start and end;
+  (the chunks phase: what each frame costs) and **after** (join, shutdown), the boundaries
+  interpolated between the monitor's samples around the phase's start and end;
 - the driver's and the actors' CPU is split by stage in the period the stage runs in,
   and "other/transport" is the process's CPU minus its stages (Ray's task and object
   transport, scheduling, idle polling, start-up work outside any stage).
 
 A sampled process's CPU is a lower bound (an exiting process loses the CPU since its last
-sample, and a boundary sample is up to half an interval off the phase), while a stage's is
+sample, and a boundary interpolates over a sampling interval), while a stage's is
 measured exactly inside the process. Where a process's period comes out below its stages,
 it is raised to them and the difference reported as ``sampling_shortfall_s``, so that the
 parts always sum to the whole and no "other" is negative.
@@ -22,6 +22,7 @@ parts always sum to the whole and no "other" is negative.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -135,10 +136,20 @@ def chunks_window(phases_s: Mapping[str, float]) -> tuple[float, float]:
     raise AssertionError("unreachable")
 
 
-def _nearest(samples: Sequence[tuple[float, Mapping[str, float]]], at: float) -> dict:
+def _at(samples: Sequence[tuple[float, Mapping[str, float]]], at: float) -> dict[str, float]:
+    """Each process's cumulative CPU at ``at``, interpolated between the two samples around
+    it (the first or last sample outside them; a process not yet seen has 0)."""
     if not samples:
         return {}
-    return dict(min(samples, key=lambda s: abs(s[0] - at))[1])
+    ordered = sorted(samples, key=lambda s: s[0])
+    if at <= ordered[0][0]:
+        return dict(ordered[0][1])
+    for (t0, before), (t1, after) in itertools.pairwise(ordered):
+        if t0 <= at <= t1:
+            w = (at - t0) / (t1 - t0) if t1 > t0 else 1.0
+            names = {**before, **after}
+            return {n: (1 - w) * before.get(n, 0.0) + w * after.get(n, 0.0) for n in names}
+    return dict(ordered[-1][1])
 
 
 def split_periods(
@@ -149,12 +160,12 @@ def split_periods(
 ) -> dict[str, dict[str, float]]:
     """CPU seconds per kind of process and period, from cumulative samples ``(epoch
     seconds, {process: CPU seconds since the start})`` and the final ``total``: start-up up to
-    the sample nearest ``chunks_start``, steady up to the one nearest ``chunks_end``, after to
-    the end. Cumulative CPU never falls, so a period below zero (a sample taken after the
-    final figures) counts as zero, the later period absorbing it."""
+    ``chunks_start``, steady up to ``chunks_end``, after to the end, each boundary
+    interpolated between the samples around it. Cumulative CPU never falls, so a period below
+    zero (a sample above the final figure) counts as zero, the later period absorbing it."""
     if chunks_end < chunks_start:
         raise InputError(f"chunks phase ends at {chunks_end} before it starts at {chunks_start}")
-    at_start, at_end = _nearest(samples, chunks_start), _nearest(samples, chunks_end)
+    at_start, at_end = _at(samples, chunks_start), _at(samples, chunks_end)
     out = {}
     for process, cpu in total.items():
         whole = max(cpu, 0.0)
