@@ -20,9 +20,10 @@ files live is :mod:`lipsync_ray.workdir.layout`.
 Spare files: a shard released as soon as its segment is recorded (segments mode without
 ``--keep-shards``) can be moved to ``shards/.spare/`` instead of deleted (the manifest does,
 :mod:`lipsync_ray.workdir.manifest`), and the next :func:`write_shard` overwrites it in place.
-Writing 180 MB into pages the file already has costs ~0.6 CPU ms per 720p frame; a new file
-costs 1-5 ms, most of it the kernel finding fresh pages (on a VM that returns freed memory to
-its host, the upper end).
+Writing 177 MB into pages the file already has costs ~0.7 CPU ms per 720p frame, about two
+memory copies (the page buffer, then the file); a new file ~1.0-5 ms, the rest the kernel
+finding fresh pages (on a VM that returns freed memory to its host, the upper end). Measured
+by ``scripts/shard_write_cost.py``; write options: :func:`parquet_write_options`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "decode_image",
     "encode_image",
     "iter_shard_frames",
+    "parquet_write_options",
     "read_shard",
     "verify_file",
     "write_shard",
@@ -200,15 +202,7 @@ def write_shard(
         ),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    small = [name for name in SHARD_SCHEMA.names if name != "image"]
-    # Images neither compress (raw pixels or JPEG/PNG already) nor repeat: no codec, no
-    # dictionary (hashing 2.8 MB values) and no min/max statistics for that column.
-    options = dict(
-        compression="none",
-        row_group_size=len(frames),
-        use_dictionary=small,
-        write_statistics=small,
-    )
+    options = parquet_write_options(len(frames))
     with atomic_path(path) as tmp:
         if not (reuse_spare and _write_over_spare(table, tmp, spare_dir(work_dir), options)):
             pq.write_table(table, tmp, **options)
@@ -220,6 +214,33 @@ def write_shard(
         stop=int(frame_indices[-1]) + 1,
         rows=len(frames),
         checksum=checksum,
+    )
+
+
+# Every column but ``image``: small, so dictionaries and statistics cost nothing there.
+_SMALL_COLUMNS = tuple(name for name in SHARD_SCHEMA.names if name != "image")
+# A page is flushed once it holds this many bytes, checked after every value (batch of 1):
+# each image is one page of its own. Parquet's default checks every 1,024 values, which put a
+# whole 64-frame chunk (177 MB at 720p) into one page buffer, grown by reallocation and
+# faulted in afresh every chunk; a frame-sized buffer is reused from page to page.
+_DATA_PAGE_BYTES = 1 << 20
+
+
+def parquet_write_options(rows: int) -> dict[str, object]:
+    """Keyword arguments to ``pyarrow.parquet.write_table`` for one shard of ``rows`` frames
+    (docs/shard-schema.md §5). Images neither compress (raw pixels, or JPEG/PNG already) nor
+    repeat: no compression, and for ``image`` no dictionary (hashing 2.8 MB values), no
+    min/max statistics, one page per frame; no page checksums or page index (the manifest
+    checksums whole files)."""
+    return dict(
+        compression="none",
+        row_group_size=rows,
+        use_dictionary=list(_SMALL_COLUMNS),
+        write_statistics=list(_SMALL_COLUMNS),
+        write_batch_size=1,
+        data_page_size=_DATA_PAGE_BYTES,
+        write_page_checksum=False,
+        write_page_index=False,
     )
 
 

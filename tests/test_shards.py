@@ -256,3 +256,125 @@ def test_keep_spare(tmp_path, limit, exists, kept):
     assert keep_spare(path, tmp_path, limit) is kept
     assert (spare_dir(tmp_path) / path.name).exists() is kept
     assert not spare_dir(tmp_path).exists() or limit > 0  # no directory when spares are off
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _thrift_value(data: bytes, pos: int, kind: int):
+    """One value of Thrift's compact protocol (how Parquet writes its page headers)."""
+    if kind in (1, 2):  # a bool inside a struct: the type is the value
+        return kind == 1, pos
+    if kind == 3:
+        return data[pos], pos + 1
+    if kind in (4, 5, 6):  # zigzag varints
+        raw, pos = _varint(data, pos)
+        return (raw >> 1) ^ -(raw & 1), pos
+    if kind == 7:
+        return data[pos : pos + 8], pos + 8
+    if kind == 8:
+        size, pos = _varint(data, pos)
+        return data[pos : pos + size], pos + size
+    if kind in (9, 10):
+        size, element = data[pos] >> 4, data[pos] & 0x0F
+        pos += 1
+        if size == 15:
+            size, pos = _varint(data, pos)
+        items = []
+        for _ in range(size):
+            if element in (1, 2):  # a bool in a list is one byte
+                items.append(data[pos] == 1)
+                pos += 1
+            else:
+                item, pos = _thrift_value(data, pos, element)
+                items.append(item)
+        return items, pos
+    if kind == 11:
+        size, pos = _varint(data, pos)
+        if size:
+            key_kind, value_kind = data[pos] >> 4, data[pos] & 0x0F
+            pos += 1
+            for _ in range(2 * size):
+                _, pos = _thrift_value(data, pos, key_kind if _ % 2 == 0 else value_kind)
+        return None, pos
+    if kind == 12:
+        fields, field_id = {}, 0
+        while True:
+            header = data[pos]
+            pos += 1
+            if header == 0:
+                return fields, pos
+            delta, field_kind = header >> 4, header & 0x0F
+            if delta:
+                field_id += delta
+            else:
+                raw, pos = _varint(data, pos)
+                field_id = (raw >> 1) ^ -(raw & 1)
+            fields[field_id], pos = _thrift_value(data, pos, field_kind)
+    raise AssertionError(f"unknown thrift type {kind}")
+
+
+def _pages(path, column: str) -> list[tuple[int, int]]:
+    """(page type, rows) of every page of ``column``, read from the file's page headers
+    (PageHeader: 1 type, 3 compressed size, 5 data page header whose 1 is num_values)."""
+    chunk = pq.read_metadata(path).row_group(0)
+    meta = next(
+        chunk.column(i)
+        for i in range(chunk.num_columns)
+        if chunk.column(i).path_in_schema == column
+    )
+    start = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    data = path.read_bytes()
+    pos, end, pages = start, start + meta.total_compressed_size, []
+    while pos < end:
+        header, pos = _thrift_value(data, pos, 12)
+        rows = header[5][1] if 5 in header else header.get(8, {}).get(1, 0)
+        pages.append((header[1], rows))
+        pos += header[3]
+    assert pos == end
+    return pages
+
+
+DATA_PAGE, DICTIONARY_PAGE = 0, 2
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["new-file", "over-a-spare"])
+def test_each_frame_over_a_page_size_is_one_page(tmp_path, spare):
+    """Frames of 1 MiB or more (a 720p frame is 2.76 MB) are written one page each, so the
+    writer's page buffer holds one frame, not the chunk; the small columns stay one page."""
+    frames = np.random.default_rng(1).integers(0, 256, (3, 512, 720, 3), np.uint8)  # 1.1 MB
+    if spare:
+        spare_dir(tmp_path).mkdir(parents=True)
+        (spare_dir(tmp_path) / "chunk-000009.parquet").write_bytes(b"\x00" * 100)
+    info = _write_raw(tmp_path, 0, frames, reuse_spare=spare)
+    path = tmp_path / info.file
+    assert _pages(path, "image") == [(DATA_PAGE, 1)] * 3
+    assert _pages(path, "frame_index") == [(DICTIONARY_PAGE, 0), (DATA_PAGE, 3)]
+    np.testing.assert_array_equal(np.stack(list(iter_shard_frames(path, range(3)))), frames)
+
+
+def test_shards_written_before_one_page_per_frame_still_read(tmp_path):
+    """A shard from before 2026-12-05 (Parquet's default batches: every image in one page)
+    reads back the same with plain pyarrow and with iter_shard_frames."""
+    frames = np.random.default_rng(2).integers(0, 256, (3, 512, 720, 3), np.uint8)
+    new = _write_raw(tmp_path / "new", 0, frames)
+    table = pq.read_table(tmp_path / "new" / new.file)
+    small = [name for name in table.column_names if name != "image"]
+    old = tmp_path / "old" / new.file
+    old.parent.mkdir(parents=True)
+    pq.write_table(
+        table, old, compression="none", row_group_size=3, use_dictionary=small,
+        write_statistics=small,
+    )  # fmt: skip
+    assert _pages(old, "image") == [(DATA_PAGE, 3)]
+    assert pq.read_table(old).equals(table)
+    np.testing.assert_array_equal(np.stack(list(iter_shard_frames(old, range(3)))), frames)
+    assert shard_metadata(old) == shard_metadata(tmp_path / "new" / new.file)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync_ray.dev.cpu_budget import chunks_window, cpu_table, split_periods
 from lipsync_ray.errors import InputError
 from lipsync_ray.flags import render_argv
 from lipsync_ray.inference import (
@@ -135,6 +136,12 @@ def bench_inference(
 
 
 _PROVISIONAL_ROLES = ("ray (other)", "ray::IDLE")
+# Ray's Python daemons by the script they run (the head node's, started by ray.init).
+_RAY_SCRIPTS = {
+    "log_monitor.py": "ray log monitor",
+    "monitor.py": "ray autoscaler monitor",
+    "dashboard.py": "ray dashboard",
+}
 
 
 class ProcessTreeMonitor:
@@ -176,6 +183,8 @@ class ProcessTreeMonitor:
         self._samples = 0
         self._procs: list = []
         self.monitor_cpu_s = 0.0  # the sampling thread's own CPU time
+        # (epoch seconds, the sampling thread's CPU so far, {pid: CPU seconds}) per sample
+        self._history: list[tuple[float, float, dict[int, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -187,6 +196,7 @@ class ProcessTreeMonitor:
 
     def _sample(self) -> None:
         t0 = time.thread_time()
+        at = time.time()
         pss = rss = 0
         full = self._samples % self.pss_every == 0
         self._samples += 1
@@ -207,6 +217,7 @@ class ProcessTreeMonitor:
                 # A worker is "python default_worker.py", then "ray::IDLE", then its actor
                 # class: its role is read again until it names an actor.
                 self._role[proc.pid] = self._role_of(proc)
+        self._history.append((at, self.monitor_cpu_s, dict(self._cpu)))
         if full:
             self.peak_pss_bytes = max(self.peak_pss_bytes, pss or rss)
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
@@ -242,11 +253,21 @@ class ProcessTreeMonitor:
         """CPU seconds since the monitor started per kind of process: "driver", an actor
         class ("ray::InferenceActor"), "raylet", "gcs_server", or "ray (other)" (agents,
         log monitor)."""
-        out: dict[str, float] = {"monitor": self._own_cpu_s()}
-        for pid, v in self._cpu.items():
+        return self._by_role(self._cpu, self.monitor_cpu_s)
+
+    def cpu_by_role_history(self) -> list[tuple[float, dict[str, float]]]:
+        """:meth:`cpu_by_role` as it stood at each sample, (epoch seconds, {role: CPU
+        seconds}), with every process under the role it was last seen with (a worker that
+        became an actor counts as that actor from its start)."""
+        return [(at, self._by_role(cpu, own)) for at, own, cpu in self._history]
+
+    def _by_role(self, cpu: dict[int, float], monitor_cpu_s: float) -> dict[str, float]:
+        own = monitor_cpu_s if self.root.pid == os.getpid() else 0.0
+        out: dict[str, float] = {"monitor": own}
+        for pid, v in cpu.items():
             role = self._role.get(pid, "ray (other)")
             out[role] = out.get(role, 0.0) + v - self._base.get(pid, 0.0)
-        out["driver"] = out.get("driver", 0.0) - self._own_cpu_s()
+        out["driver"] = out.get("driver", 0.0) - own
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def _role_of(self, proc) -> str:
@@ -258,9 +279,16 @@ class ProcessTreeMonitor:
             return "ray (other)"
         first = args[0] if args else ""
         if first.startswith("ray::"):
-            return first.split(".")[0].split()[0]  # "ray::InferenceActor.infer" -> class
+            # "ray::InferenceActor.infer" -> the class; Ray's agents are "ray::DashboardAgent"
+            # and "ray::RuntimeEnvAgent", a worker between tasks "ray::IDLE"
+            return first.split(".")[0].split()[0]
         name = Path(first).name
-        return name if name in ("raylet", "gcs_server") else "ray (other)"
+        if name in ("raylet", "gcs_server"):
+            return name
+        script = next((Path(a).name for a in args[1:3] if a.endswith(".py")), "")
+        if script == "default_worker.py":  # a worker not yet named by its first task
+            return "ray::IDLE"
+        return _RAY_SCRIPTS.get(script, "ray (other)")
 
 
 @dataclass(frozen=True)
@@ -277,6 +305,8 @@ class ProcessRun:
     started_at: float  # epoch seconds
     exited_at: float
     stdout: str
+    # cpu_by_role_s as it stood at each sample of the monitor: (epoch seconds, {role: s})
+    cpu_by_role_history: tuple[tuple[float, dict[str, float]], ...] = ()
 
 
 def run_process(argv: Sequence[str], *, log_path: Path, env: dict | None = None) -> ProcessRun:
@@ -306,6 +336,7 @@ def run_process(argv: Sequence[str], *, log_path: Path, env: dict | None = None)
         started_at=started,
         exited_at=exited,
         stdout=out.decode(errors="replace"),
+        cpu_by_role_history=tuple(monitor.cpu_by_role_history()),
     )
 
 
@@ -363,6 +394,9 @@ class RenderBench:
     references: dict = field(default_factory=dict)
     speedup: float = 0.0
     settings: dict = field(default_factory=dict)
+    # Where the tree's CPU went, by process and stage, start-up apart from the steady state
+    # (lipsync_ray.dev.cpu_budget.CpuTable.to_dict).
+    cpu_table: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -573,6 +607,13 @@ def bench_render(
             **phases,
             "shutdown": run.exited_at - report["phases_s"]["finished_at"],
         }
+        table = cpu_table(
+            split_periods(
+                run.cpu_by_role_history, run.cpu_by_role_s, *chunks_window(report["phases_s"])
+            ),
+            report["stages"]["cpu_ms_per_frame"],
+            frames,
+        )
         references: dict[str, dict] = {}
         if reference:
             for style in REFERENCE_STYLES:
@@ -625,6 +666,7 @@ def bench_render(
                 "cpus": cpus,
                 "bare_warmup_s": bare_warmup_s if bare else 0.0,
             },
+            cpu_table=table.to_dict(),
         )
     finally:
         tmp.cleanup()

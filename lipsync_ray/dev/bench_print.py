@@ -70,6 +70,8 @@ def print_render_bench(r, first) -> None:
         + ", ".join(f"{k} {v:.1f}" for k, v in r.process_cpu_ms_per_frame.items())
         + ")"
     )
+    if r.cpu_table:
+        print_cpu_table(r.cpu_table)
     print(
         f"peak memory of the process tree: PSS {r.peak_pss_mb:.0f} MB, RSS {r.peak_rss_mb:.0f} MB"
     )
@@ -82,3 +84,19 @@ def print_render_bench(r, first) -> None:
         style = r.reference["style"]
         print(f"lipsync-ray render vs the faster reference ({style}), same footage and "
               f"model: {r.speedup:.2f}x faster (its wall / the render's wall)")  # fmt: skip
+
+
+def print_cpu_table(table: dict) -> None:
+    """Where the whole tree's CPU went (``cpu_budget.CpuTable.to_dict()``): each kind of
+    process, then its stages and "other/transport" indented, then the whole tree."""
+    print(f"CPU of the whole process tree, by process and stage ({table['frames']} frames; "
+          "start-up: to the chunks phase, steady: in it, after: join and shutdown):")  # fmt: skip
+    print(f"  {'process / stage':<30} {'start-up s':>10} {'steady ms/frame':>15} "
+          f"{'after s':>8} {'whole run ms/frame':>18}")  # fmt: skip
+    for row in [*table["rows"], table["tree"]]:
+        name = f"  {row['stage']}" if row["stage"] else row["process"]
+        print(f"  {name:<30} {row['startup_s']:>10.2f} {row['steady_ms_per_frame']:>15.2f} "
+              f"{row['after_s']:>8.2f} {row['total_ms_per_frame']:>18.2f}")  # fmt: skip
+    if table["sampling_shortfall_s"] > 0.005:
+        print(f"  (processes raised by {table['sampling_shortfall_s']:.2f} CPU s in all to "
+              "cover the stages measured inside them: the monitor samples)")  # fmt: skip
