@@ -312,8 +312,8 @@ OPTION_FLAGS: tuple[Flag, ...] = (
     Flag("--preset", ("encode", "preset"), "x264 preset", OUTPUT),
     Flag(
         "--x264-params", ("encode", "x264_params"),
-        "x264 options on top of the preset, key=value:key=value with keys "
-        f"{','.join(X264_PARAM_KEYS)}; '' for the preset alone; libx264 only", OUTPUT,
+        "x264 options on top of the preset (any preset), key=value:key=value with keys "
+        f"{', '.join(X264_PARAM_KEYS)}; '' for the preset alone; libx264 only", OUTPUT,
     ),
     Flag("--start-frame", ("start_frame",), "first avatar frame", OUTPUT, int),
     _choice(

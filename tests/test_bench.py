@@ -172,6 +172,18 @@ BASE = ("veryfast", 15.0, 1.00, 41.00, 0.9500)
              ("veryfast subme=1", 11.0, 1.01, 40.95, 0.9499)],
             "veryfast subme=1",
         ),
+        # within 3 % of the baseline's 15 ms (0.45 ms) of the cheapest: fewer options win
+        (
+            [("veryfast me=dia", 12.0, 1.0, 41.0, 0.95),
+             ("veryfast me=dia:weightp=0", 11.6, 1.0, 41.0, 0.95)],
+            "veryfast me=dia",
+        ),
+        (
+            [("veryfast me=dia", 12.0, 1.0, 41.0, 0.95),
+             ("veryfast me=dia:weightp=0", 11.5, 1.0, 41.0, 0.95)],
+            "veryfast me=dia:weightp=0",
+        ),
+        ([("veryfast me=dia", 14.6, 1.0, 41.0, 0.95)], "veryfast"),  # the preset alone wins ties
     ],
 )  # fmt: skip
 def test_cheapest_equivalent(others, chosen):

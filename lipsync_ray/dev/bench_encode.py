@@ -234,14 +234,22 @@ def cheapest_equivalent(
     rate_tolerance: float = 0.05,
     psnr_tolerance_db: float = 0.1,
     ssim_tolerance: float = 0.001,
+    tie: float = 0.03,
 ) -> EncodeBench:
     """The cheapest result (median CPU) whose bit rate is within ``rate_tolerance`` of the
     baseline's (either way) and whose mean PSNR and SSIM are at most the tolerances below
     it; the baseline itself when nothing else qualifies.
 
+    CPU figures closer than ``tie`` times the baseline's CPU count as equal (on a shared
+    machine the repeats of one setting spread wider than that): among the qualifying results
+    that close to the cheapest, the one with the fewest x264 options wins, so no option is
+    taken for a saving the measurement cannot tell from noise.
+
     Raises:
         ValueError: the baseline is not among ``results``.
     """
+    from lipsync_ray.options import parse_x264_params
+
     base = next((r for r in results if EncodeSetting(r.preset, r.x264_params) == baseline), None)
     if base is None:
         raise ValueError(f"expected the baseline {baseline.label!r} among the results")
@@ -252,4 +260,6 @@ def cheapest_equivalent(
         and r.psnr_db >= base.psnr_db - psnr_tolerance_db
         and r.ssim >= base.ssim - ssim_tolerance
     ]
-    return min(fits, key=lambda r: r.cpu_ms_per_frame)
+    cheapest = min(r.cpu_ms_per_frame for r in fits)
+    tied = [r for r in fits if r.cpu_ms_per_frame <= cheapest + tie * base.cpu_ms_per_frame]
+    return min(tied, key=lambda r: (len(parse_x264_params(r.x264_params)), r.cpu_ms_per_frame))
