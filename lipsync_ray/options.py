@@ -32,6 +32,7 @@ __all__ = [
     "SessionOptions",
     "ShardCodec",
     "VideoCodec",
+    "parse_x264_params",
 ]
 
 # --------------------------------------------------------------------------- composite
