@@ -241,17 +241,37 @@ def _cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_encode(args: argparse.Namespace) -> int:
-    from lipsync_ray.dev.bench_encode import bench_encode
+    from lipsync_ray.dev.bench_encode import (
+        BASELINE,
+        TABLE,
+        EncodeSetting,
+        bench_encode,
+        cheapest_equivalent,
+    )
+    from lipsync_ray.dev.bench_print import print_encode_bench
+    from lipsync_ray.options import EncodeOptions
 
     crf = value_from_args(args, "--crf")
+    settings = TABLE if args.table else [EncodeSetting(p) for p in args.presets]
     results = bench_encode(
-        args.presets, crf=crf, seconds=args.seconds, size_wh=args.size, avatar=args.avatar
-    )
+        settings, crf=crf, seconds=args.seconds, frames=args.frames, repeats=args.repeats,
+        size_wh=args.size, avatar=args.avatar,
+    )  # fmt: skip
+    baseline = next((r for r in results if r.label == BASELINE.label), None)
+    chosen = cheapest_equivalent(results) if baseline is not None else None
+    default = EncodeOptions()
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    from lipsync_ray.dev.bench_print import print_encode_bench
-
-    print_encode_bench(results, avatar=args.avatar, crf=crf)
+        out = {
+            "results": [asdict(r) for r in results],
+            "baseline": BASELINE.label,
+            "cheapest_equivalent": None if chosen is None else chosen.label,
+            "render_default": EncodeSetting(default.preset, default.x264_params).label,
+        }
+        args.json.write_text(json.dumps(out, indent=1))
+    print_encode_bench(
+        results, avatar=args.avatar, crf=crf, baseline=baseline, chosen=chosen,
+        default=EncodeSetting(default.preset, default.x264_params),
+    )  # fmt: skip
     return 0
 
 
@@ -454,15 +474,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, help="write the results as JSON")
     b.set_defaults(func=_cmd_bench_render)
 
-    b = bsub.add_parser("encode", help="x264 presets on the benchmark footage: CPU, bit rate, PSNR")
+    b = bsub.add_parser(
+        "encode", help="x264 settings on the benchmark footage: CPU, bit rate, PSNR, SSIM"
+    )
     b.add_argument(
         "--presets",
         type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
         default=["ultrafast", "superfast", "veryfast", "faster"],
-        help="comma-separated x264 presets (default ultrafast,superfast,veryfast,faster)",
+        help="comma-separated x264 presets, each alone (default "
+        "ultrafast,superfast,veryfast,faster)",
+    )
+    b.add_argument(
+        "--table",
+        action="store_true",
+        help="measure the candidate settings (presets and x264 options on top of them) instead, "
+        "and name the cheapest with veryfast's bit rate and quality",
     )
     add_crf_arg(b)  # the render's
     b.add_argument("--seconds", type=float, default=10.0, help="footage length (default 10)")
+    b.add_argument("--frames", type=positive_int, help="footage length in frames (over --seconds)")
+    b.add_argument(
+        "--repeats", type=positive_int, default=1,
+        help="encodes per setting, round-robin; the CPU reported is their median (default 1)",
+    )  # fmt: skip
     b.add_argument("--size", type=_size, default=(1280, 720), help="frame size WxH")
     b.add_argument("--avatar", choices=["photo", "drawn"], default="photo")
     b.add_argument("--json", type=Path, help="write the results as JSON")

@@ -7,6 +7,7 @@ stream that turns BGR frames into packets.
     check_video_encoder(options) open the chosen encoder once on the driver, before any actor
     encoder_session(options)     hold one of the machine's NVENC slots while encoding
     VideoEncoder                 one H.264 stream in an output container, flushed once
+    x264_params(options)         the x264 options libx264 opens with (fixed GOP + the user's)
     bgr_to_yuv420p(frame)        BGR -> planar yuv420p, BT.709 limited range
     check_frame, check_size_wh   the frame and size checks both encode paths run
 
@@ -59,6 +60,7 @@ __all__ = [
     "check_size_wh",
     "check_video_encoder",
     "encoder_session",
+    "x264_params",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,18 @@ def encoder_session(options: EncodeOptions, slot_dir: Path | None = None):
 # --------------------------------------------------------------------------- video
 
 
+# A closed GOP and no scene-cut key frames: every encode starts with an IDR frame, and identical
+# settings give identical SPS/PPS, so segments join. The user's options cannot touch these
+# (``options.X264_PARAM_KEYS`` leaves them out).
+_X264_FIXED_PARAMS = "scenecut=0:open-gop=0"
+
+
+def x264_params(options: EncodeOptions) -> str:
+    """The ``x264-params`` text libx264 is opened with: the fixed GOP settings, then
+    ``options.x264_params`` (already checked when ``options`` was built)."""
+    return ":".join(p for p in (_X264_FIXED_PARAMS, options.x264_params) if p)
+
+
 class VideoEncoder:
     """One H.264 encoder stream in an output container; flushed exactly once."""
 
@@ -234,12 +248,10 @@ class VideoEncoder:
             # Frame threads, as the ffmpeg CLI uses (PyAV defaults to slice threads).
             ctx.thread_type = "FRAME"
             ctx.thread_count = opts.threads
-            # A closed GOP and no scene-cut key frames: every encode starts with an IDR
-            # frame, and identical settings give identical SPS/PPS, so segments join.
             stream.options = {
                 "crf": str(opts.crf),
                 "preset": opts.preset,
-                "x264-params": "scenecut=0:open-gop=0",
+                "x264-params": x264_params(opts),
             }
         else:
             stream.options = {

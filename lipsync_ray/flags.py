@@ -20,6 +20,7 @@ from typing import Any
 from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.options import (
+    X264_PARAM_KEYS,
     Blend,
     BlendOptions,
     EncodeOptions,
@@ -176,6 +177,8 @@ class Flag:
         if self.switch:
             return self.help
         default = self.default()
+        if default == "":
+            return f"{self.help} (default '')"
         if default is not None:
             return f"{self.help} (default {_shown(default, self.to_text)})"
         if self.path[0] == "pool":
@@ -307,6 +310,11 @@ OPTION_FLAGS: tuple[Flag, ...] = (
     _choice("--video-codec", ("encode", "codec"), VideoCodec, "H.264 encoder", OUTPUT),
     Flag("--crf", ("encode", "crf"), "x264 constant rate factor", OUTPUT, int),
     Flag("--preset", ("encode", "preset"), "x264 preset", OUTPUT),
+    Flag(
+        "--x264-params", ("encode", "x264_params"),
+        "x264 options on top of the preset (any preset), key=value:key=value with keys "
+        f"{', '.join(X264_PARAM_KEYS)}; '' for the preset alone; libx264 only", OUTPUT,
+    ),
     Flag("--start-frame", ("start_frame",), "first avatar frame", OUTPUT, int),
     _choice(
         "--blend", ("blend", "mode"), Blend,
@@ -410,9 +418,10 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_x264_args(g) -> None:
-    """``--crf`` and ``--preset``: of the render, `bench encode` (CRF) and `reference`."""
+    """``--crf``, ``--preset`` and ``--x264-params``: of the render and `reference`."""
     add_flag(g, "--crf")
     add_flag(g, "--preset")
+    add_flag(g, "--x264-params")
 
 
 def add_crf_arg(g) -> None:

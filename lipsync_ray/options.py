@@ -11,6 +11,7 @@ construction (``InputError``).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from lipsync_ray.errors import InputError
@@ -18,8 +19,10 @@ from lipsync_ray.errors import InputError
 __all__ = [
     "DEFAULT_FEATHER",
     "DEFAULT_PROVIDERS",
+    "DEFAULT_X264_PARAMS",
     "NVENC_PRESETS",
     "NVENC_SESSIONS_GEFORCE",
+    "X264_PARAM_KEYS",
     "X264_PRESETS",
     "Blend",
     "BlendOptions",
@@ -29,6 +32,7 @@ __all__ = [
     "SessionOptions",
     "ShardCodec",
     "VideoCodec",
+    "parse_x264_params",
 ]
 
 # --------------------------------------------------------------------------- composite
@@ -92,6 +96,103 @@ NVENC_PRESETS = {
 X264_PRESETS = tuple(NVENC_PRESETS)
 
 
+# x264 options (``key=value:key=value``, FFmpeg's ``x264-params``) a render may set on top of
+# its preset: the motion search, partitions, references, lookahead, adaptive quantisation and
+# B-frame choices that trade CPU against size and quality. Each key has its kind of value:
+# a range of ints, a set of words, 0/1 or a range of numbers. What is left out is left out on
+# purpose: rate control (``--crf`` sets it), the preset and threads (their own flags or the
+# pipeline's choice), key frames and GOP (``keyint``, ``scenecut``, ``open-gop``: segments must
+# start with an IDR frame and share their SPS/PPS to be joined), and anything that changes the
+# stream's format (profile, colour, interlacing, output files).
+_ME_METHODS = ("dia", "hex", "umh")
+_PARTITIONS = ("none", "all", "i4x4", "i8x8", "p8x8", "p4x4", "b8x8")
+X264_PARAM_KEYS: dict[str, tuple] = {
+    "me": ("word", _ME_METHODS),
+    "subme": ("int", 0, 11),
+    "partitions": ("words", _PARTITIONS),
+    "ref": ("int", 1, 16),
+    "trellis": ("int", 0, 2),
+    "mbtree": ("bool",),
+    "rc-lookahead": ("int", 0, 250),
+    "aq-mode": ("int", 0, 3),
+    "aq-strength": ("number", 0.0, 3.0),
+    "bframes": ("int", 0, 16),
+    "b-adapt": ("int", 0, 2),
+    "weightp": ("int", 0, 2),
+    "weightb": ("bool",),
+    "mixed-refs": ("bool",),
+    "8x8dct": ("bool",),
+    "fast-pskip": ("bool",),
+    "dct-decimate": ("bool",),
+    "merange": ("int", 4, 64),
+}
+# Letters, digits, '-', ',' and '.' in keys and values, ':' and '=' between them: no quotes,
+# backslashes or spaces that FFmpeg's option parser would read as escapes, so the text cannot
+# carry an option outside the allow-list.
+_X264_PARAMS_CHARS = re.compile(r"[a-z0-9=:,.\-]*")
+
+# The render's x264 options on top of its preset, chosen by `lipsync-ray bench encode --table`
+# on the photographed footage (README, "Benchmarks"; 2026-12-05, 128 frames of 1280x720, CRF
+# 20, one thread): the cheapest setting whose bit rate is within 5 % and whose PSNR and SSIM
+# are within 0.1 dB and 0.001 of veryfast alone. The diamond motion search and no inter
+# partitions below 16x16 cost 0.88x veryfast's CPU (15.9 against 18.0 ms per frame) for the
+# same bit rate (-0.1 %), PSNR (-0.03 dB) and SSIM (-0.0001). Measured for veryfast, they are
+# applied on top of any preset: `--preset slow --x264-params ''` is slow alone.
+DEFAULT_X264_PARAMS = "me=dia:partitions=i8x8,i4x4"
+
+
+def parse_x264_params(text: str) -> dict[str, str]:
+    """``key=value:key=value`` -> ``{key: value}``, checked against :data:`X264_PARAM_KEYS`.
+
+    Raises:
+        InputError: anything but known keys with values of their kind, each key once.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"x264 params must be text 'key=value:key=value', got {text!r}")
+    if not _X264_PARAMS_CHARS.fullmatch(text):
+        bad = sorted({c for c in text if not _X264_PARAMS_CHARS.fullmatch(c)})
+        raise InputError(
+            "x264 params: expected lower-case letters, digits and '=:,.-' only, got "
+            f"{''.join(bad)!r} in {text!r}"
+        )
+    params: dict[str, str] = {}
+    for item in text.split(":") if text else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise InputError(f"x264 params: expected key=value, got {item!r} in {text!r}")
+        if key not in X264_PARAM_KEYS:
+            raise InputError(
+                f"x264 params: expected one of {', '.join(X264_PARAM_KEYS)}, got {key!r}"
+            )
+        if key in params:
+            raise InputError(f"x264 params: expected each key once, got {key!r} twice")
+        _check_x264_value(key, value)
+        params[key] = value
+    return params
+
+
+def _check_x264_value(key: str, value: str) -> None:
+    kind, *spec = X264_PARAM_KEYS[key]
+    if kind == "word":
+        ok, expected = value in spec[0], f"one of {'|'.join(spec[0])}"
+    elif kind == "words":
+        words = value.split(",")
+        ok, expected = all(w in spec[0] for w in words), f"a comma list of {'|'.join(spec[0])}"
+    elif kind == "bool":
+        ok, expected = value in ("0", "1"), "0 or 1"
+    elif kind == "int":
+        ok = value.isdigit() and spec[0] <= int(value) <= spec[1]
+        expected = f"an integer in {spec[0]}..{spec[1]}"
+    else:
+        try:
+            ok = spec[0] <= float(value) <= spec[1]
+        except ValueError:
+            ok = False
+        expected = f"a number in {spec[0]:g}..{spec[1]:g}"
+    if not ok:
+        raise InputError(f"x264 params: {key} expected {expected}, got {value!r}")
+
+
 class VideoCodec(enum.Enum):
     """H.264 encoders this stage can drive (names are FFmpeg encoder names)."""
 
@@ -112,6 +213,10 @@ class EncodeOptions:
     # NVENC: sessions this machine's encoders may hold at once (every process of this user
     # takes a slot, waiting when all are held); 0: no cap. See NVENC_SESSIONS_GEFORCE.
     nvenc_sessions: int = NVENC_SESSIONS_GEFORCE
+    # libx264 options on top of the preset, ``key=value:key=value`` from the keys of
+    # X264_PARAM_KEYS (see DEFAULT_X264_PARAMS for how the default was chosen; "" for the
+    # preset alone). NVENC has no such options: there, anything but the default is refused.
+    x264_params: str = DEFAULT_X264_PARAMS
 
     def __post_init__(self) -> None:
         _require(isinstance(self.fps, int) and self.fps > 0, "fps must be an int > 0", self.fps)
@@ -129,6 +234,12 @@ class EncodeOptions:
         _require(ok, "audio_bitrate must be > 0", self.audio_bitrate)
         ok = isinstance(self.nvenc_sessions, int) and self.nvenc_sessions >= 0
         _require(ok, "nvenc_sessions must be >= 0", self.nvenc_sessions)
+        parse_x264_params(self.x264_params)
+        if self.codec is not VideoCodec.LIBX264 and self.x264_params != DEFAULT_X264_PARAMS:
+            raise InputError(
+                f"x264 params apply to libx264 only, got {self.x264_params!r} with "
+                f"{self.codec.value} (leave --x264-params out)"
+            )
 
 
 def _require(ok: bool, message: str, got: object) -> None:

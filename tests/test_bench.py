@@ -100,15 +100,19 @@ def test_bench_render_prepares_and_measures_the_reduced_generator(tmp_path):
 
 def test_bench_encode_measures_each_preset_on_the_footage(tmp_path):
     pytest.importorskip("skimage.data")
-    from lipsync_ray.dev.bench_encode import bench_encode
+    from lipsync_ray.dev.bench_encode import EncodeSetting, bench_encode
 
     results = bench_encode(
-        ("ultrafast", "veryfast"), crf=20, seconds=0.5, size_wh=(320, 180), work_root=tmp_path
-    )
-    assert [r.preset for r in results] == ["ultrafast", "veryfast"]
+        ("ultrafast", EncodeSetting("veryfast", "me=dia")), crf=20, frames=12, repeats=2,
+        size_wh=(320, 180), work_root=tmp_path,
+    )  # fmt: skip
+    assert [r.label for r in results] == ["ultrafast", "veryfast me=dia"]
     for r in results:
-        assert r.frames == 12 and r.cpu_ms_per_frame > 0 and r.mbit_per_s > 0
-        assert 30 < r.psnr_db < 60 and r.worst_psnr_db <= r.psnr_db
+        assert r.frames == 12 and r.repeats == 2 and len(r.cpu_ms_runs) == 2
+        assert r.cpu_ms_per_frame == pytest.approx(sum(r.cpu_ms_runs) / 2)  # the median of 2
+        assert r.mbit_per_s > 0
+        assert 30 < r.worst_psnr_db <= r.psnr_db < 60
+        assert 0.8 < r.worst_ssim <= r.ssim <= 1.0
     assert list(tmp_path.iterdir()) == []
 
 
@@ -287,3 +291,96 @@ def test_the_monitor_keeps_the_cpu_by_role_at_each_sample():
     assert all(b >= a - 0.01 for a, b in itertools.pairwise(drivers)) and drivers[-1] > 0.2
     # the last sample is the final figure but for that sample's own cost
     assert history[-1][1]["driver"] == pytest.approx(monitor.cpu_by_role()["driver"], abs=0.01)
+
+
+def test_the_tables_settings_are_valid_and_distinct():
+    """Every candidate opens (the allow-list takes its options) and none is measured twice."""
+    from lipsync_ray.dev.bench_encode import BASELINE, TABLE
+    from lipsync_ray.encode import EncodeOptions
+
+    for s in TABLE:
+        EncodeOptions(preset=s.preset, x264_params=s.x264_params)
+    assert len(set(TABLE)) == len(TABLE) and BASELINE in TABLE
+
+
+def _distorted(kind: str):
+    import numpy as np
+    from skimage import data
+
+    a = data.camera()[::2, ::2]  # uint8 (256, 256)
+    rng = np.random.default_rng(1)
+    if kind == "same":
+        return a, a.copy()
+    if kind == "noise":
+        return a, np.clip(a + rng.normal(0, 8, a.shape), 0, 255).astype(np.uint8)
+    if kind == "shift":
+        return a, np.roll(a, 1, axis=1)
+    if kind == "flat":
+        return np.full((64, 48), 90, np.uint8), np.full((64, 48), 100, np.uint8)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["same", "noise", "shift", "flat"])
+def test_ssim_luma_is_scikit_images_gaussian_ssim(kind):
+    from skimage.metrics import structural_similarity
+
+    from lipsync_ray.dev.bench_encode import ssim_luma
+
+    a, b = _distorted(kind)
+    want = structural_similarity(
+        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
+    assert ssim_luma(a, b) == pytest.approx(want, abs=1e-4)  # float32 sums
+
+
+def _result(label: str, cpu: float, rate: float, psnr: float, ssim: float):
+    from lipsync_ray.dev.bench_encode import EncodeBench
+
+    preset, _, params = label.partition(" ")
+    return EncodeBench(
+        preset=preset, x264_params=params, crf=20, frames=10, repeats=1, cpu_ms_per_frame=cpu,
+        cpu_ms_runs=(cpu,), mbit_per_s=rate, psnr_db=psnr, worst_psnr_db=psnr, ssim=ssim,
+        worst_ssim=ssim,
+    )  # fmt: skip
+
+
+BASE = ("veryfast", 15.0, 1.00, 41.00, 0.9500)
+
+
+@pytest.mark.parametrize(
+    ("others", "chosen"),
+    [
+        ([], "veryfast"),
+        ([("veryfast me=dia", 12.0, 1.04, 40.95, 0.9495)], "veryfast me=dia"),
+        ([("veryfast me=dia", 12.0, 0.96, 41.20, 0.9600)], "veryfast me=dia"),  # better is fine
+        ([("veryfast me=dia", 12.0, 1.06, 41.00, 0.9500)], "veryfast"),  # 6 % more bits
+        ([("veryfast me=dia", 12.0, 0.94, 41.00, 0.9500)], "veryfast"),  # 6 % fewer: not like it
+        ([("veryfast me=dia", 12.0, 1.00, 40.89, 0.9500)], "veryfast"),  # 0.11 dB lower
+        ([("veryfast me=dia", 12.0, 1.00, 41.00, 0.9489)], "veryfast"),  # SSIM 0.0011 lower
+        ([("veryfast me=dia", 16.0, 1.00, 41.00, 0.9500)], "veryfast"),  # dearer
+        (
+            [("veryfast me=dia", 12.0, 1.00, 41.0, 0.95), ("ultrafast", 5.0, 9.0, 43.0, 0.97),
+             ("veryfast subme=1", 11.0, 1.01, 40.95, 0.9499)],
+            "veryfast subme=1",
+        ),
+        # within 3 % of the baseline's 15 ms (0.45 ms) of the cheapest: fewer options win
+        (
+            [("veryfast me=dia", 12.0, 1.0, 41.0, 0.95),
+             ("veryfast me=dia:weightp=0", 11.6, 1.0, 41.0, 0.95)],
+            "veryfast me=dia",
+        ),
+        (
+            [("veryfast me=dia", 12.0, 1.0, 41.0, 0.95),
+             ("veryfast me=dia:weightp=0", 11.5, 1.0, 41.0, 0.95)],
+            "veryfast me=dia:weightp=0",
+        ),
+        ([("veryfast me=dia", 14.6, 1.0, 41.0, 0.95)], "veryfast"),  # the preset alone wins ties
+    ],
+)  # fmt: skip
+def test_cheapest_equivalent(others, chosen):
+    from lipsync_ray.dev.bench_encode import cheapest_equivalent
+
+    results = [_result(*BASE), *(_result(*o) for o in others)]
+    assert cheapest_equivalent(results).label == chosen
+    with pytest.raises(ValueError, match="expected the baseline 'veryfast' among the results"):
+        cheapest_equivalent(results[1:] or [_result("faster", 1, 1, 1, 1)])

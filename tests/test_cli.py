@@ -262,6 +262,7 @@ def _non_default_values() -> dict:
         "--video-codec": VideoCodec.H264_NVENC,
         "--crf": 28,
         "--preset": "superfast",
+        "--x264-params": "me=umh:subme=4",
         "--start-frame": 9,
         "--blend": Blend.HARD,
         "--feather": 0.2,
@@ -358,6 +359,8 @@ def test_bench_render_builds_its_config_with_the_render_flags():
         ),
         (["bench", "encode"], "--crf", ("encode.EncodeOptions", "crf")),
         (["reference"], "--preset", ("encode.EncodeOptions", "preset")),
+        (["render"], "--x264-params", ("encode.EncodeOptions", "x264_params")),
+        (["reference"], "--x264-params", ("encode.EncodeOptions", "x264_params")),
         (["prepare"], "--smoothing", ("prepare.PrepareOptions", "smoothing_window")),
     ],
 )

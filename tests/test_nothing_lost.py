@@ -272,6 +272,7 @@ def _base_fingerprint(**change) -> str:
         {"config": _config(encode=EncodeOptions(crf=23))},
         {"config": _config(encode=EncodeOptions(fps=30))},
         {"config": _config(encode=EncodeOptions(preset="medium"))},
+        {"config": _config(encode=EncodeOptions(x264_params="me=umh"))},
         {"config": _config(blend=BlendOptions(Blend.HARD))},
         {"config": _config(shard_codec=ShardCodec.PNG)},
         {"config": _config(encode_mode=EncodeMode.SEGMENTS)},
@@ -279,7 +280,8 @@ def _base_fingerprint(**change) -> str:
         {"config": _config(pool=PoolConfig(chunk_frames=4))},
     ],
     ids=[
-        "avatar", "audio", "features", "model", "start-frame", "crf", "fps", "preset", "blend",
+        "avatar", "audio", "features", "model", "start-frame", "crf", "fps", "preset",
+        "x264-params", "blend",
         "shard-codec", "encode-mode", "silence", "chunk-frames",
     ],
 )  # fmt: skip

@@ -459,7 +459,7 @@ def _run_reference(
         _cli(
             "reference", str(avatar), str(speech), "-o", str(out), "--style", style,
             "--model", str(unet), "--audio-encoder", str(encoder),
-            *render_argv(config, ["--crf", "--preset"]),
+            *render_argv(config, ["--crf", "--preset", "--x264-params"]),
         ),
         log_path=log_path,
     )  # fmt: skip
@@ -514,8 +514,8 @@ def bench_render(
         pause_every_s: insert one second of silence every this many seconds of speech (to
             measure silence passthrough); None: continuous speech.
         reference: also run ``lipsync-ray reference`` (lipsync_ray.dev.reference) in both
-            styles on the same avatar, audio and model, with the render's preset and CRF;
-            ``speedup`` is against the faster.
+            styles on the same avatar, audio and model, with the render's preset, CRF and x264
+            options; ``speedup`` is against the faster.
     """
     import json
 

@@ -16,13 +16,34 @@ def print_inference_bench(results: Sequence) -> None:
         print(f"{r.batch:>5} {r.ms_per_frame:>9.1f} {r.fps:>7.2f}  {r.provider}, {r.threads}")
 
 
-def print_encode_bench(results: Sequence, *, avatar: str, crf: int) -> None:
-    """``bench encode``'s table: one ``bench_encode.EncodeBench`` per preset."""
-    print(f"{'preset':>10} {'CPU ms/frame':>13} {'Mbit/s':>7} {'PSNR dB':>8} {'worst':>6}"
-          f"   ({avatar} footage, CRF {crf}, 1 thread, 64-frame segments)")  # fmt: skip
+def print_encode_bench(
+    results: Sequence, *, avatar: str, crf: int, baseline=None, default=None, chosen=None
+) -> None:
+    """``bench encode``'s markdown table: one ``bench_encode.EncodeBench`` per setting.
+    ``baseline`` (a result) adds a column of CPU ratios to it; ``default`` (the render's
+    setting) is marked; ``chosen`` (a result) is named below the table."""
+    r0 = results[0]
+    print(f"{avatar} footage, {r0.frames} frames, CRF {crf}, 1 thread, 64-frame segments; CPU: "
+          f"median of {r0.repeats}; quality against the encoder's yuv420p input\n")  # fmt: skip
+    ratio = f" CPU vs {baseline.label} |" if baseline is not None else ""
+    print(f"| x264 setting | CPU ms/frame |{ratio} Mbit/s | PSNR dB (worst) | SSIM Y (worst) |")
+    print("| --- | ---: |" + (" ---: |" if baseline is not None else "") + " ---: | --- | --- |")
     for r in results:
-        print(f"{r.preset:>10} {r.cpu_ms_per_frame:>13.1f} {r.mbit_per_s:>7.2f} "
-              f"{r.psnr_db:>8.2f} {r.worst_psnr_db:>6.2f}")  # fmt: skip
+        mark = " (default)" if default is not None and r.label == default.label else ""
+        cells = [f"{r.label}{mark}", f"{r.cpu_ms_per_frame:.1f}"]
+        if baseline is not None:
+            cells.append(f"{r.cpu_ms_per_frame / baseline.cpu_ms_per_frame:.2f}x")
+        cells += [
+            f"{r.mbit_per_s:.2f}",
+            f"{r.psnr_db:.2f} ({r.worst_psnr_db:.2f})",
+            f"{r.ssim:.4f} ({r.worst_ssim:.4f})",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    if chosen is not None and baseline is not None:
+        print(f"\ncheapest with {baseline.label}'s bit rate (5 %) and quality (0.1 dB PSNR, "
+              f"0.001 SSIM), CPU within 3 % counted as a tie won by fewer options: "
+              f"{chosen.label}, {chosen.cpu_ms_per_frame / baseline.cpu_ms_per_frame:.2f}x "
+              "its CPU")  # fmt: skip
 
 
 def print_render_bench(r, first) -> None:

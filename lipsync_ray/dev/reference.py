@@ -11,8 +11,9 @@ rivals in ``lipsync-ray bench render --reference``, in two styles.
 4. a pool of ``composite_threads`` threads pastes each prediction (the reference hard paste)
    and writes the frame as a JPEG file of quality 95, while the next batch runs;
 5. one H.264 + AAC encode of those JPEGs with the audio (what ``ffmpeg -i %08d.jpg -i audio``
-   does), with the same x264 preset and CRF as the render it is compared with, and the
-   encoder's own threads.
+   does), with the same x264 settings as the render it is compared with (preset, CRF and
+   ``EncodeOptions.x264_params``, so both pay for the same encode), and the encoder's own
+   threads.
 
 ``ReferenceStyle.THREADED`` is the same script built well, as the fastest single-process
 scripts are: the same preloading, features and one session, but ``workers`` threads each take
@@ -93,8 +94,8 @@ def run_reference(
     Args:
         composite_threads: JPEG: the paste pool's threads; THREADED: the worker threads.
         style: which script (see the module docstring).
-        encode: :class:`~lipsync_ray.encode.EncodeOptions` (preset, CRF); threads are left to
-            the encoder, as ffmpeg does.
+        encode: :class:`~lipsync_ray.encode.EncodeOptions` (preset, CRF, x264 options: the
+            render's, default or given); threads are left to the encoder, as ffmpeg does.
         providers: ONNX Runtime providers to try (default: the CPU provider).
     """
     import cv2

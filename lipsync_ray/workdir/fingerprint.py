@@ -11,8 +11,8 @@ What it covers, and what each costs per render:
     audio       the audio file's SHA-256 (a few MB), and the features it gave (or the
                 precomputed features) as an array: so also the audio encoder's output
     model       the SHA-256 of the generator file the actors load (FP32, INT8 or FP16)
-    settings    chunking, batch size, start frame, shard codec, encode mode and options,
-                blend, silence passthrough
+    settings    chunking, batch size, start frame, shard codec, encode mode and options
+                (CRF, preset, codec, fps, x264 options), blend, silence passthrough
 
 (The precision cache keys the avatar by the pixels of the frames its gate uses instead,
 :mod:`lipsync_ray.precision`: a reduced model is only reused for the frames it was measured
@@ -87,6 +87,7 @@ def render_fingerprint(
             config.encode.preset,
             config.encode.codec.value,
             config.encode.fps,
+            config.encode.x264_params,
         ],
         "blend": [config.blend.mode.value, config.blend.feather],
         "silence": None if config.silence is None else asdict(config.silence),
