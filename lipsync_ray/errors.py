@@ -7,7 +7,8 @@
     │   └── ModelError           an ONNX model that cannot be used as given
     ├── EncodeError              decoding or encoding media failed mid-way
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
-    └── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
+    └── ServiceError             the render service cannot run as configured (state dir, port)
 
 Every error carries the path (and, where it applies, the frame or chunk) it is
 about, so that the CLI can print a single line that names the culprit.
@@ -23,6 +24,7 @@ __all__ = [
     "LipsyncError",
     "ModelError",
     "RenderError",
+    "ServiceError",
     "ShardError",
 ]
 
@@ -75,3 +77,8 @@ class ShardError(LipsyncError):
 
 class RenderError(LipsyncError):
     """A render could not finish: a chunk kept failing, a worker died too often, ..."""
+
+
+class ServiceError(LipsyncError):
+    """The render service (``lipsync-ray serve``) cannot start or run as configured: its state
+    directory, its database, its port, its token file."""
