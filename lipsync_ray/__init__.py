@@ -8,9 +8,10 @@ The names a notebook or a job needs::
 ``render`` makes one MP4, ``Renderer`` keeps the actors warm across many, ``render_batch`` runs
 a jobs file; each returns :class:`RunReport` values. Errors derive from :class:`LipsyncError`
 (``InputError``: bad input, before anything starts; ``ModelError``, ``RenderError``,
-``EncodeError``, ``ShardError``). Everything else lives in its stage's module
-(``lipsync_ray.avatar.Avatar``, ``lipsync_ray.audio.load_audio``, ...); the developer tooling
-is ``lipsync_ray.dev``, which the runtime never imports.
+``EncodeError``, ``ShardError``; ``Cancelled``: a render whose ``cancel`` event was set).
+Everything else lives in its stage's module (``lipsync_ray.avatar.Avatar``,
+``lipsync_ray.audio.load_audio``, ...); the developer tooling is ``lipsync_ray.dev``, which
+the runtime never imports.
 
 Heavy modules (Ray, OpenCV, PyAV, pyarrow, ONNX) load on first use, so ``lipsync-ray --help``
 and ``from lipsync_ray import RenderConfig`` stay fast.
@@ -22,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from lipsync_ray.errors import (
+    Cancelled,
     EncodeError,
     InputError,
     LipsyncError,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from lipsync_ray.report import RunReport
 
 __all__ = [
+    "Cancelled",
     "EncodeError",
     "InputError",
     "LipsyncError",

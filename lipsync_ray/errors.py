@@ -8,7 +8,9 @@
     ├── EncodeError              decoding or encoding media failed mid-way
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
     ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
-    └── ServiceError             the render service cannot run as configured (state dir, port)
+    ├── ServiceError             the render service cannot run as configured (state dir, port)
+    └── Cancelled                the render was cancelled (its work directory stays resumable);
+                                 CLI exit code 130
 
 Every error carries the path (and, where it applies, the frame or chunk) it is
 about, so that the CLI can print a single line that names the culprit.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "Cancelled",
     "EncodeError",
     "InputError",
     "LipsyncError",
@@ -82,3 +85,11 @@ class RenderError(LipsyncError):
 class ServiceError(LipsyncError):
     """The render service (``lipsync-ray serve``) cannot start or run as configured: its state
     directory, its database, its port, its token file."""
+
+
+class Cancelled(LipsyncError):  # noqa: N818 - a request, not a fault: no Error suffix
+    """The render was cancelled (``Renderer.render(cancel=...)``): no more chunks were
+    submitted; the finished ones stay recorded in the work directory, so a later render of the
+    same inputs resumes from them."""
+
+    exit_code = 130

@@ -3,14 +3,17 @@
 ::
 
     Renderer(avatar, config)                  one avatar, one set of models, warm actor pools
-      └─ render(audio, output)                 one MP4; call it as often as you like
+      └─ render(audio, output)                 one MP4; call it as often as you like, from
+           │                                    several threads at once (a FairShare of the pools)
            ├─ validate the job's inputs (before any actor or file is created)
            ├─ features = audio encoder(mel(audio))            N x 512, driver, once
            ├─ plan: N output frames → chunks of C; avatar frame of each output frame (ping-pong)
            ├─ resume: reuse every chunk whose shard (and segment) the manifest verifies
            ├─ InferenceActor pool ──predictions (ObjectRef)──▶ CompositorActor pool ──▶ shards
            │     at most `in_flight` chunks submitted at once: memory is flat in duration
-           └─ encode: segments joined by stream copy (or one encoder over the shards) + AAC
+           ├─ encode: segments joined by stream copy (or one encoder over the shards) + AAC
+           └─ hooks: on_frames(done, total) at plan time and after each chunk; cancel (an
+                 Event): no more chunks, Cancelled raised, the work directory left resumable
 
     render(avatar, audio, output, config)     = a Renderer used once
     render_batch(avatar, jobs, config)        = a Renderer used for every job (lipsync_ray.batch)
@@ -48,7 +51,7 @@ from lipsync_ray.avatar import pingpong_indices
 from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.encode import check_video_encoder
-from lipsync_ray.errors import RenderError
+from lipsync_ray.errors import Cancelled, RenderError
 from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     EncoderSession,
@@ -65,7 +68,7 @@ from lipsync_ray.pools import (
 )
 from lipsync_ray.progress import FrameProgress
 from lipsync_ray.report import STAGES, ActorInfo, RunReport, StageTimes, Timeline
-from lipsync_ray.scheduler import ChunkScheduler, ChunkTotals, padded_rows
+from lipsync_ray.scheduler import ChunkScheduler, ChunkTotals, FairShare, padded_rows
 from lipsync_ray.storage import Location, resolve
 from lipsync_ray.vad import passthrough_weights
 from lipsync_ray.workdir.directory import Joined, WorkDir
@@ -80,6 +83,9 @@ T = TypeVar("T")
 
 # Frames, FPS and ETA: a live tqdm bar on a terminal, a log line every 10 % otherwise.
 _Progress = partial(FrameProgress, logger=log)
+
+# A render's progress hook: (frames done, frames in the output).
+OnFrames = Callable[[int, int], None]
 
 
 class _Once(Generic[T]):
@@ -101,6 +107,18 @@ class _Once(Generic[T]):
         return self._value
 
 
+class _Counter:
+    """1, 2, 3, ... one number per :meth:`next` call, also from concurrent threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = itertools.count(1)
+
+    def next(self) -> int:
+        with self._lock:
+            return next(self._count)
+
+
 class Renderer:
     """Renders many audios onto one avatar with one set of warm actor pools.
 
@@ -118,6 +136,15 @@ class Renderer:
     precision, the actors), once; later renders find them. What belongs to one render (its
     paths, work directory, features, plan, fingerprint and phases: :class:`RenderJob`) lives
     in that call only, so renders never share mutable state.
+
+    Several threads may call :meth:`render` at the same time (a service does): their chunks
+    share the pools through one :class:`~lipsync_ray.scheduler.FairShare` (an equal part of
+    the in-flight chunks each, every chunk to the least-loaded actors of all renders), so a
+    short render started during a long one finishes in seconds; the frames are those of each
+    render run alone. What they do share is made once under a lock (Ray, the pools, the
+    actors' descriptions, the audio encoder's session, whose ``run`` ONNX Runtime allows from
+    several threads) or counted under one (the renders served). Two renders must not use one
+    work directory at the same time.
 
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
@@ -146,7 +173,8 @@ class Renderer:
         self._pools: _Once[Pools] = _Once()
         self._actors: _Once[tuple[ActorInfo, ...]] = _Once()  # once a render waited for them
         self._encoder: _Once[EncoderSession] = _Once()  # the audio encoder, on the driver
-        self._served = itertools.count(1)  # renders finished on these actors
+        self._shares: _Once[FairShare] = _Once()  # the pools' chunks, shared by renders
+        self._served = _Counter()  # renders finished on these actors
         import ray
 
         if not (ray.is_initialized() or config.address or os.environ.get("RAY_ADDRESS")):
@@ -181,7 +209,7 @@ class Renderer:
             if self._owns_ray:
                 self._ray.shutdown()
             self._ray, self._owns_ray = None, False
-        self._pools, self._actors = _Once(), _Once()
+        self._pools, self._actors, self._shares = _Once(), _Once(), _Once()
 
     def _warm(self, timeline: Timeline, *, chunks: int, calibration: np.ndarray | None) -> Pools:
         """The pools, made by the first render: ``chunks`` are its chunks (the cap on
@@ -202,6 +230,12 @@ class Renderer:
             self._ray = ray
         return start_pools(self._ray, self.config, self.avatar, self._avatar_location,
                            chunks=chunks, calibration=calibration)  # fmt: skip
+
+    def _fair_share(self, pools: Pools) -> FairShare:
+        """The one FairShare of ``pools`` (made by the first render that runs chunks)."""
+        return self._shares.get(
+            lambda: FairShare(pools.pool.in_flight(), len(pools.inference), len(pools.compositors))
+        )
 
     def _ready(self, pools: Pools) -> tuple[ActorInfo, ...]:
         """Every actor's description, waited for by the first render that needs the actors;
@@ -255,10 +289,22 @@ class Renderer:
         start_frame: int | None = None,
         work_dir: str | Path | None = None,
         features: str | Path | None = None,
+        on_frames: OnFrames | None = None,
+        cancel: threading.Event | None = None,
     ) -> RunReport:
         """Render one MP4; see :func:`render`. Keyword arguments override the config.
 
-        Paths may be URIs, or paths inside the renderer's ``filesystem``."""
+        Paths may be URIs, or paths inside the renderer's ``filesystem``. May be called from
+        several threads at once (see the class).
+
+        Args:
+            on_frames: ``on_frames(done, total)``, called in this thread once the plan is known
+                (``done``: the frames reused from the work directory, maybe 0) and after every
+                finished chunk; an exception it raises is logged, never breaks the render.
+            cancel: once set, no more chunks are submitted and the render raises
+                :class:`~lipsync_ray.errors.Cancelled` within about 0.2 s; the work directory
+                keeps the finished chunks, so a later render of the same inputs resumes.
+        """
         started, timeline = time.perf_counter(), Timeline()
         job = make_job(
             self.config,
@@ -270,12 +316,17 @@ class Renderer:
             features=features,
             filesystem=self.filesystem,
         )
+        hooks = _Hooks(on_frames, cancel)
         with WorkDir.open(job, self.config) as work:
-            return work.finish(self._render(job, work, timeline, started))
+            return work.finish(self._render(job, work, timeline, started, hooks))
 
-    def _render(self, job: Job, work: WorkDir, timeline: Timeline, started: float) -> RunReport:
+    def _render(
+        self, job: Job, work: WorkDir, timeline: Timeline, started: float, hooks: _Hooks
+    ) -> RunReport:
         chunk_frames = self.config.pool.chunk_frames
+        hooks.check(job)
         inputs, pools = self._inputs(job, timeline)
+        hooks.check(job)
         frames = len(inputs.features)
         run = RenderJob(
             job, work, timeline, started, pools, inputs,
@@ -289,11 +340,13 @@ class Renderer:
             "%d frames in %d chunks of %d (%d reused); features %.1f s",
             frames, len(run.plan), chunk_frames, len(run.plan) - len(todo), inputs.elapsed_s,
         )  # fmt: skip
-        totals = self._run_chunks(run, todo) if todo else ChunkTotals()
+        hooks.frames(frames - sum(r.frames for r in todo), frames)
+        totals = self._run_chunks(run, todo, hooks) if todo else ChunkTotals()
         timeline.mark("chunks")
+        hooks.check(job)
         joined = work.join(run.plan)
         timeline.mark("join")
-        return self._report(run, todo, totals, joined, renders=next(self._served))
+        return self._report(run, todo, totals, joined, renders=self._served.next())
 
     def _report(
         self,
@@ -392,9 +445,9 @@ class Renderer:
         )
         return inputs, pools
 
-    def _run_chunks(self, run: RenderJob, todo: list[ChunkRange]) -> ChunkTotals:
-        """Render the chunks ``todo`` through the actor pools; each is recorded in the work
-        directory."""
+    def _run_chunks(self, run: RenderJob, todo: list[ChunkRange], hooks: _Hooks) -> ChunkTotals:
+        """Render the chunks ``todo`` through the actor pools, on this render's share of them;
+        each is recorded in the work directory."""
         pools = run.pools
         self._ready(pools)
         run.timeline.mark("actors_ready")
@@ -409,14 +462,44 @@ class Renderer:
             for r in todo
         )  # fmt: skip
         progress = _Progress(frames, done=frames - sum(r.frames for r in todo))
+
+        def finished(rows: int) -> None:
+            progress.update(rows)
+            hooks.frames(progress.done, frames)
+
         try:
-            scheduler = ChunkScheduler(
-                self._ray, pools.inference, pools.compositors, pools.pool, run.work,
-                progress.update,
-            )  # fmt: skip
-            return scheduler.run(specs, run.work.context())
+            with self._fair_share(pools).share() as share:
+                scheduler = ChunkScheduler(
+                    self._ray, pools.inference, pools.compositors, pools.pool, run.work,
+                    finished, share=share, cancel=hooks.cancel,
+                )  # fmt: skip
+                return scheduler.run(specs, run.work.context())
         finally:
             progress.close()
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """A render's caller's hooks (:meth:`Renderer.render`'s ``on_frames`` and ``cancel``)."""
+
+    on_frames: OnFrames | None = None
+    cancel: threading.Event | None = None
+
+    def frames(self, done: int, total: int) -> None:
+        """Tell ``on_frames``; what it raises is logged (a progress display must not break a
+        render)."""
+        if self.on_frames is None:
+            return
+        try:
+            self.on_frames(done, total)
+        except Exception:
+            log.warning("on_frames(%d, %d) raised; the render goes on", done, total,
+                        exc_info=True)  # fmt: skip
+
+    def check(self, job: Job) -> None:
+        """Raises Cancelled once ``cancel`` is set."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the render was cancelled", path=job.work_dir)
 
 
 @dataclass(frozen=True)
@@ -592,6 +675,8 @@ def render(
     config: RenderConfig,
     *,
     filesystem=None,
+    on_frames: OnFrames | None = None,
+    cancel: threading.Event | None = None,
 ) -> RunReport:
     """Render ``output`` (H.264 + AAC MP4): ``avatar``'s frames with lips following ``audio``.
 
@@ -604,6 +689,9 @@ def render(
             avatar, audio, output and work directory paths are taken. Without it each may be a
             local path or a URI (``file://``, ``s3://``, ``gs://``); see
             :mod:`lipsync_ray.storage` for what must be shared on a multi-node cluster.
+        on_frames: ``on_frames(done, total)``: progress, once the plan is known and after
+            every chunk (see :meth:`Renderer.render`).
+        cancel: a ``threading.Event``; once set the render stops (see :meth:`Renderer.render`).
 
     Returns:
         The run report, also written to ``<work_dir>/report.json``.
@@ -612,6 +700,7 @@ def render(
         InputError: bad inputs (checked before anything starts).
         RenderError, EncodeError, ShardError: the render could not finish; the work directory
             keeps every complete chunk, and re-running the same call resumes.
+        Cancelled: ``cancel`` was set; likewise resumable.
     """
     # Storage too (probe files, credentials, endpoints): a bad path fails before models load.
     check_job_paths(
@@ -619,4 +708,4 @@ def render(
         avatar=avatar, features=config.features, models=config_models(config),
     )  # fmt: skip
     with Renderer(avatar, config, filesystem=filesystem, once=True) as renderer:
-        return renderer.render(audio, output)
+        return renderer.render(audio, output, on_frames=on_frames, cancel=cancel)

@@ -12,6 +12,10 @@
                                            (SYSTEM_RETRIES, not counted against max_retries)
                                          a hung chunk (no progress for chunk_timeout_s): its
                                            actor is restarted and the chunk retried
+                                         cancel (a threading.Event): no more chunks; Cancelled
+    FairShare(limit, inference, compos.) the pools' in-flight chunks shared by concurrent
+      └─ Share (one per running render)    renders: total <= limit, each max(1, limit // active),
+                                           every chunk to the least-loaded actors of ALL renders
 
 The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
 with :func:`start_actors` and hands over the lists, the resolved pool settings, the work
@@ -20,11 +24,14 @@ directory that records finished chunks, and a callback that waits for restarted 
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import itertools
 import logging
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -36,7 +43,7 @@ from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, p
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
-from lipsync_ray.errors import InputError, LipsyncError, RenderError
+from lipsync_ray.errors import Cancelled, InputError, LipsyncError, RenderError
 from lipsync_ray.options import SessionOptions
 from lipsync_ray.storage import Location
 
@@ -45,7 +52,9 @@ __all__ = [
     "ChunkRecorder",
     "ChunkScheduler",
     "ChunkTotals",
+    "FairShare",
     "Next",
+    "Share",
     "decide_failure",
     "padded_rows",
     "plan_chunks",
@@ -65,6 +74,11 @@ SYSTEM_RETRIES = 8
 # block there (up to ACTOR_START_TIMEOUT_S) instead of restarting the hung actor. Order between
 # chunks never mattered: `encode_chunk` takes the `composite` result as its argument.
 _UNORDERED = {"allow_out_of_order_execution": True}
+# How long the scheduler waits for a chunk before looking again, alone on its pools (seconds),
+# and when it shares them or can be cancelled: room freed by another render, or a cancel,
+# is noticed within this (a loop costs one ray.wait call).
+WAIT_ALONE_S = 1.0
+WAIT_SHARED_S = 0.1
 
 
 def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
@@ -266,6 +280,173 @@ def decide_failure(
     return ChunkDecision(Next.RETRY, attempt + 1, system_failures, system, reason)
 
 
+class FairShare:
+    """The chunks in flight on one set of pools, shared by the renders that run on them at
+    the same time: one per :class:`~lipsync_ray.pipeline.Renderer`, made with its pools; each
+    render holds a :class:`Share` (:meth:`share`) while its chunks run.
+
+    Args:
+        limit: chunks in flight on the pools, all renders together (``pool.in_flight()``).
+        inference: InferenceActor count; compositors: CompositorActor count.
+
+    Rules (under one lock: renders run in different threads):
+
+    - the chunks in flight of all renders together never exceed ``limit``;
+    - each of the ``active`` renders may have ``max(1, limit // active)`` in flight,
+      recomputed as renders come and go (a render over its new share submits nothing until
+      its chunks come back below it);
+    - a chunk goes to the least-loaded inference actor and compositor, counting the chunks
+      of every render (ties: the lowest index, as a render alone has always done);
+    - free room goes to the waiting render with the fewest chunks in flight, the one waiting
+      longest on a tie: a render cannot take back the slot its own chunk just freed while
+      another render waits for one (with ``limit`` 1 two renders alternate).
+    """
+
+    def __init__(self, limit: int, inference: int, compositors: int) -> None:
+        if limit < 1 or inference < 1 or compositors < 1:
+            raise ValueError(
+                f"expected limit, inference and compositors >= 1, got {limit}, {inference}, "
+                f"{compositors}"
+            )
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._load_inf = [0] * inference
+        self._load_comp = [0] * compositors
+        self._shares: list[Share] = []
+        self._tickets = itertools.count()  # the order in which renders started waiting
+
+    @property
+    def active(self) -> int:
+        """Renders holding a share now."""
+        with self._lock:
+            return len(self._shares)
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks in flight, all renders together."""
+        with self._lock:
+            return sum(s.in_flight for s in self._shares)
+
+    def loads(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Chunks in flight on each inference actor and on each compositor."""
+        with self._lock:
+            return tuple(self._load_inf), tuple(self._load_comp)
+
+    def per_render(self) -> int:
+        """The chunks each active render may have in flight now."""
+        with self._lock:
+            return self._per_render()
+
+    def _per_render(self) -> int:
+        return max(1, self.limit // max(len(self._shares), 1))
+
+    def open(self) -> Share:
+        """A share for one render; :meth:`Share.close` it when the render ends."""
+        share = Share(self)
+        with self._lock:
+            self._shares.append(share)
+        return share
+
+    @contextlib.contextmanager
+    def share(self) -> Iterator[Share]:
+        """:meth:`open`, closed on the way out (an exception or a cancel included)."""
+        share = self.open()
+        try:
+            yield share
+        finally:
+            share.close()
+
+    def _may_take(self, share: Share) -> bool:
+        per = self._per_render()
+        if share.in_flight >= per or sum(s.in_flight for s in self._shares) >= self.limit:
+            return False
+        mine = (share.in_flight, _NOT_WAITING if share.waiting is None else share.waiting)
+        return not any(
+            other is not share
+            and other.waiting is not None
+            and other.in_flight < per
+            and (other.in_flight, other.waiting) < mine
+            for other in self._shares
+        )
+
+
+_NOT_WAITING = float("inf")
+
+
+class Share:
+    """One render's part of a :class:`FairShare`: :meth:`take` a slot (the actors to use)
+    before submitting a chunk, :meth:`give` it back when the chunk's result is in, and
+    :meth:`close` once the render ends (what it still holds is given back)."""
+
+    def __init__(self, fair: FairShare) -> None:
+        self.fair = fair
+        self.in_flight = 0  # this render's chunks in flight
+        self.waiting: int | None = None  # ticket of a take() refused for lack of room
+        self._held: Counter[tuple[int, int]] = Counter()
+        self.closed = False
+
+    def take(self) -> tuple[int, int] | None:
+        """The (inference, compositor) indices for one more chunk, counted as in flight; None
+        when this render has no room now (it is then waiting, ahead of later waiters)."""
+        fair = self.fair
+        with fair._lock:
+            if self.closed:
+                raise RuntimeError("take() on a closed share")
+            if not fair._may_take(self):
+                if self.in_flight >= fair._per_render():
+                    self.waiting = None  # at its share: it waits for its own chunks, not room
+                elif self.waiting is None:
+                    self.waiting = next(fair._tickets)
+                return None
+            self.waiting = None
+            i = min(range(len(fair._load_inf)), key=fair._load_inf.__getitem__)
+            c = min(range(len(fair._load_comp)), key=fair._load_comp.__getitem__)
+            fair._load_inf[i] += 1
+            fair._load_comp[c] += 1
+            self.in_flight += 1
+            self._held[(i, c)] += 1
+            return i, c
+
+    def give(self, inference: int, compositor: int) -> None:
+        """A chunk taken on these actors is no longer in flight."""
+        with self.fair._lock:
+            self._give(inference, compositor)
+
+    def _give(self, inference: int, compositor: int) -> None:
+        key = (inference, compositor)
+        if self._held[key] <= 0:
+            raise RuntimeError(f"give() of a slot not held: {key}")
+        self._held[key] -= 1
+        self.in_flight -= 1
+        self.fair._load_inf[inference] -= 1
+        self.fair._load_comp[compositor] -= 1
+
+    def idle(self) -> None:
+        """This render has nothing to submit now (or blocks elsewhere): it stops waiting."""
+        with self.fair._lock:
+            self.waiting = None
+
+    def close(self) -> None:
+        """Leave the pools: every slot still held is given back (chunks a failed or cancelled
+        render leaves behind are no longer counted) and the others' shares grow. Idempotent."""
+        fair = self.fair
+        with fair._lock:
+            if self.closed:
+                return
+            for key, count in list(self._held.items()):
+                for _ in range(count):
+                    self._give(*key)
+            self.waiting = None
+            self.closed = True
+            fair._shares.remove(self)
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class ChunkScheduler:
     """Runs chunks through both pools with bounded in-flight work, retries and timeouts.
 
@@ -278,6 +459,13 @@ class ChunkScheduler:
         on_frames: called with the frame count of each finished chunk (progress).
         await_actors: ``(actors, what)`` blocks until ``actors`` answer again after a restart;
             default :func:`wait_for_actors`.
+        share: this render's :class:`Share` of pools that concurrent renders use (the caller
+            opens and closes it); None: the render is alone on them, with ``pool.in_flight()``
+            chunks in flight.
+        cancel: once set, no more chunks are submitted and :meth:`run` raises
+            :class:`Cancelled` within about ``WAIT_SHARED_S``; the chunks in flight are
+            cancelled where they have not started (a started one finishes and its files are
+            adopted by the next render of the same work directory).
     """
 
     def __init__(
@@ -290,6 +478,8 @@ class ChunkScheduler:
         on_frames: Callable[[int], None],
         *,
         await_actors: Callable[[Sequence, str], None] | None = None,
+        share: Share | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.ray, self.pool, self.recorder = ray, pool, recorder
         self.inference, self.compositors = list(inference), list(compositors)
@@ -298,8 +488,15 @@ class ChunkScheduler:
         self.totals = ChunkTotals()
         self._retry: deque[tuple[ChunkSpec, int, int]] = deque()
         self._inflight: dict[object, _Task] = {}
-        self._load_inf = [0] * len(self.inference)
-        self._load_comp = [0] * len(self.compositors)
+        # Alone: a share of pools of its own, which gives exactly the single render's rules
+        # (pool.in_flight() chunks, least-loaded actors).
+        self._own_share = share is None
+        self.share = share or FairShare(pool.in_flight(), len(self.inference),
+                                        len(self.compositors)).open()  # fmt: skip
+        self.cancel = cancel
+        self._wait_s = WAIT_ALONE_S if share is None and cancel is None else WAIT_SHARED_S
+        self._upcoming: ChunkSpec | None = None  # the next new chunk, taken from specs
+        self._finished_chunks = 0
         self._context_ref = None
 
     def run(self, specs: Iterable[ChunkSpec], context: JobContext) -> ChunkTotals:
@@ -309,26 +506,33 @@ class ChunkScheduler:
             InputError: a chunk failed on bad input (fails the same way every time).
             RenderError: a chunk failed ``max_retries + 1`` times, lost its workers more than
                 SYSTEM_RETRIES times, or its actors did not come back.
+            Cancelled: ``cancel`` was set.
         """
-        ray, pool, inflight, retry = self.ray, self.pool, self._inflight, self._retry
-        limit = pool.in_flight()
+        try:
+            return self._run(iter(specs), context)
+        finally:
+            if self._own_share:
+                self.share.close()
+
+    def _run(self, pending: Iterator[ChunkSpec], context: JobContext) -> ChunkTotals:
+        ray, pool, inflight = self.ray, self.pool, self._inflight
+        self._check_cancel()
         self._context_ref = ray.put(context)
-        pending = iter(specs)
-        exhausted = False
         last_progress = time.monotonic()
         while True:
-            while len(inflight) < limit:
-                if retry:
-                    self._submit(*retry.popleft())
-                    continue
-                spec = None if exhausted else next(pending, None)
-                if spec is None:
-                    exhausted = True
-                    break
-                self._submit(spec, 0)
+            self._check_cancel()
+            more = self._fill(pending)
             if not inflight:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if not more:
+                    break
+                # Every slot is another render's: look again shortly.
+                if self.cancel is not None:
+                    self.cancel.wait(self._wait_s)
+                else:
+                    time.sleep(self._wait_s)
+                last_progress = time.monotonic()
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self._wait_s)
             for ref in ready:
                 self._finished(ref)
             now = time.monotonic()
@@ -345,24 +549,63 @@ class ChunkScheduler:
                 last_progress = now  # the restart is an event: the others get a full timeout
         return self.totals
 
-    def _submit(self, spec: ChunkSpec, attempt: int, system_failures: int = 0) -> None:
-        load_inf, load_comp = self._load_inf, self._load_comp
-        i = min(range(len(load_inf)), key=load_inf.__getitem__)
-        c = min(range(len(load_comp)), key=load_comp.__getitem__)
+    def _fill(self, pending: Iterator[ChunkSpec]) -> bool:
+        """Submit chunks (retries first) while the share has room; False once nothing is left
+        to submit."""
+        retry = self._retry
+        while True:
+            if retry:
+                item = retry[0]
+            else:
+                if self._upcoming is None:
+                    self._upcoming = next(pending, None)
+                if self._upcoming is None:
+                    self.share.idle()
+                    return False
+                item = (self._upcoming, 0, 0)
+            slot = self.share.take()
+            if slot is None:
+                return True
+            if retry:
+                retry.popleft()
+            else:
+                self._upcoming = None
+            self._submit(*item, slot=slot)
+
+    def _check_cancel(self) -> None:
+        if self.cancel is None or not self.cancel.is_set():
+            return
+        # Chunks not started yet are dropped; a started one cannot be interrupted (threaded
+        # actors), finishes, and its renamed files are adopted by the next render.
+        for task_ref, task in self._inflight.items():
+            for ref in (task_ref, task.predictions):
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref)
+        raise Cancelled(
+            f"the render was cancelled ({self._finished_chunks} chunks finished in this run "
+            "stay recorded)"
+        )
+
+    def _submit(
+        self,
+        spec: ChunkSpec,
+        attempt: int,
+        system_failures: int = 0,
+        *,
+        slot: tuple[int, int],
+    ) -> None:
+        i, c = slot
         preds = self.inference[i].infer.remote(spec)
         # One compositor call writes the chunk's shard and encodes its segment from the
         # same frames: no second task, no re-read.
         ref = self.compositors[c].composite.remote(spec, preds, self._context_ref)
-        load_inf[i] += 1
-        load_comp[c] += 1
         self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
         ray, totals = self.ray, self.totals
         task = self._inflight.pop(ref)
-        self._load_inf[task.inference] -= 1
-        self._load_comp[task.compositor] -= 1
+        self.share.give(task.inference, task.compositor)
         try:
             result: ChunkResult = ray.get(ref)
         except (ray.exceptions.RayError, LipsyncError) as exc:
@@ -375,6 +618,7 @@ class ChunkScheduler:
             totals.cpu[k] = totals.cpu.get(k, 0.0) + v
         totals.generated += result.generated
         totals.seams.extend(result.seam_scores)
+        self._finished_chunks += 1
         self.on_frames(result.shard.rows)
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
@@ -413,6 +657,7 @@ class ChunkScheduler:
     def _await_actors(self, task: _Task) -> None:
         """Block until the two actors of a failed chunk answer again (Ray restarts them)."""
         actors = (self.inference[task.inference], self.compositors[task.compositor])
+        self.share.idle()  # blocks here: other renders should not wait for this one meanwhile
         self._await(actors, task.spec.describe())
 
     def _restart_hung(self, task: _Task, now: float, last_progress: float) -> None:

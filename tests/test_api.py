@@ -21,11 +21,13 @@ PUBLIC = {
     "RenderError": "lipsync_ray.errors",
     "EncodeError": "lipsync_ray.errors",
     "ShardError": "lipsync_ray.errors",
+    "Cancelled": "lipsync_ray.errors",
 }
 
 
 def test_all_is_pinned() -> None:
     assert lipsync_ray.__all__ == [
+        "Cancelled",
         "EncodeError",
         "InputError",
         "LipsyncError",
@@ -49,7 +51,14 @@ def test_root_names_are_their_modules_objects(name: str, module: str) -> None:
 
 
 def test_errors_derive_from_the_root_error() -> None:
-    for name in ("InputError", "ModelError", "RenderError", "EncodeError", "ShardError"):
+    for name in (
+        "InputError",
+        "ModelError",
+        "RenderError",
+        "EncodeError",
+        "ShardError",
+        "Cancelled",
+    ):
         assert issubclass(getattr(lipsync_ray, name), lipsync_ray.LipsyncError)
 
 

@@ -22,7 +22,7 @@ from lipsync_ray.report import ActorInfo, Timeline
 # Everything a Renderer holds, from construction to close: no attribute is added by a render.
 RENDERER_STATE = {
     "config", "filesystem", "avatar", "_avatar_location", "_avatar_sha", "_once", "_ray",
-    "_owns_ray", "_pools", "_actors", "_encoder", "_served",
+    "_owns_ray", "_pools", "_actors", "_encoder", "_shares", "_served",
 }  # fmt: skip
 
 

@@ -1,0 +1,351 @@
+"""Concurrent renders on one set of pools (scheduler.FairShare, Share) and the scheduler's
+cancel and progress hooks, without Ray: a fake ``ray`` module stands in for the actors.
+
+The Ray-side behaviour (two real renders on one Renderer) is in test_concurrent_renders.py."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import ray.exceptions
+
+from lipsync_ray.chunks import ChunkSpec, plan_chunks
+from lipsync_ray.config import PoolConfig
+from lipsync_ray.errors import Cancelled, InputError
+from lipsync_ray.pipeline import _Hooks
+from lipsync_ray.scheduler import (
+    WAIT_ALONE_S,
+    WAIT_SHARED_S,
+    ChunkScheduler,
+    FairShare,
+)
+
+# ---------------------------------------------------------------------------- FairShare alone
+
+# limit, active renders -> chunks each render gets when they take greedily one after the other
+SHARES = [
+    (5, 1, [5]),
+    (5, 2, [2, 2]),  # 5 // 2: the fifth slot stays free, no render exceeds its share
+    (6, 2, [3, 3]),
+    (8, 3, [2, 2, 2]),
+    (5, 3, [1, 1, 1]),
+    (3, 3, [1, 1, 1]),
+    (2, 3, [1, 1, 0]),  # at least one each, but never more than the limit in all
+    (1, 2, [1, 0]),
+]
+
+
+@pytest.mark.parametrize(("limit", "active", "expected"), SHARES)
+def test_each_render_gets_an_equal_share_within_the_limit(limit, active, expected):
+    fair = FairShare(limit, inference=2, compositors=2)
+    shares = [fair.open() for _ in range(active)]
+    assert fair.per_render() == max(1, limit // active)
+    got = []
+    for share in shares:
+        n = 0
+        while share.take() is not None:
+            n += 1
+        got.append(n)
+    assert got == expected
+    assert fair.in_flight == sum(expected) <= limit
+
+
+def test_shares_are_recomputed_as_renders_come_and_go():
+    fair = FairShare(6, inference=1, compositors=1)
+    long = fair.open()
+    slots = [long.take() for _ in range(6)]
+    assert None not in slots and long.take() is None  # alone: the whole limit
+    short = fair.open()
+    assert fair.per_render() == 3
+    assert short.take() is None  # every slot is held by the long render
+    long.give(*slots.pop())
+    assert long.take() is None  # over its new share of 3: the freed slot is not its own
+    assert short.take() == (0, 0)
+    short.close()
+    assert fair.per_render() == 6 and fair.active == 1
+    assert long.take() == (0, 0)  # alone again: back to the whole limit
+
+
+def test_a_waiting_render_gets_the_freed_slot_first():
+    """Limit 1: the render whose chunk just finished must not take the slot back while the
+    other waits; the two alternate."""
+    fair = FairShare(1, inference=1, compositors=1)
+    a, b = fair.open(), fair.open()
+    order = []
+    holder = a
+    assert a.take() is not None
+    assert b.take() is None  # b now waits
+    for _ in range(4):
+        holder.give(0, 0)
+        other = b if holder is a else a
+        assert holder.take() is None, "the finished render took the slot back"
+        assert other.take() is not None
+        order.append("a" if other is a else "b")
+        holder = other
+    assert order == ["b", "a", "b", "a"]
+
+
+def test_an_idle_render_does_not_hold_the_others_back():
+    fair = FairShare(2, inference=1, compositors=1)
+    a, b = fair.open(), fair.open()
+    slot = a.take()
+    assert a.take() is None  # at its share (1): not competing for room
+    assert b.take() is not None
+    c = fair.open()  # per render now max(1, 2 // 3) = 1, no room left
+    assert c.take() is None  # c waits with 0 in flight
+    a.give(*slot)
+    assert a.take() is None  # c waits, with fewer in flight
+    c.idle()  # c has nothing to submit after all
+    assert a.take() is not None
+
+
+# inference actors, compositors, steps: ("take", render) -> expected (inference, compositor),
+# ("give", render, slot)
+LEAST_LOADED = [
+    (2, 3, [("take", 0, (0, 0)), ("take", 1, (1, 1)), ("take", 0, (0, 2)),
+            ("give", 0, (0, 0)), ("take", 1, (0, 0)), ("take", 1, (1, 0))]),
+    (1, 2, [("take", 0, (0, 0)), ("take", 1, (0, 1)), ("give", 1, (0, 1)),
+            ("take", 0, (0, 1))]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("inference", "compositors", "steps"), LEAST_LOADED)
+def test_chunks_go_to_the_least_loaded_actors_of_all_renders(inference, compositors, steps):
+    fair = FairShare(8, inference, compositors)
+    renders = [fair.open(), fair.open()]
+    load_inf, load_comp = [0] * inference, [0] * compositors  # the reference count
+    for op, render, slot in steps:
+        if op == "give":
+            renders[render].give(*slot)
+            load_inf[slot[0]] -= 1
+            load_comp[slot[1]] -= 1
+            continue
+        got = renders[render].take()
+        assert got == slot
+        assert load_inf[got[0]] == min(load_inf) and load_comp[got[1]] == min(load_comp)
+        load_inf[got[0]] += 1
+        load_comp[got[1]] += 1
+        assert fair.loads() == (tuple(load_inf), tuple(load_comp))
+
+
+def test_a_share_is_given_back_when_its_render_raises():
+    fair = FairShare(4, inference=2, compositors=2)
+    other = fair.open()
+    other.take()
+    with pytest.raises(RuntimeError, match="boom"), fair.share() as share:
+        share.take()
+        share.take()
+        assert fair.in_flight == 3 and fair.active == 2
+        raise RuntimeError("boom")
+    assert share.closed and fair.active == 1 and fair.in_flight == 1
+    assert fair.loads() == ((1, 0), (1, 0))  # only the other render's chunk is counted
+    share.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        share.take()
+
+
+@pytest.mark.parametrize(("limit", "inference", "compositors"), [(0, 1, 1), (2, 0, 1), (2, 1, 0)])
+def test_a_fair_share_needs_room_and_actors(limit, inference, compositors):
+    with pytest.raises(ValueError, match=f"got {limit}, {inference}, {compositors}"):
+        FairShare(limit, inference, compositors)
+
+
+# -------------------------------------------------------------------- ChunkScheduler, fake Ray
+
+
+class _Ref:
+    _ids = itertools.count()
+
+    def __init__(self, value=None, error: BaseException | None = None) -> None:
+        self.id = next(self._ids)
+        self.value, self.error = value, error
+
+    def __hash__(self) -> int:
+        return self.id
+
+
+class _Method:
+    def __init__(self, call) -> None:
+        self.remote = call
+
+
+class FakeRay:
+    """The part of ``ray`` the scheduler uses. Every composite finishes, in submission order,
+    one per ``wait``; ``fail`` maps a chunk number to the error its first run raises."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self, fail: dict[int, BaseException] | None = None) -> None:
+        self.submitted: list[int] = []  # chunk numbers, in submission order
+        self.actors: list[tuple[int, int]] = []  # (inference, compositor) of each submission
+        self.cancelled: list[_Ref] = []
+        self.wait_timeouts: set[float] = set()
+        self.max_in_flight = 0
+        self._fail = dict(fail or {})
+        self._pending: list[_Ref] = []
+        self._lock = threading.Lock()
+
+    def actors_for(self, inference: int, compositors: int) -> tuple[list, list]:
+        inf = [
+            SimpleNamespace(infer=_Method(lambda spec, i=i: _Ref(("preds", i, spec.chunk))))
+            for i in range(inference)
+        ]
+        comp = [
+            SimpleNamespace(
+                composite=_Method(lambda spec, p, ctx, c=c: self._composite(spec, p, c))
+            )
+            for c in range(compositors)
+        ]
+        return inf, comp
+
+    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int) -> _Ref:
+        error = self._fail.pop(spec.chunk, None)
+        result = SimpleNamespace(
+            shard=SimpleNamespace(rows=spec.frames), segment=None, timings_s={"composite": 0.1},
+            cpu_s={}, generated=spec.frames, seam_scores=[],
+        )  # fmt: skip
+        ref = _Ref(result, error)
+        with self._lock:
+            self.submitted.append(spec.chunk)
+            self.actors.append((preds.value[1], c))
+            self._pending.append(ref)
+            self.max_in_flight = max(self.max_in_flight, len(self._pending))
+        return ref
+
+    def put(self, value) -> _Ref:
+        return _Ref(value)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        self.wait_timeouts.add(timeout)
+        with self._lock:
+            ready = [r for r in self._pending if r in refs][:num_returns]
+            for r in ready:
+                self._pending.remove(r)
+        return ready, [r for r in refs if r not in ready]
+
+    def get(self, ref: _Ref, timeout=None):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def cancel(self, ref: _Ref) -> None:
+        self.cancelled.append(ref)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+
+    def record(self, result) -> None:
+        self.chunks.append(result)
+
+
+def _specs(frames: int, chunk_frames: int) -> list[ChunkSpec]:
+    return [
+        ChunkSpec(r.chunk, r.start, r.stop, np.arange(r.frames), np.zeros((r.frames + 16, 4)))
+        for r in plan_chunks(frames, chunk_frames)
+    ]
+
+
+POOL = PoolConfig(chunk_frames=10, max_chunks_in_flight=3, max_retries=1)
+
+
+def _scheduler(fake: FakeRay, on_frames, **kw) -> ChunkScheduler:
+    inference, compositors = fake.actors_for(2, 2)
+    return ChunkScheduler(fake, inference, compositors, POOL, _Recorder(), on_frames, **kw)
+
+
+def test_alone_the_scheduler_runs_every_chunk_as_before():
+    fake, rows = FakeRay(), []
+    totals = _scheduler(fake, rows.append).run(_specs(95, 10), context=None)
+    assert sorted(fake.submitted) == list(range(10)) and sum(rows) == 95
+    assert fake.max_in_flight == POOL.in_flight() == 3
+    assert fake.wait_timeouts == {WAIT_ALONE_S}
+    assert totals.generated == 95 and totals.retries == 0
+    # least loaded, ties to the lowest index: the first three go to (0,0), (1,1), (0,0)
+    assert fake.actors[:3] == [(0, 0), (1, 1), (0, 0)]
+
+
+def test_shared_the_scheduler_keeps_to_its_share_and_gives_it_back():
+    fake = FakeRay(fail={2: ray.exceptions.RayError("Traceback\nValueError: flaky")})
+    fair = FairShare(POOL.in_flight(), inference=2, compositors=2)
+    other = fair.open()
+    held = other.take()  # another render holds one slot for the whole run
+    with fair.share() as share:
+        totals = _scheduler(fake, lambda n: None, share=share).run(_specs(60, 10), context=None)
+    assert sorted(set(fake.submitted)) == list(range(6)) and totals.retries == 1  # retried
+    assert fake.max_in_flight == fair.limit // 2 == 1
+    assert fake.wait_timeouts == {WAIT_SHARED_S}
+    assert share.closed and fair.in_flight == 1 and fair.loads() == ((1, 0), (1, 0))
+    assert held == (0, 0) and set(fake.actors) == {(1, 1)}  # the other render's load counts
+
+
+def test_cancel_submits_nothing_more_and_raises_cancelled():
+    fake, cancel, frames = FakeRay(), threading.Event(), []
+
+    def on_frames(n: int) -> None:
+        frames.append(n)
+        if len(frames) == 2:
+            cancel.set()
+
+    fair = FairShare(POOL.in_flight(), inference=2, compositors=2)
+    with pytest.raises(Cancelled, match="2 chunks finished"), fair.share() as share:
+        _scheduler(fake, on_frames, share=share, cancel=cancel).run(_specs(200, 10), None)
+    # 3 in flight, one more submitted after the first finished, none after the second
+    assert fake.submitted == [0, 1, 2, 3]
+    assert frames == [10, 10]
+    assert len(fake.cancelled) == 2 * 2  # the two in flight: composite and infer refs
+    assert fair.in_flight == 0 and fair.active == 0
+
+
+def test_a_render_cancelled_while_it_waits_for_room_raises_at_once():
+    """Every slot is another render's: the scheduler waits without submitting and notices
+    the cancel between two looks."""
+    fake, cancel = FakeRay(), threading.Event()
+    fair = FairShare(1, inference=1, compositors=1)
+    other = fair.open()
+    other.take()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    with pytest.raises(Cancelled, match="0 chunks finished"), fair.share() as share:
+        _scheduler(fake, lambda n: None, share=share, cancel=cancel).run(_specs(30, 10), None)
+    timer.join()
+    assert fake.submitted == [] and fake.cancelled == []
+
+
+def test_a_cancel_set_before_the_run_submits_nothing():
+    fake, cancel = FakeRay(), threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        _scheduler(fake, lambda n: None, cancel=cancel).run(_specs(30, 10), None)
+    assert fake.submitted == []
+
+
+def test_an_input_error_still_fails_the_shared_render_and_frees_its_share():
+    fake = FakeRay(fail={1: InputError("generator output has NaN")})
+    fair = FairShare(POOL.in_flight(), inference=2, compositors=2)
+    with pytest.raises(InputError, match="chunk 1"), fair.share() as share:
+        _scheduler(fake, lambda n: None, share=share).run(_specs(60, 10), None)
+    assert fair.active == 0 and fair.loads() == ((0, 0), (0, 0))
+
+
+# ------------------------------------------------------------------------- the render's hooks
+
+
+def test_an_on_frames_hook_that_raises_is_logged_not_raised(caplog):
+    calls = []
+
+    def hook(done: int, total: int) -> None:
+        calls.append((done, total))
+        raise ValueError("display gone")
+
+    with caplog.at_level(logging.WARNING, logger="lipsync_ray.pipeline"):
+        _Hooks(on_frames=hook).frames(16, 62)
+    assert calls == [(16, 62)]
+    assert "on_frames(16, 62) raised" in caplog.text and "display gone" in caplog.text
+    _Hooks().frames(1, 2)  # no hook: nothing to call
