@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lipsync_ray.config import RenderConfig
-from lipsync_ray.errors import InputError, ServiceError
+from lipsync_ray.errors import Cancelled, InputError, ServiceError
 from lipsync_ray.options import Blend, EncodeOptions
 from lipsync_ray.service.avatars import AvatarCatalog, UnknownAvatarError
 from lipsync_ray.service.jobs import (
@@ -27,7 +27,7 @@ from lipsync_ray.service.jobs import (
 from lipsync_ray.service.manager import JobManager, UnknownJobError
 from lipsync_ray.service.settings import ServiceSettings, resolve_token
 from lipsync_ray.service.store import JobStore
-from lipsync_ray.service.warm import WaitCancelled, WarmKey, WarmRenderers
+from lipsync_ray.service.warm import WarmKey, WarmRenderers
 from lipsync_ray.vad import SilenceOptions
 
 TOKEN = "t" * 32
@@ -258,7 +258,7 @@ def test_a_wait_for_room_stops_on_cancel():
     cancel = threading.Event()
     with warm.lease(_key("a")):
         threading.Timer(0.3, cancel.set).start()
-        with pytest.raises(WaitCancelled), warm.lease(_key("b"), cancel):
+        with pytest.raises(Cancelled), warm.lease(_key("b"), cancel):
             pass
     assert [k.avatar for k in warm.warm_keys()] == ["a"]
 
@@ -347,7 +347,7 @@ class FakeJobRenderer:
             raise InputError(self.fail + "\nsecond line")
         for done in range(self.frames + 1):
             if cancel is not None and cancel.is_set():
-                raise WaitCancelled
+                raise Cancelled("cancelled")
             if on_frames:
                 on_frames(done, self.frames)
             time.sleep(self.step_s)

@@ -15,7 +15,6 @@ record is not final again, and the render reuses the chunks already made.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import tempfile
@@ -25,13 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from lipsync_ray import errors
-from lipsync_ray.errors import InputError, LipsyncError
+from lipsync_ray.errors import Cancelled, InputError, LipsyncError
 from lipsync_ray.service.avatars import AvatarCatalog
 from lipsync_ray.service.jobs import JobOptions, JobRecord, JobState, check_job_id
 from lipsync_ray.service.settings import ServiceSettings
 from lipsync_ray.service.store import JobStore
-from lipsync_ray.service.warm import WaitCancelled, WarmKey, WarmRenderers
+from lipsync_ray.service.warm import WarmKey, WarmRenderers
 
 __all__ = ["JobManager", "UnknownJobError"]
 
@@ -49,11 +47,6 @@ class UnknownJobError(InputError):
 
 class DrainingError(LipsyncError):
     """The service is shutting down and takes no new job."""
-
-
-def _cancelled_types() -> tuple[type[BaseException], ...]:
-    cancelled = getattr(errors, "Cancelled", None)
-    return (WaitCancelled,) if cancelled is None else (WaitCancelled, cancelled)
 
 
 class JobManager:
@@ -243,7 +236,7 @@ class JobManager:
             self._render(job_id, record, cancel)
             self._transition(job_id, state=JobState.DONE, finished_at=time.time())
             log.info("job %s done", job_id)
-        except _cancelled_types():
+        except Cancelled:
             if not self._draining:  # a user's cancel: the record says so already
                 self._transition(job_id, state=JobState.CANCELLED, finished_at=time.time())
             else:  # a drain: left for the next start to resume
@@ -276,16 +269,13 @@ class JobManager:
             self._transition(job_id, frames_done=int(done), frames_total=int(total))
 
         with self.warm.lease(key, cancel) as renderer:
-            if cancel.is_set():
-                raise WaitCancelled
-            hooks = _render_hooks(renderer)
-            kwargs = {"on_frames": on_frames, "cancel": cancel} if hooks else {}
             report = renderer.render(
                 job_dir / AUDIO_NAME,
                 output,
                 start_frame=record.options.start_frame,
                 work_dir=job_dir / WORK_NAME,
-                **kwargs,
+                on_frames=on_frames,
+                cancel=cancel,
             )
         frames = getattr(report, "frames", None)
         if frames is not None:
@@ -295,14 +285,6 @@ class JobManager:
         location = self.catalog.location(key.avatar)
         log.info("starting a warm renderer for avatar %r", key.avatar)
         return self._make_renderer(location, key.config)
-
-
-def _render_hooks(renderer) -> bool:
-    """Whether ``renderer.render`` takes ``on_frames`` and ``cancel``."""
-    try:
-        return "cancel" in inspect.signature(renderer.render).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _pipeline_renderer(location, config):

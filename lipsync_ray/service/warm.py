@@ -20,16 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lipsync_ray.config import RenderConfig
+from lipsync_ray.errors import Cancelled
 
-__all__ = ["WaitCancelled", "WarmKey", "WarmRenderers"]
+__all__ = ["WarmKey", "WarmRenderers"]
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.2  # how often a waiting job looks at its cancel event
-
-
-class WaitCancelled(Exception):  # noqa: N818 - a signal between the pool and the job runner
-    """The job's cancel event was set while it waited for a Renderer."""
 
 
 class RendererLike(Protocol):
@@ -80,8 +77,8 @@ class WarmRenderers:
     def lease(self, key: WarmKey, cancel: threading.Event | None = None) -> Iterator[Any]:
         """The Renderer for ``key``, held (never evicted) inside the ``with``.
 
-        Raises WaitCancelled when ``cancel`` is set while waiting for room, and whatever
-        ``make`` raised when making the Renderer failed."""
+        Raises Cancelled when ``cancel`` is set while waiting for room (or the pool is
+        closed), and whatever ``make`` raised when making the Renderer failed."""
         entry, make = self._claim(key, cancel)
         if make:
             try:
@@ -101,7 +98,7 @@ class WarmRenderers:
             while not entry.ready.wait(WAIT_POLL_S):
                 if cancel is not None and cancel.is_set():
                     self._release(key, entry)
-                    raise WaitCancelled
+                    raise _cancelled()
             if entry.failed is not None:
                 self._release(key, entry)
                 raise entry.failed
@@ -117,7 +114,7 @@ class WarmRenderers:
             evicted = None
             with self._cond:
                 if self._closed:
-                    raise WaitCancelled
+                    raise _cancelled()
                 entry = self._entries.get(key)
                 if entry is not None:
                     entry.users += 1
@@ -137,7 +134,7 @@ class WarmRenderers:
                          idle.avatar)  # fmt: skip
                 _close(evicted.renderer)
             elif cancel is not None and cancel.is_set():
-                raise WaitCancelled
+                raise _cancelled()
 
     def _release(self, key: WarmKey, entry: _Entry) -> None:
         with self._cond:
@@ -163,3 +160,7 @@ def _close(renderer: RendererLike | None) -> None:
         renderer.close()
     except Exception:  # a renderer that cannot close must not stop the others
         log.exception("closing a warm renderer failed")
+
+
+def _cancelled() -> Cancelled:
+    return Cancelled("the job was cancelled while it waited for a warm renderer")
