@@ -229,11 +229,12 @@ def references(inputs):
 @pytest.fixture(scope="module")
 def service(inputs, references):
     """The service every test of this module talks to (the token: the file it creates in its
-    state directory; a 1 MB body limit). test_killed_mid_job_then_restarted_resumes kills
-    and restarts it; test_sigterm_drains_and_exits_0 stops it."""
+    state directory; a 1 MB body limit; 1 s for running jobs when it drains).
+    test_killed_mid_job_then_restarted_resumes kills and restarts it;
+    test_sigterm_drains_and_exits_0 stops it."""
     svc = Service(
         inputs["avatars"], inputs["root"] / "state", inputs, token=None,
-        extra=("--max-upload-mb", "1"),
+        extra=("--max-upload-mb", "1", "--drain-timeout", "1"),
     ).start()  # fmt: skip
     yield svc
     svc.kill()
@@ -439,8 +440,16 @@ def test_killed_mid_job_then_restarted_resumes(service, warm, inputs, references
 
 
 def test_sigterm_drains_and_exits_0(service, inputs):
-    """Last: stops the module's service. A job running at SIGTERM is left resumable."""
+    """Last: stops the module's service. A job still running after --drain-timeout is left
+    queued, with its chunks, for the next start to resume."""
+    import sqlite3
+
     job = service.submit(inputs["long"])
-    service.wait(job["id"], ("running",))
+    service.wait(job["id"], ("running",), frames=CHUNK_FRAMES)
     assert service.stop() == 0, "\n".join(service.lines[-20:])
     assert any("drained" in line for line in service.lines), service.lines[-10:]
+    with sqlite3.connect(service.state_dir / "jobs.sqlite3") as db:
+        state, done, total = db.execute(
+            "SELECT state, frames_done, frames_total FROM jobs WHERE id = ?", (job["id"],)
+        ).fetchone()
+    assert state == "queued" and CHUNK_FRAMES <= done < total, (state, done, total)

@@ -43,7 +43,8 @@ def test_store_round_trip_and_restart(tmp_path):
     b = JobRecord.new("bob", JobOptions(start_frame=3, silence_passthrough=True))
     store.put(a)
     store.put(b)
-    b = store.update(b, state=JobState.RUNNING, started_at=1.5, frames_done=7, frames_total=25)
+    b = store.update(b, state=JobState.RUNNING, started_at=1.5, frames_done=7, frames_total=25,
+                     frames_reused=5)  # fmt: skip
     a = store.update(a, state=JobState.DONE, finished_at=2.5, frames_done=25, frames_total=25)
     assert store.get(a.id) == a and store.get(b.id) == b
     store.close()
@@ -125,6 +126,8 @@ def test_job_ids_and_status():
     run = JobRecord(**{**record.__dict__, "started_at": 10.0, "finished_at": 12.0,
                        "frames_done": 50})  # fmt: skip
     assert run.fps() == pytest.approx(25.0)
+    resumed = JobRecord(**{**run.__dict__, "frames_reused": 20})
+    assert resumed.fps() == pytest.approx(15.0)  # frames found done are not rendered
 
 
 # ------------------------------------------------------------------------------- token

@@ -170,13 +170,15 @@ class JobRecord:
     frames_done: int = 0
     frames_total: int | None = None
     error: str | None = None  # one line
+    frames_reused: int = 0  # frames its latest run found done in its work directory
 
     @classmethod
     def new(cls, avatar: str, options: JobOptions) -> JobRecord:
         return cls(id=new_job_id(), avatar=avatar, options=options, created_at=time.time())
 
     def fps(self, now: float | None = None) -> float | None:
-        """Frames done per second since the run started (None before it started)."""
+        """Frames rendered per second since the run started, not counting the frames it
+        found done in its work directory (None before it started)."""
         if self.started_at is None:
             return None
         end = (
@@ -186,7 +188,7 @@ class JobRecord:
             if now is None
             else now
         )
-        return self.frames_done / max(end - self.started_at, 1e-6)
+        return max(self.frames_done - self.frames_reused, 0) / max(end - self.started_at, 1e-6)
 
     def status(self) -> dict:
         """The API's JobStatus."""

@@ -231,7 +231,7 @@ class JobManager:
                 return
             self._live[job_id] = record
             self._put(record, state=JobState.RUNNING, started_at=time.time(),
-                      finished_at=None, error=None)  # fmt: skip
+                      finished_at=None, error=None, frames_reused=0)  # fmt: skip
         try:
             self._render(job_id, record, cancel)
             self._transition(job_id, state=JobState.DONE, finished_at=time.time())
@@ -265,8 +265,12 @@ class JobManager:
         config = record.options.renderer_config(self.settings.config)
         key = WarmKey.of(record.avatar, config)
 
+        first = [True]  # the first call tells the frames reused from the work directory
+
         def on_frames(done: int, total: int) -> None:
-            self._transition(job_id, frames_done=int(done), frames_total=int(total))
+            reused = {"frames_reused": int(done)} if first[0] else {}
+            first[0] = False
+            self._transition(job_id, frames_done=int(done), frames_total=int(total), **reused)
 
         with self.warm.lease(key, cancel) as renderer:
             report = renderer.render(

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     frames_done INTEGER NOT NULL DEFAULT 0,
     frames_total INTEGER,
-    error TEXT
+    error TEXT,
+    frames_reused INTEGER NOT NULL DEFAULT 0  -- found done in the work dir when the run began
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 """
