@@ -76,6 +76,8 @@ def _cmd_render_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from lipsync_ray.inference import check_encoder_model, check_generator_model
+    from lipsync_ray.service.avatars import AvatarCatalog
     from lipsync_ray.service.server import serve_forever
     from lipsync_ray.service.settings import (
         ServiceSettings,
@@ -85,6 +87,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     config = config_from_args(args)
+    # Refused before Ray starts: the models and AVATARS_DIR (a request names one of its bundles).
+    check_generator_model(config.model)
+    check_encoder_model(config.audio_encoder)
+    names = AvatarCatalog(args.avatars).names()
+    log.info("%d avatar(s) in %s: %s", len(names), args.avatars, ", ".join(names) or "none yet")
     state_dir = prepare_state_dir(args.state_dir or default_state_dir())
     token, where = resolve_token(state_dir, args.token_file)
     log.info("state directory %s; the bearer token is in %s", state_dir, where)

@@ -359,6 +359,8 @@ REFUSALS = [
     ("garbage audio", "POST", "/v1/jobs?avatar=alice", b"not audio at all" * 100, "default",
      {}, 400, "bad audio"),
     ("empty body", "POST", "/v1/jobs?avatar=alice", b"", "default", {}, 400, "bad audio"),
+    ("a form, not the file", "POST", "/v1/jobs?avatar=alice", "AUDIO", "default",
+     {"Content-Type": "multipart/form-data; boundary=x"}, 400, "not -F"),
     ("crf out of range", "POST", "/v1/jobs?avatar=alice&crf=99", "AUDIO", "default", {}, 400,
      "crf must be in 0..51, got 99"),
     ("crf not a number", "POST", "/v1/jobs?avatar=alice&crf=abc", "AUDIO", "default", {}, 422,
@@ -417,6 +419,16 @@ def test_warm_latency_of_a_one_second_clip(service, warm, inputs, tmp_path):
     print(f"\nwarm latency of a 1-s clip (submit -> done -> MP4), after one warm-up: "
           f"{', '.join(f'{s:.2f}' for s in latencies)} s")  # fmt: skip
     assert len(latencies) == 3
+
+
+def test_one_service_per_state_dir(service, inputs):
+    """A second service on the same state directory stops at once, with one line."""
+    cmd = [*service.cmd[: service.cmd.index("--port")], "--port", str(_free_port()),
+           "--state-dir", str(service.state_dir)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=_env(None), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "another service uses this state directory" in done.stderr.splitlines()[-1]
 
 
 def test_killed_mid_job_then_restarted_resumes(service, warm, inputs, references, tmp_path):

@@ -494,3 +494,40 @@ def test_a_drain_leaves_running_jobs_resumable(tmp_path, avatars_dir):
     with pytest.raises(Exception, match="shutting down"):
         manager.submit("alice", JobOptions(), _upload(manager))
     manager.close()
+
+
+# ------------------------------------------------------------------ the command's refusals
+
+
+@pytest.mark.parametrize(
+    "change, env, message",
+    [
+        ({"avatars": "missing"}, {}, "AVATARS_DIR is not a directory"),
+        ({"--model": "missing.onnx"}, {}, "missing.onnx"),
+        ({"--audio-encoder": "MODEL"}, {}, "audio encoder"),
+        ({}, {"LIPSYNC_RAY_TOKEN": "short"}, "the token must be >= 16 characters"),
+        ({"--token-file": "missing-token"}, {}, "cannot read the token file"),
+    ],
+)
+def test_serve_refuses_before_ray(good, tmp_path, monkeypatch, capsys, change, env, message):
+    """Bad models, AVATARS_DIR or token: one line, exit 2 or 1, before Ray starts (the unit
+    tier's tripwire fails the test if it does)."""
+    from lipsync_ray.cli import main
+
+    avatars = tmp_path / "avatars"
+    avatars.mkdir()
+    args = {"avatars": str(avatars), "--model": str(good["model"]),
+            "--audio-encoder": str(good["encoder"])}  # fmt: skip
+    for key, value in change.items():
+        value = str(good["model"]) if value == "MODEL" else str(tmp_path / value)
+        args[key] = value
+    monkeypatch.delenv("LIPSYNC_RAY_TOKEN", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["serve", args.pop("avatars"), "--state-dir", str(tmp_path / "state")]
+    for key, value in args.items():
+        argv += [key, value]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err

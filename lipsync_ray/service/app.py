@@ -177,6 +177,14 @@ class RenderService:
     async def _receive(self, request: Request):
         """The body, written to a fresh upload file; 413 past the limit (the declared length
         is checked first, then the bytes as they arrive), 400 when empty."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind.startswith("multipart/"):
+            raise ApiError(
+                400,
+                f"bad audio: expected the file's raw bytes as the body (Content-Type "
+                f"application/octet-stream or audio/*), got {kind} (curl: --data-binary @FILE, "
+                "not -F)",
+            )
         limit = self.settings.max_upload_bytes
         too_large = ApiError(413, f"body larger than {limit} bytes ({limit / 2**20:g} MB)")
         declared = request.headers.get("content-length")

@@ -69,6 +69,8 @@ class JobManager:
         self.uploads_dir = Path(settings.state_dir) / "uploads"
         for d in (self.jobs_dir, self.uploads_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in self.uploads_dir.glob("upload-*"):  # bodies of requests a crash cut off
+            stale.unlink(missing_ok=True)
         self.store = JobStore(settings.state_dir)
         self.catalog = AvatarCatalog(settings.avatars)
         self.defaults = JobOptions.defaults(settings.config)

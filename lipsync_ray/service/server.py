@@ -9,7 +9,9 @@ cluster, and on exit removes its own application and leaves that cluster's Serve
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import socket
 import threading
@@ -38,7 +40,10 @@ def serve_forever(settings: ServiceSettings, *, ready=print) -> int:
     from lipsync_ray.pipeline import init_ray
     from lipsync_ray.service.app import DEPLOYMENT_NAME, RenderService
 
+    lock = _lock_state_dir(settings.state_dir)
     _check_port_free(settings.host, settings.port)
+    if not logging.getLogger("lipsync_ray").isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines
     stop = threading.Event()
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -73,6 +78,7 @@ def serve_forever(settings: ServiceSettings, *, ready=print) -> int:
             ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(lock)
 
 
 def _start_serve(serve, settings: ServiceSettings, owns_ray: bool) -> bool:
@@ -88,6 +94,20 @@ def _start_serve(serve, settings: ServiceSettings, owns_ray: bool) -> bool:
         http_options={"host": settings.host, "port": settings.port},
     )
     return True
+
+
+def _lock_state_dir(state_dir) -> int:
+    """An exclusive lock on ``<state_dir>/lock`` for this process's life (the kernel drops it
+    when the process dies, also by SIGKILL): one service per state directory. Returns the
+    file descriptor that holds it."""
+    path = os.path.join(state_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ServiceError("another service uses this state directory", path=state_dir) from None
+    return fd
 
 
 def _check_port_free(host: str, port: int) -> None:
