@@ -32,7 +32,6 @@ neither duplicate nor drop frames.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import threading
@@ -49,9 +48,10 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.avatar import pingpong_indices
 from lipsync_ray.chunks import ChunkRange, ChunkSpec, plan_chunks
+from lipsync_ray.concurrency import Counter, OnFrames, RenderHooks, WorkDirsInUse
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.encode import check_video_encoder
-from lipsync_ray.errors import Cancelled, RenderError
+from lipsync_ray.errors import RenderError
 from lipsync_ray.fileio import file_sha256
 from lipsync_ray.inference import (
     EncoderSession,
@@ -84,9 +84,6 @@ T = TypeVar("T")
 # Frames, FPS and ETA: a live tqdm bar on a terminal, a log line every 10 % otherwise.
 _Progress = partial(FrameProgress, logger=log)
 
-# A render's progress hook: (frames done, frames in the output).
-OnFrames = Callable[[int, int], None]
-
 
 class _Once(Generic[T]):
     """A value made by the first :meth:`get` that succeeds, then returned by every call
@@ -105,18 +102,6 @@ class _Once(Generic[T]):
     def peek(self) -> T | None:
         """The value, or None while no :meth:`get` has made it."""
         return self._value
-
-
-class _Counter:
-    """1, 2, 3, ... one number per :meth:`next` call, also from concurrent threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = itertools.count(1)
-
-    def next(self) -> int:
-        with self._lock:
-            return next(self._count)
 
 
 class Renderer:
@@ -143,8 +128,8 @@ class Renderer:
     short render started during a long one finishes in seconds; the frames are those of each
     render run alone. What they do share is made once under a lock (Ray, the pools, the
     actors' descriptions, the audio encoder's session, whose ``run`` ONNX Runtime allows from
-    several threads) or counted under one (the renders served). Two renders must not use one
-    work directory at the same time.
+    several threads) or counted under one (the renders served). A render whose work directory
+    another running render uses is refused (InputError).
 
     Use as a context manager (or call :meth:`close`): it owns the actors, and the embedded Ray
     cluster when it started one.
@@ -174,7 +159,8 @@ class Renderer:
         self._actors: _Once[tuple[ActorInfo, ...]] = _Once()  # once a render waited for them
         self._encoder: _Once[EncoderSession] = _Once()  # the audio encoder, on the driver
         self._shares: _Once[FairShare] = _Once()  # the pools' chunks, shared by renders
-        self._served = _Counter()  # renders finished on these actors
+        self._served = Counter()  # renders finished on these actors
+        self._working = WorkDirsInUse()  # the work directories of the running renders
         import ray
 
         if not (ray.is_initialized() or config.address or os.environ.get("RAY_ADDRESS")):
@@ -316,17 +302,17 @@ class Renderer:
             features=features,
             filesystem=self.filesystem,
         )
-        hooks = _Hooks(on_frames, cancel)
-        with WorkDir.open(job, self.config) as work:
+        hooks = RenderHooks(on_frames, cancel)
+        with self._working.hold(job.work_dir), WorkDir.open(job, self.config) as work:
             return work.finish(self._render(job, work, timeline, started, hooks))
 
     def _render(
-        self, job: Job, work: WorkDir, timeline: Timeline, started: float, hooks: _Hooks
+        self, job: Job, work: WorkDir, timeline: Timeline, started: float, hooks: RenderHooks
     ) -> RunReport:
         chunk_frames = self.config.pool.chunk_frames
-        hooks.check(job)
+        hooks.check(job.work_dir)
         inputs, pools = self._inputs(job, timeline)
-        hooks.check(job)
+        hooks.check(job.work_dir)
         frames = len(inputs.features)
         run = RenderJob(
             job, work, timeline, started, pools, inputs,
@@ -343,7 +329,7 @@ class Renderer:
         hooks.frames(frames - sum(r.frames for r in todo), frames)
         totals = self._run_chunks(run, todo, hooks) if todo else ChunkTotals()
         timeline.mark("chunks")
-        hooks.check(job)
+        hooks.check(job.work_dir)
         joined = work.join(run.plan)
         timeline.mark("join")
         return self._report(run, todo, totals, joined, renders=self._served.next())
@@ -445,7 +431,9 @@ class Renderer:
         )
         return inputs, pools
 
-    def _run_chunks(self, run: RenderJob, todo: list[ChunkRange], hooks: _Hooks) -> ChunkTotals:
+    def _run_chunks(
+        self, run: RenderJob, todo: list[ChunkRange], hooks: RenderHooks
+    ) -> ChunkTotals:
         """Render the chunks ``todo`` through the actor pools, on this render's share of them;
         each is recorded in the work directory."""
         pools = run.pools
@@ -476,30 +464,6 @@ class Renderer:
                 return scheduler.run(specs, run.work.context())
         finally:
             progress.close()
-
-
-@dataclass(frozen=True)
-class _Hooks:
-    """A render's caller's hooks (:meth:`Renderer.render`'s ``on_frames`` and ``cancel``)."""
-
-    on_frames: OnFrames | None = None
-    cancel: threading.Event | None = None
-
-    def frames(self, done: int, total: int) -> None:
-        """Tell ``on_frames``; what it raises is logged (a progress display must not break a
-        render)."""
-        if self.on_frames is None:
-            return
-        try:
-            self.on_frames(done, total)
-        except Exception:
-            log.warning("on_frames(%d, %d) raised; the render goes on", done, total,
-                        exc_info=True)  # fmt: skip
-
-    def check(self, job: Job) -> None:
-        """Raises Cancelled once ``cancel`` is set."""
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("the render was cancelled", path=job.work_dir)
 
 
 @dataclass(frozen=True)

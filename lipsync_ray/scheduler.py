@@ -13,9 +13,8 @@
                                          a hung chunk (no progress for chunk_timeout_s): its
                                            actor is restarted and the chunk retried
                                          cancel (a threading.Event): no more chunks; Cancelled
-    FairShare(limit, inference, compos.) the pools' in-flight chunks shared by concurrent
-      └─ Share (one per running render)    renders: total <= limit, each max(1, limit // active),
-                                           every chunk to the least-loaded actors of ALL renders
+    FairShare / Share                  the pools' in-flight chunks shared by concurrent renders
+                                       (lipsync_ray.concurrency; ChunkScheduler takes a Share)
 
 The scheduler owns no actors: the driver (:class:`lipsync_ray.pipeline.Renderer`) starts them
 with :func:`start_actors` and hands over the lists, the resolved pool settings, the work
@@ -26,11 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +38,7 @@ import numpy as np
 
 from lipsync_ray.actors import CONCURRENCY_GROUPS, CompositorActor, InferenceActor
 from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, plan_chunks
+from lipsync_ray.concurrency import FairShare, Share
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
@@ -278,173 +277,6 @@ def decide_failure(
     # A hang we answered by restarting its actor: retry once the actor answers again.
     # (Checked after the budget: the last hang names the chunk, not a used-up restart.)
     return ChunkDecision(Next.RETRY, attempt + 1, system_failures, system, reason)
-
-
-class FairShare:
-    """The chunks in flight on one set of pools, shared by the renders that run on them at
-    the same time: one per :class:`~lipsync_ray.pipeline.Renderer`, made with its pools; each
-    render holds a :class:`Share` (:meth:`share`) while its chunks run.
-
-    Args:
-        limit: chunks in flight on the pools, all renders together (``pool.in_flight()``).
-        inference: InferenceActor count; compositors: CompositorActor count.
-
-    Rules (under one lock: renders run in different threads):
-
-    - the chunks in flight of all renders together never exceed ``limit``;
-    - each of the ``active`` renders may have ``max(1, limit // active)`` in flight,
-      recomputed as renders come and go (a render over its new share submits nothing until
-      its chunks come back below it);
-    - a chunk goes to the least-loaded inference actor and compositor, counting the chunks
-      of every render (ties: the lowest index, as a render alone has always done);
-    - free room goes to the waiting render with the fewest chunks in flight, the one waiting
-      longest on a tie: a render cannot take back the slot its own chunk just freed while
-      another render waits for one (with ``limit`` 1 two renders alternate).
-    """
-
-    def __init__(self, limit: int, inference: int, compositors: int) -> None:
-        if limit < 1 or inference < 1 or compositors < 1:
-            raise ValueError(
-                f"expected limit, inference and compositors >= 1, got {limit}, {inference}, "
-                f"{compositors}"
-            )
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._load_inf = [0] * inference
-        self._load_comp = [0] * compositors
-        self._shares: list[Share] = []
-        self._tickets = itertools.count()  # the order in which renders started waiting
-
-    @property
-    def active(self) -> int:
-        """Renders holding a share now."""
-        with self._lock:
-            return len(self._shares)
-
-    @property
-    def in_flight(self) -> int:
-        """Chunks in flight, all renders together."""
-        with self._lock:
-            return sum(s.in_flight for s in self._shares)
-
-    def loads(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Chunks in flight on each inference actor and on each compositor."""
-        with self._lock:
-            return tuple(self._load_inf), tuple(self._load_comp)
-
-    def per_render(self) -> int:
-        """The chunks each active render may have in flight now."""
-        with self._lock:
-            return self._per_render()
-
-    def _per_render(self) -> int:
-        return max(1, self.limit // max(len(self._shares), 1))
-
-    def open(self) -> Share:
-        """A share for one render; :meth:`Share.close` it when the render ends."""
-        share = Share(self)
-        with self._lock:
-            self._shares.append(share)
-        return share
-
-    @contextlib.contextmanager
-    def share(self) -> Iterator[Share]:
-        """:meth:`open`, closed on the way out (an exception or a cancel included)."""
-        share = self.open()
-        try:
-            yield share
-        finally:
-            share.close()
-
-    def _may_take(self, share: Share) -> bool:
-        per = self._per_render()
-        if share.in_flight >= per or sum(s.in_flight for s in self._shares) >= self.limit:
-            return False
-        mine = (share.in_flight, _NOT_WAITING if share.waiting is None else share.waiting)
-        return not any(
-            other is not share
-            and other.waiting is not None
-            and other.in_flight < per
-            and (other.in_flight, other.waiting) < mine
-            for other in self._shares
-        )
-
-
-_NOT_WAITING = float("inf")
-
-
-class Share:
-    """One render's part of a :class:`FairShare`: :meth:`take` a slot (the actors to use)
-    before submitting a chunk, :meth:`give` it back when the chunk's result is in, and
-    :meth:`close` once the render ends (what it still holds is given back)."""
-
-    def __init__(self, fair: FairShare) -> None:
-        self.fair = fair
-        self.in_flight = 0  # this render's chunks in flight
-        self.waiting: int | None = None  # ticket of a take() refused for lack of room
-        self._held: Counter[tuple[int, int]] = Counter()
-        self.closed = False
-
-    def take(self) -> tuple[int, int] | None:
-        """The (inference, compositor) indices for one more chunk, counted as in flight; None
-        when this render has no room now (it is then waiting, ahead of later waiters)."""
-        fair = self.fair
-        with fair._lock:
-            if self.closed:
-                raise RuntimeError("take() on a closed share")
-            if not fair._may_take(self):
-                if self.in_flight >= fair._per_render():
-                    self.waiting = None  # at its share: it waits for its own chunks, not room
-                elif self.waiting is None:
-                    self.waiting = next(fair._tickets)
-                return None
-            self.waiting = None
-            i = min(range(len(fair._load_inf)), key=fair._load_inf.__getitem__)
-            c = min(range(len(fair._load_comp)), key=fair._load_comp.__getitem__)
-            fair._load_inf[i] += 1
-            fair._load_comp[c] += 1
-            self.in_flight += 1
-            self._held[(i, c)] += 1
-            return i, c
-
-    def give(self, inference: int, compositor: int) -> None:
-        """A chunk taken on these actors is no longer in flight."""
-        with self.fair._lock:
-            self._give(inference, compositor)
-
-    def _give(self, inference: int, compositor: int) -> None:
-        key = (inference, compositor)
-        if self._held[key] <= 0:
-            raise RuntimeError(f"give() of a slot not held: {key}")
-        self._held[key] -= 1
-        self.in_flight -= 1
-        self.fair._load_inf[inference] -= 1
-        self.fair._load_comp[compositor] -= 1
-
-    def idle(self) -> None:
-        """This render has nothing to submit now (or blocks elsewhere): it stops waiting."""
-        with self.fair._lock:
-            self.waiting = None
-
-    def close(self) -> None:
-        """Leave the pools: every slot still held is given back (chunks a failed or cancelled
-        render leaves behind are no longer counted) and the others' shares grow. Idempotent."""
-        fair = self.fair
-        with fair._lock:
-            if self.closed:
-                return
-            for key, count in list(self._held.items()):
-                for _ in range(count):
-                    self._give(*key)
-            self.waiting = None
-            self.closed = True
-            fair._shares.remove(self)
-
-    def __enter__(self) -> Share:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class ChunkScheduler:

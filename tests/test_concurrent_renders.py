@@ -17,7 +17,7 @@ from helpers import demo_inputs, psnr_db
 from lipsync_ray.avatar import Avatar, pingpong_indices
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.dev.speech import synth_speech, write_audio
-from lipsync_ray.errors import Cancelled
+from lipsync_ray.errors import Cancelled, InputError
 from lipsync_ray.pipeline import Renderer
 from lipsync_ray.shards import ShardCodec
 
@@ -140,6 +140,8 @@ def test_a_short_render_overtakes_a_long_one(renderer, inputs, alone, tmp_path):
     thread.start()
     try:
         assert began.wait(120), "the long render finished no chunk"
+        with pytest.raises(InputError, match="another render"):  # its work directory is busy
+            renderer.render(inputs["short"], tmp_path / "x.mp4", work_dir=tmp_path / "long-work")
         short = _render(renderer, inputs["short"], tmp_path, "short", on_frames=short_frames)
         long_running_then = not long_done.is_set()
     finally:

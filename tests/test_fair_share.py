@@ -15,9 +15,9 @@ import pytest
 import ray.exceptions
 
 from lipsync_ray.chunks import ChunkSpec, plan_chunks
+from lipsync_ray.concurrency import RenderHooks
 from lipsync_ray.config import PoolConfig
 from lipsync_ray.errors import Cancelled, InputError
-from lipsync_ray.pipeline import _Hooks
 from lipsync_ray.scheduler import (
     WAIT_ALONE_S,
     WAIT_SHARED_S,
@@ -344,8 +344,8 @@ def test_an_on_frames_hook_that_raises_is_logged_not_raised(caplog):
         calls.append((done, total))
         raise ValueError("display gone")
 
-    with caplog.at_level(logging.WARNING, logger="lipsync_ray.pipeline"):
-        _Hooks(on_frames=hook).frames(16, 62)
+    with caplog.at_level(logging.WARNING, logger="lipsync_ray.concurrency"):
+        RenderHooks(on_frames=hook).frames(16, 62)
     assert calls == [(16, 62)]
     assert "on_frames(16, 62) raised" in caplog.text and "display gone" in caplog.text
-    _Hooks().frames(1, 2)  # no hook: nothing to call
+    RenderHooks().frames(1, 2)  # no hook: nothing to call

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lipsync_ray import pipeline
+from lipsync_ray.concurrency import WorkDirsInUse
 from lipsync_ray.config import PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.pipeline import Renderer, RenderJob
@@ -22,7 +23,7 @@ from lipsync_ray.report import ActorInfo, Timeline
 # Everything a Renderer holds, from construction to close: no attribute is added by a render.
 RENDERER_STATE = {
     "config", "filesystem", "avatar", "_avatar_location", "_avatar_sha", "_once", "_ray",
-    "_owns_ray", "_pools", "_actors", "_encoder", "_shares", "_served",
+    "_owns_ray", "_pools", "_actors", "_encoder", "_shares", "_served", "_working",
 }  # fmt: skip
 
 
@@ -114,3 +115,18 @@ def test_actors_are_described_once_and_every_render_checks_the_cpu_fallback(
 @pytest.mark.parametrize("value", [Pools, RenderJob, pipeline._Inputs])
 def test_what_renders_share_or_carry_is_frozen(value):
     assert dataclasses.is_dataclass(value) and value.__dataclass_params__.frozen
+
+
+def test_a_work_directory_is_held_by_one_render_at_a_time(tmp_path):
+    in_use = WorkDirsInUse()
+    work = tmp_path / "job.work"
+    with in_use.hold(work), in_use.hold(tmp_path / "other.work"):
+        with pytest.raises(InputError, match="another render") as refused, in_use.hold(work):
+            pass
+        assert refused.value.path == str(work)
+    with in_use.hold(work):  # free again once the render ended
+        pass
+    with pytest.raises(RuntimeError, match="boom"), in_use.hold(work):
+        raise RuntimeError("boom")
+    with in_use.hold(work):  # and after a render that failed
+        pass
