@@ -75,10 +75,11 @@ def _cmd_render_batch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ serve
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def service_settings_from_args(args: argparse.Namespace):
+    """The ServiceSettings of `serve`'s parsed flags, checked before Ray starts: the models,
+    AVATARS_DIR, the state directory (made when missing) and the token (logged: where)."""
     from lipsync_ray.inference import check_encoder_model, check_generator_model
     from lipsync_ray.service.avatars import AvatarCatalog
-    from lipsync_ray.service.server import serve_forever
     from lipsync_ray.service.settings import (
         ServiceSettings,
         default_state_dir,
@@ -87,7 +88,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     config = config_from_args(args)
-    # Refused before Ray starts: the models and AVATARS_DIR (a request names one of its bundles).
     check_generator_model(config.model)
     check_encoder_model(config.audio_encoder)
     names = AvatarCatalog(args.avatars).names()
@@ -95,11 +95,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     state_dir = prepare_state_dir(args.state_dir or default_state_dir())
     token, where = resolve_token(state_dir, args.token_file)
     log.info("state directory %s; the bearer token is in %s", state_dir, where)
-    settings = ServiceSettings(
+    return ServiceSettings(
         avatars=args.avatars, config=config, state_dir=state_dir, token=token,
         host=args.host, port=args.port, max_warm=args.max_warm, max_running=args.max_running,
         max_upload_bytes=int(args.max_upload_mb * 2**20), drain_timeout_s=args.drain_timeout,
     )  # fmt: skip
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lipsync_ray.service.server import serve_forever
+
+    settings = service_settings_from_args(args)
     return serve_forever(settings, ready=lambda line: print(line, flush=True))
 
 

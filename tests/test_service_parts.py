@@ -531,3 +531,22 @@ def test_serve_refuses_before_ray(good, tmp_path, monkeypatch, capsys, change, e
     err = capsys.readouterr().err
     assert code in (1, 2) and message in err, err
     assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+
+
+def test_serve_run_builder(good, tmp_path, monkeypatch):
+    """`serve run lipsync_ray.service.deploy:app_builder argv=...` parses `serve`'s flags."""
+    from lipsync_ray.service.deploy import app_builder
+
+    avatars = tmp_path / "avatars"
+    _bundle(avatars, "alice")
+    monkeypatch.setenv("LIPSYNC_RAY_TOKEN", TOKEN)
+    argv = (f"{avatars} --model {good['model']} --audio-encoder {good['encoder']} "
+            f"--state-dir {tmp_path / 'state'} --crf 30 --max-running 2")  # fmt: skip
+    app = app_builder({"argv": argv})
+    deployment = app._bound_deployment
+    (settings,) = deployment.init_args
+    assert deployment.name == "lipsync-ray"
+    assert deployment.ray_actor_options["num_cpus"] == 0
+    assert settings.avatars == str(avatars) and settings.token == TOKEN
+    assert settings.config.encode.crf == 30 and settings.max_running == 2
+    assert settings.state_dir == tmp_path / "state"
