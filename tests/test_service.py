@@ -318,6 +318,7 @@ def test_listing_and_avatars(service, warm):
     assert status == 200 and b"swagger" in page.lower()
     status, spec = service.json("GET", "/openapi.json", token=None)
     assert status == 200 and "/v1/jobs" in spec["paths"]
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
 def _chunked(data: bytes, size: int = 65536):
@@ -341,6 +342,10 @@ REFUSALS = [
      "missing bearer token"),
     ("no token on a submit", "POST", "/v1/jobs?avatar=alice", b"x", None, {}, 401,
      "missing bearer token"),
+    ("no token, malformed query", "POST", "/v1/jobs?crf=abc", b"x", None, {}, 401,
+     "missing bearer token"),
+    ("wrong token, video", "GET", "/v1/jobs/" + "0" * 32 + "/video", None, "wrong-" + "y" * 30,
+     {}, 401, "wrong token"),
     ("unknown avatar", "POST", "/v1/jobs?avatar=bob", "AUDIO", "default", {}, 404,
      "unknown avatar 'bob'"),
     ("avatar path", "POST", "/v1/jobs?avatar=../alice", "AUDIO", "default", {}, 404,

@@ -15,9 +15,10 @@ import hmac
 import logging
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -88,6 +89,28 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
+_bearer = HTTPBearer(auto_error=False, description="the service's token (see `serve --help`)")
+
+
+def _require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """The /v1 routes' dependency: ``Authorization: Bearer <token>``, checked before the
+    query is validated or the body read."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or not credentials.credentials.strip():
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
+    expected = getattr(request.app.state, "token", None)
+    given = credentials.credentials.strip().encode()
+    if expected is None or not hmac.compare_digest(given, expected):
+        raise ApiError(401, "wrong token", challenge)
+
+
+# Every /v1 route carries it.
+AUTH = [Depends(_require_token)]
+
+
 def _translate(exc: Exception) -> ApiError:
     """The API error of a library error."""
     if isinstance(exc, UnknownJobError | UnknownAvatarError):
@@ -111,7 +134,8 @@ class RenderService:
     def __init__(self, settings: ServiceSettings) -> None:
         logging.getLogger("lipsync_ray").setLevel(logging.INFO)
         self.settings = settings
-        self._token = settings.token.encode()
+        # The token the /v1 routes' dependency checks (this replica's app object, its own).
+        app.state.token = settings.token.encode()
         self.manager = JobManager(settings)
         self.manager.resume()
 
@@ -119,27 +143,17 @@ class RenderService:
         """Stop taking jobs; running ones get ``timeout_s`` seconds, then stay resumable."""
         await asyncio.to_thread(self.manager.drain, timeout_s)
 
-    def _auth(self, request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            raise ApiError(401, "wrong token", challenge)
-
     # --------------------------------------------------------------------------- routes
 
     @app.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/avatars")
-    def avatars(self, request: Request) -> dict:
-        self._auth(request)
+    @app.get("/v1/avatars", dependencies=AUTH)
+    def avatars(self) -> dict:
         return {"avatars": self.manager.catalog.names()}
 
-    @app.post("/v1/jobs", status_code=201)
+    @app.post("/v1/jobs", status_code=201, dependencies=AUTH)
     async def submit(
         self,
         request: Request,
@@ -151,7 +165,6 @@ class RenderService:
         preset: Annotated[str | None, Query(description="x264 preset name")] = None,
     ) -> JSONResponse:
         """Upload the audio (the body: the file's raw bytes) and queue a render."""
-        self._auth(request)
         manager = self.manager
         try:
             frames = await run_in_threadpool(manager.catalog.frame_count, avatar)
@@ -207,22 +220,19 @@ class RenderService:
             raise ApiError(400, "bad audio: the body is empty (send the audio file's bytes)")
         return upload
 
-    @app.get("/v1/jobs")
-    def jobs(self, request: Request, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
-        self._auth(request)
+    @app.get("/v1/jobs", dependencies=AUTH)
+    def jobs(self, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
         return {"jobs": [r.status() for r in self.manager.list(limit)]}
 
-    @app.get("/v1/jobs/{job_id}")
-    def job(self, request: Request, job_id: str) -> dict:
-        self._auth(request)
+    @app.get("/v1/jobs/{job_id}", dependencies=AUTH)
+    def job(self, job_id: str) -> dict:
         try:
             return self.manager.get(job_id).status()
         except UnknownJobError as exc:
             raise _translate(exc) from None
 
-    @app.get("/v1/jobs/{job_id}/video", response_class=FileResponse)
-    def video(self, request: Request, job_id: str) -> FileResponse:
-        self._auth(request)
+    @app.get("/v1/jobs/{job_id}/video", response_class=FileResponse, dependencies=AUTH)
+    def video(self, job_id: str) -> FileResponse:
         try:
             record = self.manager.get(job_id)
             path = self.manager.video(job_id)
@@ -232,9 +242,8 @@ class RenderService:
             raise ApiError(409, f"job {job_id} is {record.state.value}, not done: no video yet")
         return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
 
-    @app.post("/v1/jobs/{job_id}/cancel")
-    def cancel(self, request: Request, job_id: str) -> dict:
-        self._auth(request)
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=AUTH)
+    def cancel(self, job_id: str) -> dict:
         try:
             return self.manager.cancel(job_id).status()
         except UnknownJobError as exc:
