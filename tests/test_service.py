@@ -1,7 +1,7 @@
 """The render service end to end: ``lipsync-ray serve`` started as a subprocess on a free
 loopback port (its own embedded Ray, not the tests' shared cluster), spoken to over real HTTP
-with urllib. Its MP4s are compared, decoded frame by frame, with ``lipsync-ray render``'s for
-the same inputs and options.
+with the standard library's http.client. Its MP4s are compared, decoded frame by frame, with
+``lipsync-ray render``'s for the same inputs and options.
 
 Only the processes these tests start are stopped: each service runs in its own session, and
 its process group (with the Ray processes it started) is killed at the end.
@@ -10,6 +10,7 @@ its process group (with the Ray processes it started) is killed at the end.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -18,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-" + "x" * 24
 CHUNK_FRAMES = 10  # several chunks per clip: progress, cancel and resume have steps to show
 LONG_S = 6.0  # the long clip: 150 frames, 15 chunks
+# A request's options, and the same as `render` flags ("paste" is the renderer's "hard").
+OPTIONS = {"start_frame": "3", "blend": "paste", "crf": "30", "preset": "ultrafast"}
+OPTION_FLAGS = ["--start-frame", "3", "--blend", "hard", "--crf", "30", "--preset", "ultrafast"]
 START_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 180.0
 
@@ -126,12 +128,16 @@ class Service:
             headers["Authorization"] = f"Bearer {token}"
         if body is not None and "Content-Type" not in headers:
             headers["Content-Type"] = "application/octet-stream"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            with urllib.request.urlopen(req, timeout=60) as answer:
-                return answer.status, dict(answer.headers), answer.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
+            chunked = headers.get("Transfer-Encoding") == "chunked"
+            # answered before the whole body was sent: read that answer
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+            answer = conn.getresponse()
+            return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+        finally:
+            conn.close()
 
     def json(self, method: str, path: str, body=None, **kw) -> tuple[int, dict]:
         status, _, data = self.request(method, path, body, **kw)
@@ -212,15 +218,18 @@ def inputs(good, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def references(inputs):
-    """``lipsync-ray render``'s MP4s of the 1-s clip ("short") and the long one ("long"),
-    made in the background while the service starts (futures). (How a request's options map
-    onto the render's settings is tested in test_service_parts.)"""
+    """``lipsync-ray render``'s MP4s, made in the background while the service starts
+    (futures): the 1-s clip ("short"), the same with OPTION_FLAGS ("options", made once one of
+    the others is done) and the long clip ("long")."""
     root = inputs["root"] / "cli"
     root.mkdir()
     pool = ThreadPoolExecutor(2)
     futures = {
         "short": pool.submit(_cli_render, inputs, inputs["audio"], root / "short.mp4", []),
         "long": pool.submit(_cli_render, inputs, inputs["long"], root / "long.mp4", []),
+        "options": pool.submit(
+            _cli_render, inputs, inputs["audio"], root / "options.mp4", OPTION_FLAGS
+        ),
     }
     pool.shutdown(wait=False)
     return futures
@@ -271,6 +280,19 @@ def test_three_concurrent_jobs_give_the_cli_frames(service, warm, inputs, refere
         assert done["state"] == "done", done
         _same_frames(service.video(job["id"], tmp_path / f"{job['id']}.mp4"),
                      references["short"].result())  # fmt: skip
+
+
+def test_options_give_the_cli_frames_on_a_renderer_of_their_own(
+    service, warm, inputs, references, tmp_path
+):
+    """Other crf and preset: another warm renderer (with --max-warm 1 the idle default one is
+    evicted, its actors stopped; the next tests' default jobs evict this one in turn)."""
+    job = service.submit(inputs["audio"], **OPTIONS)
+    assert job["options"] == {"start_frame": 3, "blend": "paste", "silence_passthrough": False,
+                              "crf": 30, "preset": "ultrafast"}  # fmt: skip
+    assert service.wait(job["id"])["state"] == "done"
+    _same_frames(service.video(job["id"], tmp_path / "options.mp4"),
+                 references["options"].result())  # fmt: skip
 
 
 def test_a_short_job_during_a_long_one_finishes_first(service, warm, inputs):
@@ -407,8 +429,7 @@ def test_refusals(service, inputs, queued_job, method, path, body, token, header
     error = json.loads(data)["error"]
     assert error["status"] == status and message in error["message"], error
     if status == 401:
-        assert answer_headers.get("www-authenticate", answer_headers.get("WWW-Authenticate")) \
-            == "Bearer"  # fmt: skip
+        assert answer_headers.get("www-authenticate") == "Bearer"
     assert len(service.json("GET", "/v1/jobs?limit=1000")[1]["jobs"]) == before  # no new job
 
 

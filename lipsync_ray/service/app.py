@@ -64,11 +64,36 @@ app = FastAPI(
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    await _discard_body(request)
     return _error(exc.status, exc.message, exc.headers)
+
+
+# An error answered before the body was read: the rest of the body, up to this many bytes, is
+# read and dropped first. A connection closed with unread data is reset (TCP RST), and the
+# client, still sending, would see "connection reset" instead of the answer. Past this, the
+# connection is closed all the same.
+DISCARD_MAX_BYTES = 256 * 2**20
+
+
+async def _discard_body(request: Request) -> None:
+    if request.method not in ("POST", "PUT", "PATCH") or getattr(request.state, "body_read", 0):
+        return
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DISCARD_MAX_BYTES:
+        return
+    seen = 0
+    while seen <= DISCARD_MAX_BYTES:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    await _discard_body(request)
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
@@ -79,6 +104,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    await _discard_body(request)
     message = exc.detail if isinstance(exc.detail, str) else "error"
     return _error(exc.status_code, message.lower(), getattr(exc, "headers", None))
 
@@ -212,6 +238,7 @@ class RenderService:
                     if size > limit:
                         raise too_large
                     f.write(chunk)
+            request.state.body_read = True
         except BaseException:
             upload.unlink(missing_ok=True)
             raise
