@@ -206,7 +206,10 @@ class JobManager:
     def _queue(self, job_id: str) -> None:
         with self._lock:
             self._cancels.setdefault(job_id, threading.Event())
-            self._futures[job_id] = self._executor.submit(self._run, job_id)
+            try:
+                self._futures[job_id] = self._executor.submit(self._run, job_id)
+            except RuntimeError:  # a drain began meanwhile: the record stays queued
+                log.info("job %s stays queued for the next start (draining)", job_id)
 
     def _put(self, record: JobRecord, **changes) -> JobRecord:
         """Store ``record`` with ``changes`` (under ``self._lock``)."""
