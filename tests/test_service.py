@@ -341,6 +341,8 @@ def test_listing_and_avatars(service, warm):
     status, spec = service.json("GET", "/openapi.json", token=None)
     assert status == 200 and "/v1/jobs" in spec["paths"]
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    assert body["application/octet-stream"]["schema"]["format"] == "binary"
 
 
 def _chunked(data: bytes, size: int = 65536):

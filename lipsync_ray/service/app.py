@@ -136,6 +136,18 @@ def _require_token(
 # Every /v1 route carries it.
 AUTH = [Depends(_require_token)]
 
+# The submit's body as /docs shows it: the audio file's bytes (read from the stream, not
+# parsed by FastAPI).
+_AUDIO_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            kind: {"schema": {"type": "string", "format": "binary"}}
+            for kind in ("application/octet-stream", "audio/*")
+        },
+    }
+}
+
 
 def _translate(exc: Exception) -> ApiError:
     """The API error of a library error."""
@@ -179,7 +191,7 @@ class RenderService:
     def avatars(self) -> dict:
         return {"avatars": self.manager.catalog.names()}
 
-    @app.post("/v1/jobs", status_code=201, dependencies=AUTH)
+    @app.post("/v1/jobs", status_code=201, dependencies=AUTH, openapi_extra=_AUDIO_BODY)
     async def submit(
         self,
         request: Request,
