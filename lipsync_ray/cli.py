@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lipsync_ray.config import RenderConfig
@@ -87,19 +88,37 @@ def service_settings_from_args(args: argparse.Namespace):
         resolve_token,
     )
 
-    config = config_from_args(args)
+    config = _absolute_paths(config_from_args(args))
     check_generator_model(config.model)
     check_encoder_model(config.audio_encoder)
-    names = AvatarCatalog(args.avatars).names()
-    log.info("%d avatar(s) in %s: %s", len(names), args.avatars, ", ".join(names) or "none yet")
+    avatars = _absolute(args.avatars)
+    names = AvatarCatalog(avatars).names()
+    log.info("%d avatar(s) in %s: %s", len(names), avatars, ", ".join(names) or "none yet")
     state_dir = prepare_state_dir(args.state_dir or default_state_dir())
     token, where = resolve_token(state_dir, args.token_file)
     log.info("state directory %s; the bearer token is in %s", state_dir, where)
     return ServiceSettings(
-        avatars=args.avatars, config=config, state_dir=state_dir, token=token,
+        avatars=avatars, config=config, state_dir=state_dir, token=token,
         host=args.host, port=args.port, max_warm=args.max_warm, max_running=args.max_running,
         max_upload_bytes=int(args.max_upload_mb * 2**20), drain_timeout_s=args.drain_timeout,
     )  # fmt: skip
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (the service's replica may run in another directory); a
+    URI as it is."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def _absolute_paths(config: RenderConfig) -> RenderConfig:
+    session = config.session
+    return replace(
+        config,
+        model=_absolute(config.model),
+        audio_encoder=_absolute(config.audio_encoder),
+        precision_cache=_absolute(config.precision_cache),
+        session=replace(session, trt_cache_dir=_absolute(session.trt_cache_dir)),
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

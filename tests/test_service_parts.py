@@ -550,3 +550,24 @@ def test_serve_run_builder(good, tmp_path, monkeypatch):
     assert settings.avatars == str(avatars) and settings.token == TOKEN
     assert settings.config.encode.crf == 30 and settings.max_running == 2
     assert settings.state_dir == tmp_path / "state"
+
+
+def test_serve_makes_local_paths_absolute(good, tmp_path, monkeypatch):
+    """The replica may run in another directory: AVATARS_DIR and the models are absolute."""
+    import shutil
+
+    from lipsync_ray.service.deploy import app_builder
+
+    _bundle(tmp_path / "avatars", "alice")
+    shutil.copy(good["model"], tmp_path / "unet.onnx")
+    shutil.copy(good["encoder"], tmp_path / "enc.onnx")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIPSYNC_RAY_TOKEN", TOKEN)
+    app = app_builder({"argv": "avatars --model unet.onnx --audio-encoder enc.onnx "
+                               "--state-dir state --trt-cache trt"})  # fmt: skip
+    (settings,) = app._bound_deployment.init_args
+    assert settings.avatars == str(tmp_path / "avatars")
+    assert settings.config.model == str(tmp_path / "unet.onnx")
+    assert settings.config.audio_encoder == str(tmp_path / "enc.onnx")
+    assert settings.config.session.trt_cache_dir == str(tmp_path / "trt")
+    assert settings.state_dir == tmp_path / "state"
