@@ -238,12 +238,12 @@ def references(inputs):
 @pytest.fixture(scope="module")
 def service(inputs, references):
     """The service every test of this module talks to (the token: the file it creates in its
-    state directory; a 1 MB body limit; 1 s for running jobs when it drains).
+    state directory; a 1 MB body limit; no time for running jobs when it drains).
     test_killed_mid_job_then_restarted_resumes kills and restarts it;
     test_sigterm_drains_and_exits_0 stops it."""
     svc = Service(
         inputs["avatars"], inputs["root"] / "state", inputs, token=None,
-        extra=("--max-upload-mb", "1", "--drain-timeout", "1"),
+        extra=("--max-upload-mb", "1", "--drain-timeout", "0"),
     ).start()  # fmt: skip
     yield svc
     svc.kill()
