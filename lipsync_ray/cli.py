@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.flags import (
     add_crf_arg,
+    add_flag,
     add_render_args,
     add_render_options,
     add_session_args,
@@ -69,6 +71,61 @@ def _cmd_render_batch(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"summary: {summary}")
     return report.exit_code
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+def service_settings_from_args(args: argparse.Namespace):
+    """The ServiceSettings of `serve`'s parsed flags, checked before Ray starts: the models,
+    AVATARS_DIR, the state directory (made when missing) and the token (logged: where)."""
+    from lipsync_ray.inference import check_encoder_model, check_generator_model
+    from lipsync_ray.service.avatars import AvatarCatalog
+    from lipsync_ray.service.settings import (
+        ServiceSettings,
+        default_state_dir,
+        prepare_state_dir,
+        resolve_token,
+    )
+
+    config = _absolute_paths(config_from_args(args))
+    check_generator_model(config.model)
+    check_encoder_model(config.audio_encoder)
+    avatars = _absolute(args.avatars)
+    names = AvatarCatalog(avatars).names()
+    log.info("%d avatar(s) in %s: %s", len(names), avatars, ", ".join(names) or "none yet")
+    state_dir = prepare_state_dir(args.state_dir or default_state_dir())
+    token, where = resolve_token(state_dir, args.token_file)
+    log.info("state directory %s; the bearer token is in %s", state_dir, where)
+    return ServiceSettings(
+        avatars=avatars, config=config, state_dir=state_dir, token=token,
+        host=args.host, port=args.port, max_warm=args.max_warm, max_running=args.max_running,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), drain_timeout_s=args.drain_timeout,
+    )  # fmt: skip
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (the service's replica may run in another directory); a
+    URI as it is."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def _absolute_paths(config: RenderConfig) -> RenderConfig:
+    session = config.session
+    return replace(
+        config,
+        model=_absolute(config.model),
+        audio_encoder=_absolute(config.audio_encoder),
+        precision_cache=_absolute(config.precision_cache),
+        session=replace(session, trt_cache_dir=_absolute(session.trt_cache_dir)),
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lipsync_ray.service.server import serve_forever
+
+    settings = service_settings_from_args(args)
+    return serve_forever(settings, ready=lambda line: print(line, flush=True))
 
 
 # ---------------------------------------------------------------------------------- prepare
@@ -375,6 +432,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render-batch", help="render many audios onto one avatar, actors kept warm")
     add_render_args(p, batch=True)
     p.set_defaults(func=_cmd_render_batch)
+
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP render service on Ray Serve: warm actors, concurrent jobs",
+        description="Serve renders over HTTP (API v1, OpenAPI at /docs): jobs are queued, run "
+        "concurrently on warm actor pools, kept in a database in --state-dir and resumed after "
+        "a restart. SIGINT/SIGTERM drain and stop.",
+    )
+    p.add_argument("avatars", help="a folder (path or URI) whose sub-folders are avatar bundles")
+    add_flag(p, "--model", required=True)
+    add_flag(p, "--audio-encoder", required=True)
+    add_render_options(p)
+    g = p.add_argument_group("service")
+    g.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    g.add_argument(
+        "--state-dir", type=Path, help="job database and job files (default ~/.lipsync-ray/serve)"
+    )
+    g.add_argument(
+        "--token-file", type=Path,
+        help="file holding the bearer token (default: $LIPSYNC_RAY_TOKEN, else STATE_DIR/token, "
+        "created with mode 0600 when missing)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-warm", type=positive_int, default=1,
+        help="warm renderers (avatar + settings) kept; least recently used evicted (default 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-running", type=positive_int, default=4, help="jobs rendering at once (default 4)"
+    )
+    g.add_argument(
+        "--max-upload-mb", type=float, default=50.0, help="request body limit, MB (default 50)"
+    )
+    g.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="on SIGINT/SIGTERM, seconds running jobs may finish; then they are left to resume "
+        "(default 30)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("prepare", help="build an avatar bundle from a video of one person")
     p.add_argument(

@@ -10,6 +10,7 @@
     ├── ShardError               a shard or manifest is missing, corrupt or inconsistent
     ├── RenderError              a render failed (a chunk kept failing, a worker died, ...)
     │   └── RemoteRenderError    a job failed on the render service, or it answered 5xx
+    ├── ServiceError             the render service cannot run as configured (state dir, port)
     └── Cancelled                the render was cancelled (its work directory stays resumable);
                                  CLI exit code 130
 
@@ -30,6 +31,7 @@ __all__ = [
     "RemoteRenderError",
     "RenderError",
     "RequestRejectedError",
+    "ServiceError",
     "ShardError",
 ]
 
@@ -82,6 +84,11 @@ class ShardError(LipsyncError):
 
 class RenderError(LipsyncError):
     """A render could not finish: a chunk kept failing, a worker died too often, ..."""
+
+
+class ServiceError(LipsyncError):
+    """The render service (``lipsync-ray serve``) cannot start or run as configured: its state
+    directory, its database, its port, its token file."""
 
 
 class Cancelled(LipsyncError):  # noqa: N818 - a request, not a fault: no Error suffix
