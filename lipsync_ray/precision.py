@@ -455,6 +455,8 @@ def prepare_model(
         gpu = SessionOptions(trt_fp16=True)
         session = gpu if provider_is_gpu else SessionOptions(providers=(Provider.CPU,))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir(avatar)
+    if target is Precision.INT8:  # the key holds what the quantiser is given
+        int8 = int8.resolved()
     request = _Request(
         model, target, requested, provider_is_gpu, root, float(threshold_db),
         calibration_frames, holdout_frames, seed, int8, session, threads,

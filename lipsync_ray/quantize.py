@@ -9,9 +9,11 @@ the result against FP32 and caches it. Needs ``onnx`` and ``onnxruntime`` (impor
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,15 @@ from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import check_model_file
 from lipsync_ray.onnx_io import save_model
 
-__all__ = ["Int8Options", "QuantFormat", "convert_fp16", "quantize_int8"]
+__all__ = [
+    "Int8Options",
+    "QuantFormat",
+    "convert_fp16",
+    "integer_products_saturate",
+    "quantize_int8",
+]
+
+log = logging.getLogger(__name__)
 
 
 class QuantFormat(enum.Enum):
@@ -43,8 +53,15 @@ class Int8Options:
     # One weight scale per output channel: BN-folded and depthwise weights differ widely
     # between channels, one scale per tensor crushes the small ones.
     per_channel: bool = True
-    # 7-bit weights: only for x86 without VNNI, where u8*s8 pair sums can saturate.
-    reduce_range: bool = False
+    # 7-bit weights ([-64, 64]) where ONNX Runtime's CPU integer kernels saturate: x86 without
+    # VNNI (AVX2, AVX-512 without VNNI) multiplies u8 by s8 with vpmaddubsw, which adds each
+    # pair of products into an int16 and clamps it (255 * 127 * 2 > 32767); per-channel scales
+    # put every channel's largest weight at +-127, so bright pixels clamp. 7-bit weights keep
+    # every pair sum in range (255 * 64 * 2 = 32640). None (the default): decided on the
+    # machine that quantises and gates, by running that kernel once
+    # (integer_products_saturate); 8-bit weights where it is exact (VNNI: vpdpbusd sums into
+    # int32). Set it explicitly when the INT8 model runs on other CPUs than that machine's.
+    reduce_range: bool | None = None
     # The node making the graph output (the final sigmoid) stays float: the compositor rounds
     # to 1/255 steps, an 8-bit sigmoid output would round a second time. The conv before it
     # gets INT8 weights and an 8-bit output: keeping it float too cost the full-size stand-in
@@ -55,6 +72,48 @@ class Int8Options:
     preprocess: bool = True
     # Frames per calibration run (MinMax keeps per-tensor min/max only: memory stays small).
     calibration_batch: int = 4
+
+    def resolved(self) -> Int8Options:
+        """These options with ``reduce_range`` decided for this machine (the cache keys on it)."""
+        if self.reduce_range is not None:
+            return self
+        return replace(self, reduce_range=integer_products_saturate())
+
+
+@functools.cache
+def integer_products_saturate() -> bool:
+    """Whether ONNX Runtime's CPU u8 x s8 integer GEMM on this machine clamps pair sums to int16.
+
+    Runs one MatMulInteger whose exact result is 2 * 255 * 127 = 64770: x86 with AVX2 and no
+    VNNI returns 32767 (vpmaddubsw saturates); VNNI sums into int32. Decided by the kernel
+    itself rather than by CPU flags, so every platform and ONNX Runtime build answers for
+    itself. Cached for the process.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "saturation-probe",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [2, 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = np.full((1, 2), 255, np.uint8), np.full((2, 1), 127, np.int8)
+    got = int(session.run(None, {"a": a, "b": b})[0][0, 0])
+    saturates = got != 2 * 255 * 127
+    if saturates:
+        log.info(
+            "this CPU's integer kernels clamp u8*s8 pair sums (255*127*2 gave %d): INT8 uses "
+            "7-bit weights",
+            got,
+        )
+    return saturates
 
 
 def _generator_inputs(model) -> tuple[str, str, bool]:
@@ -106,6 +165,7 @@ def quantize_int8(
     options: Int8Options = Int8Options(),
 ) -> Path:
     """Write a static INT8 version of ``model`` to ``out`` (atomically), calibrated on the inputs.
+    ``options.reduce_range`` None is decided on this machine (:meth:`Int8Options.resolved`).
 
     Args:
         model: FP32 generator.
@@ -121,6 +181,7 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model, out = check_model_file(model), Path(out)
+    options = options.resolved()
     visual_shape = (FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS)
     if visual.dtype != np.uint8 or visual.shape[1:] != visual_shape or len(visual) < 1:
         raise InputError(f"expected uint8 (k >= 1, 320, 320, 6) visual inputs, got {visual.shape}")

@@ -21,6 +21,7 @@ from lipsync_ray.dev.synthetic import make_demo_avatar
 from lipsync_ray.errors import InputError, ModelError
 from lipsync_ray.inference import GeneratorSession, Provider, SessionOptions
 from lipsync_ray.precision import Int8Options, Precision
+from lipsync_ray.quantize import integer_products_saturate
 
 CPU = SessionOptions(providers=(Provider.CPU,))
 FAST = {"calibration_frames": 8, "holdout_frames": 4, "threads": 2}
@@ -58,6 +59,43 @@ def smooth_generator(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "smooth",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 320, 320]),
+            helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", 32, 16, 16]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 320, 320])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mean_generator() -> onnx.ModelProto:
+    """output = sigmoid(4 * mean of the 6 visual channels - 2 + conv1x1(global_mean(audio))).
+
+    The visual conv's weights are all equal, so per-channel INT8 puts every one at +127 and a
+    white pixel's u8 x s8 products pair up to 2 * 255 * 127 = 64770, past an int16."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.full((3, 6, 1, 1), 4 / 6, np.float32), "w"),
+        numpy_helper.from_array(np.full(3, -2.0, np.float32), "b"),
+        numpy_helper.from_array(
+            (rng.standard_normal((3, 32, 1, 1)) * 0.1).astype(np.float32), "wa"
+        ),
+        numpy_helper.from_array(np.zeros(3, np.float32), "ba"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], name="c"),
+        helper.make_node("GlobalAveragePool", ["audio"], ["ga"], name="ga"),
+        helper.make_node("Conv", ["ga", "wa", "ba"], ["ca"], name="ca"),
+        helper.make_node("Add", ["c", "ca"], ["logits"], name="add"),
+        helper.make_node("Sigmoid", ["logits"], ["output"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mean",
         [
             helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 320, 320]),
             helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", 32, 16, 16]),
@@ -277,6 +315,45 @@ def test_gate_psnr_matches_an_independent_computation(models, avatar, features, 
     assert gate.provider == "CPUExecutionProvider"
 
 
+def test_int8_defaults_match_fp32_where_integer_products_would_overflow_int16(tmp_path):
+    # x86 without VNNI clamps each pair of u8 x s8 products to an int16 (vpmaddubsw): with
+    # 8-bit weights at +127 the white square's conv output halved (about 15 dB here). The
+    # default options must make a model that is exact enough on the CPU that made it.
+    fp32 = save_model(mean_generator(), tmp_path / "mean.onnx")
+    rng = np.random.default_rng(0)
+    visual = rng.integers(0, 256, (4, 320, 320, 6), dtype=np.uint8)
+    visual[:, 100:200, 100:200] = 255
+    audio = rng.random((4, 32, 16, 16), dtype=np.float32)
+    int8 = prec.quantize_int8(fp32, tmp_path / "int8.onnx", visual, audio)
+    per_frame, _ = reference_psnr(fp32, int8, visual, audio)
+    assert per_frame.min() > 40.0
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def test_the_saturation_probe_agrees_with_the_cpu_flags():
+    # ONNX Runtime's x86 u8 x s8 kernels: vpdpbusd (int32 sums) with VNNI, else vpmaddubsw
+    # (int16 pair sums, clamped) on AVX2 and AVX-512.
+    flags = _cpu_flags()
+    if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
+        expected = False
+    elif "avx2" in flags:
+        expected = True
+    else:
+        pytest.skip("not an x86 CPU with AVX2 (Linux flags): no independent answer here")
+    assert integer_products_saturate() is expected
+    resolved = Int8Options().resolved()
+    assert resolved.reduce_range is expected
+    assert Int8Options(reduce_range=not expected).resolved().reduce_range is (not expected)
+
+
 def test_a_broken_model_fails_the_gate(models, avatar, features):
     visual, audio = held_out(avatar, features)
     gate = prec.quality_gate(
@@ -388,6 +465,9 @@ def test_cache_hits_and_invalidation(models, avatar, features, tmp_path, monkeyp
     assert (first.cached, second.cached, len(calls)) == (False, True, 1)
     assert second.path == first.path and second.path.stat().st_mtime_ns == mtime
     assert second.gate == first.gate
+    # The default reduce_range is keyed as this machine decides it: the same entry.
+    resolved = Int8Options(reduce_range=integer_products_saturate())
+    assert prepare(int8=resolved).cached and len(calls) == 1
     # The threshold is not part of the key: the cached PSNR is compared again.
     with pytest.raises(ModelError, match="quality gate"):
         prepare(threshold_db=99.0)
