@@ -83,6 +83,7 @@ MEASURED = bs.ServiceMeasurements(
     warmup_s=3.0, latencies_s=(1.0, 1.2, 1.1, 2.0), single_job_frames=450, single_job_fps=30.0,
     single_job_fps_source="report.json chunks phase", concurrent_frames=450,
     concurrent_wall_s=18.0, short_latency_s=2.5, long_total_s=70.0, short_finished_first=True,
+    single_job_wall_s=20.0,
 )  # fmt: skip
 
 
@@ -102,6 +103,9 @@ def test_the_figures_and_ratios():
     assert r.cli_render_fps == pytest.approx(15.0)  # 450 / 30 s
     assert r.ratio_vs_single_job == pytest.approx(25.0 / 30.0)
     assert r.ratio_vs_cli_render == pytest.approx(25.0 / 15.0)
+    # the one job as a client lives it: 450 frames from submit to download in 20 s
+    assert r.single_job_wall_fps == pytest.approx(22.5)
+    assert r.ratio_vs_single_job_wall == pytest.approx(25.0 / 22.5)
     assert r.clips == 4
 
 
