@@ -322,12 +322,12 @@ def _cmd_bench_encode(args: argparse.Namespace) -> int:
             "results": [asdict(r) for r in results],
             "baseline": BASELINE.label,
             "cheapest_equivalent": None if chosen is None else chosen.label,
-            "render_default": EncodeSetting(default.preset, default.x264_params).label,
+            "render_default": EncodeSetting(default.preset, default.resolved_x264_params).label,
         }
         args.json.write_text(json.dumps(out, indent=1))
     print_encode_bench(
         results, avatar=args.avatar, crf=crf, baseline=baseline, chosen=chosen,
-        default=EncodeSetting(default.preset, default.x264_params),
+        default=EncodeSetting(default.preset, default.resolved_x264_params),
     )  # fmt: skip
     return 0
 

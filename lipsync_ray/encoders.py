@@ -217,8 +217,8 @@ _X264_FIXED_PARAMS = "scenecut=0:open-gop=0"
 
 def x264_params(options: EncodeOptions) -> str:
     """The ``x264-params`` text libx264 is opened with: the fixed GOP settings, then
-    ``options.x264_params`` (already checked when ``options`` was built)."""
-    return ":".join(p for p in (_X264_FIXED_PARAMS, options.x264_params) if p)
+    ``options.resolved_x264_params`` (already checked when ``options`` was built)."""
+    return ":".join(p for p in (_X264_FIXED_PARAMS, options.resolved_x264_params) if p)
 
 
 class VideoEncoder:

@@ -20,6 +20,7 @@ from typing import Any
 from lipsync_ray.config import EncodeMode, Placement, PoolConfig, RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.options import (
+    DEFAULT_X264_PARAMS,
     X264_PARAM_KEYS,
     Blend,
     BlendOptions,
@@ -312,8 +313,9 @@ OPTION_FLAGS: tuple[Flag, ...] = (
     Flag("--preset", ("encode", "preset"), "x264 preset", OUTPUT),
     Flag(
         "--x264-params", ("encode", "x264_params"),
-        "x264 options on top of the preset (any preset), key=value:key=value with keys "
-        f"{', '.join(X264_PARAM_KEYS)}; '' for the preset alone; libx264 only", OUTPUT,
+        "x264 options on top of the preset, key=value:key=value with keys "
+        f"{', '.join(X264_PARAM_KEYS)}; '' for the preset alone; libx264 only "
+        f"(default: {DEFAULT_X264_PARAMS} with veryfast, none with other presets)", OUTPUT,
     ),
     Flag("--start-frame", ("start_frame",), "first avatar frame", OUTPUT, int),
     _choice(

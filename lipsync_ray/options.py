@@ -137,8 +137,10 @@ _X264_PARAMS_CHARS = re.compile(r"[a-z0-9=:,.\-]*")
 # are within 0.1 dB and 0.001 of veryfast alone. The diamond motion search and no inter
 # partitions below 16x16 cost 0.88x veryfast's CPU (15.9 against 18.0 ms per frame) for the
 # same bit rate (-0.1 %), PSNR (-0.03 dB) and SSIM (-0.0001). Measured for veryfast, they are
-# applied on top of any preset: `--preset slow --x264-params ''` is slow alone.
+# its default only: any other preset runs alone unless --x264-params is given.
 DEFAULT_X264_PARAMS = "me=dia:partitions=i8x8,i4x4"
+# the preset whose default options DEFAULT_X264_PARAMS are
+DEFAULT_X264_PARAMS_PRESET = "veryfast"
 
 
 def parse_x264_params(text: str) -> dict[str, str]:
@@ -214,9 +216,10 @@ class EncodeOptions:
     # takes a slot, waiting when all are held); 0: no cap. See NVENC_SESSIONS_GEFORCE.
     nvenc_sessions: int = NVENC_SESSIONS_GEFORCE
     # libx264 options on top of the preset, ``key=value:key=value`` from the keys of
-    # X264_PARAM_KEYS (see DEFAULT_X264_PARAMS for how the default was chosen; "" for the
-    # preset alone). NVENC has no such options: there, anything but the default is refused.
-    x264_params: str = DEFAULT_X264_PARAMS
+    # X264_PARAM_KEYS; "" for the preset alone; None: the preset's default, DEFAULT_X264_PARAMS
+    # for veryfast (how it was chosen is written there), none for any other preset (see
+    # ``resolved_x264_params``). NVENC has no such options: there, any value but None is refused.
+    x264_params: str | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.fps, int) and self.fps > 0, "fps must be an int > 0", self.fps)
@@ -234,12 +237,25 @@ class EncodeOptions:
         _require(ok, "audio_bitrate must be > 0", self.audio_bitrate)
         ok = isinstance(self.nvenc_sessions, int) and self.nvenc_sessions >= 0
         _require(ok, "nvenc_sessions must be >= 0", self.nvenc_sessions)
+        if self.x264_params is None:
+            return
         parse_x264_params(self.x264_params)
-        if self.codec is not VideoCodec.LIBX264 and self.x264_params != DEFAULT_X264_PARAMS:
+        if self.codec is not VideoCodec.LIBX264:
             raise InputError(
                 f"x264 params apply to libx264 only, got {self.x264_params!r} with "
                 f"{self.codec.value} (leave --x264-params out)"
             )
+
+    @property
+    def resolved_x264_params(self) -> str:
+        """The options libx264 gets on top of the preset: ``x264_params``, or when None the
+        preset's default (DEFAULT_X264_PARAMS for veryfast, none for the others; none for NVENC)."""
+        if self.x264_params is not None:
+            return self.x264_params
+        libx264 = self.codec is VideoCodec.LIBX264
+        if libx264 and self.preset == DEFAULT_X264_PARAMS_PRESET:
+            return DEFAULT_X264_PARAMS
+        return ""
 
 
 def _require(ok: bool, message: str, got: object) -> None:

@@ -104,7 +104,27 @@ def test_x264_params_are_refused_with_nvenc() -> None:
     ):
         EncodeOptions(codec=VideoCodec.H264_NVENC, x264_params="me=dia")
     # the default is libx264's and left alone: `--video-codec h264_nvenc` alone works
-    assert EncodeOptions(codec=VideoCodec.H264_NVENC).x264_params == DEFAULT_X264_PARAMS
+    assert EncodeOptions(codec=VideoCodec.H264_NVENC).resolved_x264_params == ""
+
+
+@pytest.mark.parametrize(
+    ("preset", "given", "expected"),
+    [
+        ("veryfast", None, DEFAULT_X264_PARAMS),  # the default: measured for veryfast
+        ("slow", None, ""),  # any other preset runs alone
+        ("ultrafast", None, ""),
+        ("veryfast", "", ""),  # veryfast alone
+        ("slow", "me=dia", "me=dia"),  # given: on top of any preset
+    ],
+)
+def test_the_default_options_belong_to_veryfast(preset, given, expected) -> None:
+    opts = EncodeOptions(preset=preset, x264_params=given)
+    assert opts.resolved_x264_params == expected
+    # a request that changes the preset of a default config (the service's per-job preset)
+    # gets that preset's own default, not veryfast's options
+    assert replace(EncodeOptions(), preset=preset, x264_params=given).resolved_x264_params == (
+        expected
+    )
 
 
 @pytest.mark.parametrize("command", ["render", "reference"])

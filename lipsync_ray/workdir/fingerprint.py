@@ -87,7 +87,7 @@ def render_fingerprint(
             config.encode.preset,
             config.encode.codec.value,
             config.encode.fps,
-            config.encode.x264_params,
+            config.encode.resolved_x264_params,
         ],
         "blend": [config.blend.mode.value, config.blend.feather],
         "silence": None if config.silence is None else asdict(config.silence),
