@@ -10,10 +10,15 @@ exception that names the chunk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
+import itertools
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +64,46 @@ log = logging.getLogger(__name__)
 # ``describe`` runs in its own thread group, so the driver can ask whether an actor is alive
 # even while a chunk (perhaps a hung one) occupies its main thread.
 CONCURRENCY_GROUPS = {"control": 1}
+# The inference actor's chunks run in threads of their own group, up to this many at once, and
+# take turns on the one session batch by batch (``Turns``): a chunk of a short render that
+# arrives behind chunks of a long one is not queued behind them. More chunks than this wait in
+# Ray's queue. Each thread keeps its own input and output buffers (~60 MB for 64 frames).
+INFERENCE_CHUNK_THREADS = 4
+INFERENCE_CONCURRENCY_GROUPS = {**CONCURRENCY_GROUPS, "chunks": INFERENCE_CHUNK_THREADS}
+
+
+class Turns:
+    """One holder at a time, the lowest key first: the chunks an inference actor holds at once
+    take turns on its session at batch boundaries.
+
+    ``key`` orders the waiting chunks (``(priority, chunk index)``: a short render's chunks
+    first, then a render's chunks in order, so a render alone runs its chunks one after another
+    as a single-threaded actor did); equal keys go in the order they asked. A chunk of a long
+    render waits while lower keys keep coming: a stream of short clips can hold it back.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[tuple[int, ...], int]] = []  # a heap of (key, ticket)
+        self._tickets = itertools.count()
+        self._busy = False
+
+    @contextlib.contextmanager
+    def turn(self, key: tuple[int, ...]) -> Iterator[None]:
+        """Hold the session while the block runs; wait first for every lower key."""
+        with self._cond:
+            entry = (tuple(key), next(self._tickets))
+            heapq.heappush(self._waiting, entry)
+            while self._busy or self._waiting[0] != entry:
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 class _StageClock:
@@ -67,6 +112,10 @@ class _StageClock:
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def restart(self) -> None:
+        """Count from now: the time since the last lap (a wait) goes to no stage."""
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     def lap(self, stage: str) -> None:
@@ -189,39 +238,52 @@ class InferenceActor:
             cpu_fallback=fallback,
         )
         self.info = replace(self.info, session_open_s=round(self.session.session_open_s, 3))
-        # Reused from chunk to chunk (fresh 40 MB arrays fault in every page, every chunk).
-        self._visual = np.empty((0, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
-        self._images = np.empty((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+        # Per chunk thread, reused from chunk to chunk (fresh 40 MB arrays fault in every page,
+        # every chunk).
+        self._local = threading.local()
+        self._turns = Turns()
         log.info("inference actor ready: %s", self.info)
 
     @ray.method(concurrency_group="control")
     def describe(self) -> ActorInfo:
         return self.info
 
+    def _buffers(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's (visual inputs, output images) buffers for ``frames`` frames."""
+        local = self._local
+        if getattr(local, "visual", None) is None or len(local.visual) < frames:
+            local.visual = np.empty((frames, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8)
+            local.images = np.empty((frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+        return local.visual[:frames], local.images[:frames]
+
+    @ray.method(concurrency_group="chunks")
     def infer(self, spec: ChunkSpec) -> Predictions:
+        """The chunk's predictions. Several chunks may be here at once (one thread each):
+        they take turns on the session (:class:`Turns`), and the stage clock counts only the
+        turns, not the waits between them."""
         clock = _StageClock()
-        if len(self._visual) < spec.frames:
-            self._visual = np.empty(
-                (spec.frames, FRAME_SIZE, FRAME_SIZE, VISUAL_CHANNELS), np.uint8
-            )
-            self._images = np.empty((spec.frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-        visual = self.avatar.read_visual_inputs(spec.avatar_indices, self._visual[: spec.frames])
-        audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
-        clock.lap("model_input")
-        # Returning copies it into the object store, so the buffer is free again afterwards.
-        out = self._images[: spec.frames]
-        if spec.weights is not None:
-            out[:] = 0  # frames that skip inference
+        key = (spec.priority, spec.chunk)
+        visual_buf, out = self._buffers(spec.frames)
+        with self._turns.turn(key):
+            clock.restart()
+            visual = self.avatar.read_visual_inputs(spec.avatar_indices, visual_buf)
+            audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
+            # Returning copies it into the object store, so the buffer is free afterwards.
+            if spec.weights is not None:
+                out[:] = 0  # frames that skip inference
+            clock.lap("model_input")
         rows = np.arange(spec.frames) if spec.weights is None else np.flatnonzero(spec.weights > 0)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
-            if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
-                lo, hi = batch[0], batch[-1] + 1
-                # Written in place: with graph I/O the session binds ``out`` as the output.
-                self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
-            else:
-                out[batch] = self.session.predict(visual[batch], audio[batch])
-        clock.lap("inference")
+            with self._turns.turn(key):
+                clock.restart()
+                if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
+                    lo, hi = batch[0], batch[-1] + 1
+                    # Written in place: with graph I/O the session binds ``out`` as the output.
+                    self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
+                else:
+                    out[batch] = self.session.predict(visual[batch], audio[batch])
+                clock.lap("inference")
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
 

@@ -78,6 +78,11 @@ class ChunkSpec:
     # float32 (C,) silence passthrough: 1 generated, 0 original avatar frame (no inference),
     # in between a cross-fade; None: every frame generated.
     weights: np.ndarray | None = None
+    # Where an inference actor holds chunks of several renders at once (a service), the lower
+    # priority takes the session at the next batch boundary (then the lower chunk index): the
+    # renderer gives every chunk its render's frame count, so a short clip's chunks go before
+    # those of a long render queued on the same actor. Frames do not depend on it.
+    priority: int = 0
 
     @property
     def range(self) -> ChunkRange:

@@ -45,7 +45,10 @@ class FairShare:
 
     Rules (under one lock: renders run in different threads):
 
-    - the chunks in flight of all renders together never exceed ``limit``;
+    - the chunks in flight of all renders together never exceed ``limit``, but for each
+      render's first: a render with nothing in flight may always submit one (a short clip
+      that starts during a long render does not wait for one of its chunks to finish; the
+      inference actors' turns run it first), so at most ``limit + active`` are in flight;
     - each of the ``active`` renders may have ``max(1, limit // active)`` in flight,
       recomputed as renders come and go (a render over its new share submits nothing until
       its chunks come back below it);
@@ -111,6 +114,11 @@ class FairShare:
             share.close()
 
     def _may_take(self, share: Share) -> bool:
+        if share.in_flight == 0:
+            # A render's first chunk never waits for room: on the inference actors it takes
+            # the session at the next batch boundary if its render is shorter (actors.Turns),
+            # so holding it back here would only add a finished chunk's wait to its latency.
+            return True
         per = self._per_render()
         if share.in_flight >= per or sum(s.in_flight for s in self._shares) >= self.limit:
             return False

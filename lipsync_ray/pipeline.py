@@ -445,7 +445,7 @@ class Renderer:
         specs = (
             ChunkSpec(
                 r.chunk, r.start, r.stop, avatar_idx[r.start : r.stop], padded_rows(feats, r),
-                None if weights is None else weights[r.start : r.stop],
+                None if weights is None else weights[r.start : r.stop], priority=frames,
             )
             for r in todo
         )  # fmt: skip

@@ -36,7 +36,12 @@ from typing import Protocol
 
 import numpy as np
 
-from lipsync_ray.actors import CONCURRENCY_GROUPS, CompositorActor, InferenceActor
+from lipsync_ray.actors import (
+    CONCURRENCY_GROUPS,
+    INFERENCE_CONCURRENCY_GROUPS,
+    CompositorActor,
+    InferenceActor,
+)
 from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, plan_chunks
 from lipsync_ray.concurrency import FairShare, Share
 from lipsync_ray.config import Placement, PoolConfig
@@ -103,7 +108,7 @@ def start_actors(
     on their ``describe`` calls, e.g. with :func:`gather`). ``model`` is the generator file to
     load, ``avatar`` a local path or a location each node stages on its own."""
     gpus = pool.gpus_per_actor or 0.0
-    inference_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(InferenceActor)
+    inference_cls = ray.remote(concurrency_groups=INFERENCE_CONCURRENCY_GROUPS)(InferenceActor)
     compositor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(CompositorActor)
     inference = [
         inference_cls.options(

@@ -156,9 +156,10 @@ def test_a_short_render_overtakes_a_long_one(renderer, inputs, alone, tmp_path):
         got, want = _decode(report.output), _decode(ref.output)
         assert len(got) == len(want) == report.frames
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
-    # The two renders ran on one FairShare, within the pools' limit (4) together.
+    # The two renders ran on one FairShare, within the pools' limit (4) together but for the
+    # short render's first chunk, which never waits for room.
     assert max(active for active, _ in short_frames.shared) == 2
-    assert max(n for _, n in short_frames.shared) <= fair.limit == 4
+    assert max(n for _, n in short_frames.shared) <= fair.limit + 1 == 5
     assert fair.active == 0 and fair.in_flight == 0  # every share given back
     long_frames.check(long.frames)
     short_frames.check(short.frames)
