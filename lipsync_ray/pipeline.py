@@ -123,7 +123,7 @@ class Renderer:
     in that call only, so renders never share mutable state.
 
     Several threads may call :meth:`render` at the same time (a service does): their chunks
-    share the pools through one :class:`~lipsync_ray.scheduler.FairShare` (an equal part of
+    share the pools through one :class:`~lipsync_ray.concurrency.FairShare` (an equal part of
     the in-flight chunks each, every chunk to the least-loaded actors of all renders), so a
     short render started during a long one finishes in seconds; the frames are those of each
     render run alone. What they do share is made once under a lock (Ray, the pools, the

@@ -16,12 +16,13 @@ the service's, so one warm set of actors serves every request that agrees on tho
 
 from __future__ import annotations
 
-import enum
 import re
 import time
 import uuid
 from dataclasses import dataclass, replace
 
+# one set of job states for the service and its client (a standard-library module)
+from lipsync_ray.client import JobState
 from lipsync_ray.config import RenderConfig
 from lipsync_ray.errors import InputError
 from lipsync_ray.options import X264_PRESETS, Blend, BlendOptions
@@ -41,19 +42,6 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 # The request's names for the blend modes: "paste" is the renderer's hard paste.
 BLEND_NAMES = {"feather": Blend.FEATHER, "paste": Blend.HARD, "hard": Blend.HARD}
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        """True for the states a job never leaves."""
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
 def new_job_id() -> str:

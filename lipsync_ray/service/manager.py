@@ -151,7 +151,7 @@ class JobManager:
         self.get(job_id)  # UnknownJobError
         with self._lock:
             record = self._live.get(job_id) or self.store.get(job_id)
-            if record is None or record.state.final:
+            if record is None or record.state.finished:
                 return record
             record = self._put(record, state=JobState.CANCELLED, finished_at=time.time(),
                                error=None)  # fmt: skip
@@ -222,7 +222,7 @@ class JobManager:
         """Apply ``changes`` to a job that is not final yet; None when it is (cancelled)."""
         with self._lock:
             record = self._live.get(job_id) or self.store.get(job_id)
-            if record is None or record.state.final:
+            if record is None or record.state.finished:
                 return None
             return self._put(record, **changes)
 
@@ -232,7 +232,7 @@ class JobManager:
                 return
             cancel = self._cancels.setdefault(job_id, threading.Event())
             record = self.store.get(job_id)
-            if record is None or record.state.final or cancel.is_set():
+            if record is None or record.state.finished or cancel.is_set():
                 return
             self._live[job_id] = record
             self._put(record, state=JobState.RUNNING, started_at=time.time(),

@@ -92,7 +92,7 @@ class JobStore:
 
     def unfinished(self) -> list[JobRecord]:
         """Jobs a restarted service must run again (queued or running), oldest first."""
-        states = tuple(s.value for s in JobState if not s.final)
+        states = tuple(s.value for s in JobState if not s.finished)
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN "
