@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lipsync_ray"
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 SOURCES = sorted(
-    [*PACKAGE.rglob("*.py"), *(ROOT / "jobs").glob("*.py"), *(ROOT / "scripts").glob("*")]
+    [
+        *PACKAGE.rglob("*.py"),
+        *(ROOT / "jobs").glob("*.py"),
+        *(ROOT / "scripts").glob("*"),
+        ROOT / "pyproject.toml",  # the dependencies the documents name
+    ]
 )
 # Roots of repository paths the documents cite.
 PATH_ROOTS = ("lipsync_ray/", "tests/", "scripts/", "jobs/", "docs/", "notebooks/", ".ci/")
