@@ -87,22 +87,29 @@ class Turns:
         self._waiting: list[tuple[tuple[int, ...], int]] = []  # a heap of (key, ticket)
         self._tickets = itertools.count()
         self._busy = False
+        self._holder: str | None = None
+
+    @property
+    def holder(self) -> str | None:
+        """The ``holder`` given by the block that holds the session now; None when idle."""
+        return self._holder
 
     @contextlib.contextmanager
-    def turn(self, key: tuple[int, ...]) -> Iterator[None]:
-        """Hold the session while the block runs; wait first for every lower key."""
+    def turn(self, key: tuple[int, ...], holder: str | None = None) -> Iterator[None]:
+        """Hold the session while the block runs; wait first for every lower key. ``holder``
+        names the holder (a Ray task id) for :attr:`holder` while the block runs."""
         with self._cond:
             entry = (tuple(key), next(self._tickets))
             heapq.heappush(self._waiting, entry)
             while self._busy or self._waiting[0] != entry:
                 self._cond.wait()
             heapq.heappop(self._waiting)
-            self._busy = True
+            self._busy, self._holder = True, holder
         try:
             yield
         finally:
             with self._cond:
-                self._busy = False
+                self._busy, self._holder = False, None
                 self._cond.notify_all()
 
 
@@ -248,6 +255,13 @@ class InferenceActor:
     def describe(self) -> ActorInfo:
         return self.info
 
+    @ray.method(concurrency_group="control")
+    def session_holder(self) -> str | None:
+        """The Ray task id (hex) of the ``infer`` call that holds the session now, None when
+        no chunk does: where a chunk hangs, the driver charges the hang to that chunk, not to
+        the other chunks waiting here for their turn."""
+        return self._turns.holder
+
     def _buffers(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """This thread's (visual inputs, output images) buffers for ``frames`` frames."""
         local = self._local
@@ -263,8 +277,9 @@ class InferenceActor:
         turns, not the waits between them."""
         clock = _StageClock()
         key = (spec.priority, spec.chunk)
+        task_id = ray.get_runtime_context().get_task_id()
         visual_buf, out = self._buffers(spec.frames)
-        with self._turns.turn(key):
+        with self._turns.turn(key, task_id):
             clock.restart()
             visual = self.avatar.read_visual_inputs(spec.avatar_indices, visual_buf)
             audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
@@ -275,7 +290,7 @@ class InferenceActor:
         rows = np.arange(spec.frames) if spec.weights is None else np.flatnonzero(spec.weights > 0)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
-            with self._turns.turn(key):
+            with self._turns.turn(key, task_id):
                 clock.restart()
                 if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
                     lo, hi = batch[0], batch[-1] + 1

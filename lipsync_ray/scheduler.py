@@ -83,6 +83,8 @@ _UNORDERED = {"allow_out_of_order_execution": True}
 # is noticed within this (a loop costs one ray.wait call).
 WAIT_ALONE_S = 1.0
 WAIT_SHARED_S = 0.1
+# How long a hung chunk's inference actor has to name the chunk that holds its session.
+HOLDER_TIMEOUT_S = 2.0
 
 
 def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
@@ -503,13 +505,37 @@ class ChunkScheduler:
         done, _ = self.ray.wait([task.predictions], timeout=0)
         actors = self.compositors if done else self.inference
         index = task.compositor if done else task.inference
-        log.warning(
-            "%s made no progress for %.0f s; restarting its actor",
-            task.spec.describe(), now - max(task.submitted, last_progress),
-        )  # fmt: skip
+        stalled = now - max(task.submitted, last_progress)
+        if not done:
+            # The oldest chunk may be only waiting for its turn on the session behind the one
+            # that hangs (a lower chunk index goes first): the hang is charged to the holder.
+            holder = self._session_holder(index)
+            if holder is not None and holder is not task:
+                log.warning(
+                    "%s made no progress for %.0f s, waiting for its turn behind %s",
+                    task.spec.describe(), stalled, holder.spec.describe(),
+                )  # fmt: skip
+                task.submitted, task = now, holder
+        log.warning("%s made no progress for %.0f s; restarting its actor", task.spec.describe(),
+                    stalled)  # fmt: skip
         self.ray.kill(actors[index], no_restart=False)
         task.timed_out = True
         task.submitted = now  # its failure arrives through ray.wait
+
+    def _session_holder(self, index: int) -> _Task | None:
+        """This render's chunk whose ``infer`` holds inference actor ``index``'s session, if
+        the actor says within ``HOLDER_TIMEOUT_S`` (it answers on its control thread)."""
+        try:
+            task_id = self.ray.get(
+                self.inference[index].session_holder.remote(), timeout=HOLDER_TIMEOUT_S
+            )
+        except self.ray.exceptions.RayError as exc:  # no answer: the oldest chunk is charged
+            log.debug("inference actor %d did not name its session's holder: %s", index, exc)
+            return None
+        for task in self._inflight.values():
+            if task.inference == index and task.predictions.task_id().hex() == task_id:
+                return task
+        return None
 
 
 def root_cause(ray, exc: BaseException) -> BaseException:

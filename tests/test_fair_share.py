@@ -17,7 +17,7 @@ import ray.exceptions
 from lipsync_ray.chunks import ChunkSpec, plan_chunks
 from lipsync_ray.concurrency import RenderHooks
 from lipsync_ray.config import PoolConfig
-from lipsync_ray.errors import Cancelled, InputError
+from lipsync_ray.errors import Cancelled, InputError, RenderError
 from lipsync_ray.scheduler import (
     WAIT_ALONE_S,
     WAIT_SHARED_S,
@@ -352,3 +352,77 @@ def test_an_on_frames_hook_that_raises_is_logged_not_raised(caplog):
     assert calls == [(16, 62)]
     assert "on_frames(16, 62) raised" in caplog.text and "display gone" in caplog.text
     RenderHooks().frames(1, 2)  # no hook: nothing to call
+
+
+class _HangingRay(FakeRay):
+    """No composite finishes until the inference actor is killed; then every chunk in flight
+    fails with RayActorError, in submission order. The actor names ``holder``'s latest
+    ``infer`` call as the one holding its session (its Ray task id)."""
+
+    def __init__(self, holder: int | None) -> None:
+        super().__init__()
+        self.holder, self.killed = holder, 0
+        self._infers: dict[int, _Ref] = {}
+        self._hung: list[_Ref] = []
+
+    def actors_for(self, inference: int, compositors: int) -> tuple[list, list]:
+        inf, comp = super().actors_for(inference, compositors)
+        for actor in inf:
+            actor.infer = _Method(self._infer)
+            actor.session_holder = _Method(self._session_holder)
+        return inf, comp
+
+    def _infer(self, spec: ChunkSpec) -> _Ref:
+        ref = _Ref(("preds", 0, spec.chunk))
+        ref.task_id = lambda ref=ref: SimpleNamespace(hex=lambda: f"task-{ref.id}")
+        self._infers[spec.chunk] = ref
+        return ref
+
+    def _session_holder(self) -> _Ref:
+        infer = self._infers.get(self.holder)
+        return _Ref(None if infer is None else infer.task_id().hex())
+
+    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int) -> _Ref:
+        ref = super()._composite(spec, preds, c)
+        with self._lock:
+            self._pending.remove(ref)
+            self._hung.append(ref)
+        return ref
+
+    def kill(self, actor, no_restart: bool = True) -> None:
+        assert not no_restart
+        self.killed += 1
+        with self._lock:
+            for ref in self._hung:
+                ref.error = ray.exceptions.RayActorError()
+            self._pending.extend(self._hung)
+            self._hung.clear()
+
+
+@pytest.mark.parametrize(
+    ("holder", "charged"),
+    [
+        (1, "chunk 1 (frames 10-19)"),  # the later chunk holds the session: it is charged
+        (0, "chunk 0 (frames 0-9)"),  # the oldest holds it
+        (None, "chunk 0 (frames 0-9)"),  # no chunk holds it (between turns): the oldest
+    ],
+)
+def test_a_hang_is_charged_to_the_chunk_that_holds_the_session(holder, charged, caplog):
+    """Two chunks on one inference actor, neither finishes: the scheduler restarts the actor
+    once and charges the hang to the chunk the actor names as its session's holder; the other
+    one only waited for its turn and runs again as a lost worker (max_retries 0: the charged
+    chunk stops the render)."""
+    fake = _HangingRay(holder)
+    inference, compositors = fake.actors_for(1, 1)
+    pool = PoolConfig(chunk_frames=10, max_chunks_in_flight=2, max_retries=0, chunk_timeout_s=0.2)
+    scheduler = ChunkScheduler(
+        fake, inference, compositors, pool, _Recorder(), lambda n: None,
+        await_actors=lambda actors, what: None,
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, "lipsync_ray.scheduler")
+    with pytest.raises(RenderError, match=r"failed 1 times.*\(hung\)") as info:
+        scheduler.run(_specs(20, 10), context=None)
+    assert str(info.value).startswith(f"{charged} failed"), info.value
+    assert fake.killed == 1
+    restarts = [r.getMessage() for r in caplog.records if "restarting its actor" in r.getMessage()]
+    assert len(restarts) == 1 and restarts[0].startswith(charged), restarts

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def _shard_frames(work_dir: Path) -> dict[int, str]:
 
 
 def _restarts(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "made no progress" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if "restarting its actor" in r.getMessage()]
 
 
 def test_a_chunk_that_keeps_hanging_stops_the_render(ray_cluster, inputs, tmp_path, caplog):
@@ -154,6 +155,44 @@ def test_a_chunk_that_keeps_hanging_stops_the_render(ray_cluster, inputs, tmp_pa
     assert not out.exists()
     manifest = Manifest.load(Path(f"{out}.work"))
     assert manifest is not None and 0 in manifest.chunks and 1 not in manifest.chunks
+
+
+def test_the_inference_actor_names_the_chunk_that_holds_its_session(ray_cluster, inputs, tmp_path):
+    """The driver charges a hang to the chunk the actor names (by Ray task id), not to the
+    oldest chunk in flight: chunk 2, sent first, only waits behind chunk 1, whose lower index
+    takes the session at the next batch boundary and then spins."""
+    import ray
+
+    from lipsync_ray.actors import INFERENCE_CONCURRENCY_GROUPS, InferenceActor
+    from lipsync_ray.chunks import ChunkSpec
+    from lipsync_ray.options import SessionOptions
+
+    features = np.load(inputs["features"])
+    cls = ray.remote(concurrency_groups=INFERENCE_CONCURRENCY_GROUPS)(InferenceActor)
+    actor = cls.options(num_cpus=1, max_restarts=0).remote(
+        str(_generator(tmp_path / "hang.onnx", spin=True)), str(inputs["avatar"]),
+        SessionOptions(), 1.0, 1,
+    )  # fmt: skip
+    try:
+        assert ray.get(actor.session_holder.remote(), timeout=60) is None  # idle
+
+        def spec(chunk: int, start: int, stop: int) -> ChunkSpec:
+            rows = np.zeros((stop - start + 16, 512), np.float32)
+            lo, hi = max(start - 8, 0), min(stop + 8, FRAMES)
+            rows[lo - (start - 8) : hi - (start - 8)] = features[lo:hi]
+            return ChunkSpec(chunk, start, stop, np.arange(stop - start) % 10, rows)
+
+        waiting = actor.infer.remote(spec(2, 64, 77))
+        hung = actor.infer.remote(spec(1, 32, 64))
+        deadline = time.monotonic() + 30
+        holder = None
+        while holder != hung.task_id().hex() and time.monotonic() < deadline:
+            holder = ray.get(actor.session_holder.remote(), timeout=10)
+            time.sleep(0.05)
+        assert holder == hung.task_id().hex() != waiting.task_id().hex()
+        assert not ray.wait([hung], timeout=0)[0]
+    finally:
+        ray.kill(actor)
 
 
 class _ReplaceModelOnRestart(logging.Handler):
