@@ -191,6 +191,7 @@ class _Task:
     predictions: object  # ObjectRef[Predictions]
     system_failures: int = 0  # lost workers or nodes; not counted against max_retries
     timed_out: bool = False  # its actor was restarted because the chunk hung
+    inferred: bool = False  # its frames no longer count as queued on its inference actor
 
 
 def wait_for_actors(ray, actors: Sequence, what: str) -> None:
@@ -291,8 +292,10 @@ class ChunkScheduler:
 
     Args:
         ray: the ``ray`` module (initialised).
-        inference: the InferenceActor handles; chunks go to the least loaded one.
-        compositors: the CompositorActor handles; likewise.
+        inference: the InferenceActor handles; a chunk goes to the one with the fewest
+            frames still to infer (:class:`~lipsync_ray.concurrency.FairShare`).
+        compositors: the CompositorActor handles; a chunk goes to the one with the fewest
+            chunks in flight.
         pool: the resolved pool settings (in-flight limit, max_retries, chunk_timeout_s).
         recorder: records every finished chunk's shard (and segment).
         on_frames: called with the frame count of each finished chunk (progress).
@@ -360,6 +363,7 @@ class ChunkScheduler:
         last_progress = time.monotonic()
         while True:
             self._check_cancel()
+            self._note_inferred()
             more = self._fill(pending)
             if not inflight:
                 if not more:
@@ -402,7 +406,7 @@ class ChunkScheduler:
                     self.share.idle()
                     return False
                 item = (self._upcoming, 0, 0)
-            slot = self.share.take()
+            slot = self.share.take(item[0].frames)
             if slot is None:
                 return True
             if retry:
@@ -439,11 +443,31 @@ class ChunkScheduler:
         # same frames: no second task, no re-read.
         ref = self.compositors[c].composite.remote(spec, preds, self._context_ref)
         self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
+        log.debug("%s: inference actor %d, compositor %d", spec.describe(), i, c)
+
+    def _note_inferred(self) -> None:
+        """Count the chunks whose predictions are done as off their inference actor's queue
+        (the next chunk goes where the fewest frames wait for a session)."""
+        waiting = {t.predictions: t for t in self._inflight.values() if not t.inferred}
+        if not waiting:
+            return
+        # fetch_local=False: the predictions stay where they are (the compositor reads them)
+        done, _ = self.ray.wait(
+            list(waiting), num_returns=len(waiting), timeout=0, fetch_local=False
+        )
+        for ref in done:
+            self._settle(waiting[ref])
+
+    def _settle(self, task: _Task) -> None:
+        if not task.inferred:
+            task.inferred = True
+            self.share.inferred(task.inference, task.spec.frames)
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
         ray, totals = self.ray, self.totals
         task = self._inflight.pop(ref)
+        self._settle(task)
         self.share.give(task.inference, task.compositor)
         try:
             result: ChunkResult = ray.get(ref)

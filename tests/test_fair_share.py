@@ -122,6 +122,7 @@ def test_chunks_go_to_the_least_loaded_actors_of_all_renders(inference, composit
     load_inf, load_comp = [0] * inference, [0] * compositors  # the reference count
     for op, render, slot in steps:
         if op == "give":
+            renders[render].inferred(slot[0], 1)
             renders[render].give(*slot)
             load_inf[slot[0]] -= 1
             load_comp[slot[1]] -= 1
@@ -132,6 +133,29 @@ def test_chunks_go_to_the_least_loaded_actors_of_all_renders(inference, composit
         load_inf[got[0]] += 1
         load_comp[got[1]] += 1
         assert fair.loads() == (tuple(load_inf), tuple(load_comp))
+
+
+def test_the_next_chunk_goes_where_the_fewest_frames_wait_for_a_session():
+    """Counted until their predictions are done, not until composited: actor 0 holds two
+    chunks being composited (its session is free), actor 1 one it still infers, so the next
+    chunk goes to actor 0 (by chunks in flight it went to actor 1, whose queue grew while
+    actor 0 sat idle); then frames, not chunks, decide."""
+    fair = FairShare(8, inference=2, compositors=2)
+    share = fair.open()
+    assert [share.take(64) for _ in range(3)] == [(0, 0), (1, 1), (0, 0)]
+    share.inferred(0, 64)
+    share.inferred(0, 64)
+    assert fair.loads() == ((2, 1), (2, 1)) and fair.queued_frames() == (0, 64)
+    assert share.take(64)[0] == 0
+    share.inferred(1, 64)
+    assert share.take(64)[0] == 1  # actor 0: 64 frames queued, actor 1: none
+    assert share.take(27)[0] == 1  # 64 frames each: the fewer chunks in flight (3 and 2)
+    assert share.take(64)[0] == 0  # 64 frames against 91
+    assert fair.queued_frames() == (128, 91)
+    with pytest.raises(RuntimeError, match="has 91 of this render's queued"):
+        share.inferred(1, 92)
+    share.close()
+    assert fair.queued_frames() == (0, 0) and fair.loads() == ((0, 0), (0, 0))
 
 
 def test_a_share_is_given_back_when_its_render_raises():
@@ -145,6 +169,7 @@ def test_a_share_is_given_back_when_its_render_raises():
         raise RuntimeError("boom")
     assert share.closed and fair.active == 1 and fair.in_flight == 1
     assert fair.loads() == ((1, 0), (1, 0))  # only the other render's chunk is counted
+    assert fair.queued_frames() == (1, 0)
     share.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         share.take()
@@ -221,8 +246,9 @@ class FakeRay:
     def put(self, value) -> _Ref:
         return _Ref(value)
 
-    def wait(self, refs, num_returns=1, timeout=None):
-        self.wait_timeouts.add(timeout)
+    def wait(self, refs, num_returns=1, timeout=None, fetch_local=True):
+        if timeout != 0:  # a look at the predictions (timeout 0) is not the scheduler's wait
+            self.wait_timeouts.add(timeout)
         with self._lock:
             ready = [r for r in self._pending if r in refs][:num_returns]
             for r in ready:
