@@ -59,7 +59,7 @@ class FairShare:
       counted to the end, an actor whose chunk is being composited looks busy while its
       session is free, the next chunks queue on the other one, and at the end of a render one
       actor still has two chunks to infer while the other has none (a 20-s render on two
-      actors ended 5 chunks to 3, one session idle for 19 % of the chunks phase);
+      actors ended 5 chunks to 3, one session idle 18-20 % of the chunks phase);
     - free room goes to the waiting render with the fewest chunks in flight, the one waiting
       longest on a tie: a render cannot take back the slot its own chunk just freed while
       another render waits for one (with ``limit`` 1 two renders alternate).
