@@ -4,11 +4,13 @@ process from start to exit, and (optionally) the single-process reference on the
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
 from lipsync_ray.config import CPU_BATCH, RenderConfig
 from lipsync_ray.dev.bench import bench_render
+from lipsync_ray.dev.bench_print import print_render_bench
 from lipsync_ray.dev.cpu_budget import PERIODS, chunks_window, cpu_table, split_periods
 from lipsync_ray.errors import InputError
 from lipsync_ray.precision import Precision
@@ -18,7 +20,7 @@ SEQUENTIAL = ["before_render", "inputs", "start", "actors_ready", "chunks", "joi
 
 
 @pytest.mark.ray
-def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path):
+def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path, capsys):
     pytest.importorskip("skimage.data")
     r = bench_render(
         "identity", 1.5, size_wh=(320, 180), avatar_seconds=1.0, batches=(1, 2),
@@ -72,6 +74,17 @@ def test_bench_render_measures_bare_and_the_whole_process_in_one_run(tmp_path):
     assert r.reference == min(r.references.values(), key=lambda ref: ref["wall_s"])
     assert r.speedup == pytest.approx(r.reference["wall_s"] / r.wall_s)
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are removed
+    # The printout says how busy the sessions were in the chunks phase: their turns' wall over
+    # the phase, per actor.
+    print_render_bench(r, r)
+    busy = re.search(r"inference sessions busy (\d+) % of the chunks phase \(mean of (\d+) ",
+                     capsys.readouterr().out)  # fmt: skip
+    assert busy is not None
+    actors = r.settings["pool_resolved"]["inference_actors"]
+    assert int(busy.group(2)) == actors
+    expected = r.stage_wall_ms_per_frame["inference"] * r.frames / 1000 / actors
+    assert int(busy.group(1)) == round(100 * expected / r.phases_s["chunks"])
+    assert 0 < int(busy.group(1)) <= 100
 
 
 @pytest.mark.ray

@@ -73,6 +73,12 @@ def print_render_bench(r, first) -> None:
     chunks_s = r.phases_s.get("chunks", 0.0)
     if chunks_s > 0:
         print(f"  steady state (chunks phase): {r.frames / chunks_s:.2f} FPS")
+    actors = (r.settings.get("pool_resolved") or {}).get("inference_actors")
+    session_ms = r.stage_wall_ms_per_frame.get("inference", 0.0)  # the turns on the sessions
+    if chunks_s > 0 and actors and session_ms:
+        busy = session_ms * r.frames / 1000 / actors / chunks_s
+        print(f"  inference sessions busy {100 * busy:.0f} % of the chunks phase (mean of "
+              f"{actors} actors; the rest waits for chunks, e.g. at the render's end)")  # fmt: skip
     if r.precision_prepare_s:
         print(f"{r.precision.get('precision')} generator quantised and gated before the render "
               f"(once per model, avatar and settings; the render loads it from the cache): "
