@@ -526,7 +526,7 @@ class ChunkScheduler:
     def _restart_hung(self, task: _Task, now: float, last_progress: float) -> None:
         # A hung chunk: restart the actor that holds it (Ray cannot interrupt a running
         # method of a threaded actor); its tasks fail with RayActorError and are retried.
-        done, _ = self.ray.wait([task.predictions], timeout=0)
+        done, _ = self.ray.wait([task.predictions], timeout=0, fetch_local=False)
         actors = self.compositors if done else self.inference
         index = task.compositor if done else task.inference
         stalled = now - max(task.submitted, last_progress)
