@@ -609,20 +609,33 @@ def _embedded_node(*, loopback: bool = True):
     while it starts the raylet; answering for it skips that import, 0.3 s of the driver's CPU
     on the critical path, and the embedded start went from 2.0 s to 1.75 s.
 
-    These are Ray internals (``ray._private.node``, ``ray._private.utils``): where they are not
-    as expected Ray starts as it always does (and ``init_ray`` then refuses the cluster, its
-    address not being the loopback one).
+    Once the raylet is started, ``ray.init`` asks the GCS for its node, and Ray's C++ side asks
+    again every whole second until the raylet has registered (after its two agents start: 1.3 s
+    alone, 2.4 s beside the audio encoder in a render), so the driver slept up to a second
+    after the registration (0.9 s in the run that found it, the CPUs idle). Here the node is
+    asked for every 20 ms first (:func:`_await_node`), and Ray's own request then finds it at
+    once.
+
+    These are Ray internals (``ray._private.node``, ``ray._private.utils``,
+    ``ray._private.services``): where they are not as expected Ray starts as it always does
+    (and ``init_ray`` then refuses the cluster, its address not being the loopback one).
     """
     try:
         from ray._private import node as node_mod
+        from ray._private import services as services_mod
         from ray._private import utils as utils_mod
 
         original = node_mod.Node.__init__
         node_mod.Node.start_api_server  # noqa: B018 - only checks that it exists
         dependency_error = utils_mod.get_dashboard_dependency_error
+        get_node = services_mod.get_node
     except (ImportError, AttributeError):
         yield
         return
+
+    def get_node_once_registered(gcs_address, node_id, *args, **kwargs):
+        _await_node(gcs_address, node_id)
+        return get_node(gcs_address, node_id, *args, **kwargs)
 
     def embedded_init(self, ray_params, *args, **kwargs):
         if kwargs.get("ray_init_cluster") and hasattr(ray_params, "no_monitor"):
@@ -638,11 +651,40 @@ def _embedded_node(*, loopback: bool = True):
     node_mod.Node.__init__ = embedded_init
     # start_raylet passes --minimal to the dashboard agent when this returns a reason
     utils_mod.get_dashboard_dependency_error = lambda: "an embedded cluster (lipsync-ray)"
+    services_mod.get_node = get_node_once_registered
     try:
         yield
     finally:
         node_mod.Node.__init__ = original
         utils_mod.get_dashboard_dependency_error = dependency_error
+        services_mod.get_node = get_node
+
+
+NODE_POLL_S = 0.02
+NODE_WAIT_S = 30.0  # Ray's own wait for a raylet to register (raylet_start_wait_time_s)
+
+
+def _await_node(gcs_address: str, node_id: str, *, timeout_s: float = NODE_WAIT_S) -> bool:
+    """Wait until the GCS at ``gcs_address`` lists node ``node_id`` (hex) as alive, asking
+    every NODE_POLL_S; True once it does. False after ``timeout_s``, or at once where this
+    Ray's client differs from the one expected: the caller then asks Ray as before."""
+    try:
+        from ray._raylet import GcsClient, NodeID
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+        from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+
+        client = GcsClient(address=gcs_address)
+        selector = GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(node_id).binary())
+        alive = GcsNodeInfo.GcsNodeState.ALIVE
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if client.get_all_node_info(timeout=5, node_selectors=[selector], state_filter=alive):
+                log.debug("the raylet registered %.2f s after its start", time.monotonic() - start)
+                return True
+            time.sleep(NODE_POLL_S)
+    except Exception as exc:  # Ray's own wait follows, and reports what is wrong
+        log.debug("asking the GCS for the node failed (%r): Ray's own wait follows", exc)
+    return False
 
 
 def render(
