@@ -63,10 +63,12 @@ from lipsync_ray.media import (
     AAC_FRAME_SAMPLES,  # noqa: F401  (still importable from here)
     AAC_SAMPLE_RATE,  # noqa: F401
     AudioTrack,
+    EncodedAudio,
     MediaInfo,
     atomic_output,
     check_audio,
     container_format,
+    encode_audio,
     mux_options,
     open_input,
     probe,
@@ -82,6 +84,7 @@ from lipsync_ray.options import (
 
 __all__ = [
     "EncodeOptions",
+    "EncodedAudio",
     "MediaInfo",
     "VideoCodec",
     "available_video_codecs",
@@ -89,6 +92,7 @@ __all__ = [
     "check_size_wh",
     "check_video_encoder",
     "concat_segments",
+    "encode_audio",
     "encode_segment",
     "encode_video",
     "probe",
@@ -148,7 +152,7 @@ def encode_segment(
 
 def concat_segments(
     segments: Sequence[Path],
-    audio: np.ndarray | None,
+    audio: np.ndarray | EncodedAudio | None,
     sample_rate: int,
     output: str | Path,
     options: EncodeOptions,
@@ -162,7 +166,9 @@ def concat_segments(
 
     Args:
         segments: segment files from :func:`encode_segment`, in frame order.
-        audio: float32 mono (n,) samples at ``sample_rate``, or None for no audio stream.
+        audio: float32 mono (n,) samples at ``sample_rate``; or the track encoded ahead by
+            :func:`encode_audio` for the same frames and settings (muxed as it is, the same
+            file); or None for no audio stream.
         sample_rate: audio sample rate in Hz.
         output: the final file; written atomically.
         options: the settings the segments were encoded with (fps, audio bit rate).
@@ -208,7 +214,7 @@ def concat_segments(
 
 def encode_video(
     frames: Iterable[np.ndarray],
-    audio: np.ndarray | None,
+    audio: np.ndarray | EncodedAudio | None,
     sample_rate: int,
     output: str | Path,
     options: EncodeOptions,

@@ -10,6 +10,8 @@ its path, verified, renamed), and the AAC audio track that both encode paths mux
     open_input, container_format, mux_options
                                opening a file, the muxer for a suffix, and its options
     AudioTrack, check_audio    AAC over the whole timeline, fed as the video is muxed
+    encode_audio               the same AAC packets encoded ahead, apart from any container
+                               (a thread does it while the last chunks render)
 
 :mod:`lipsync_ray.encode` writes through these; the video encoders are
 :mod:`lipsync_ray.encoders`. This module imports neither.
@@ -34,10 +36,12 @@ __all__ = [
     "AAC_FRAME_SAMPLES",
     "AAC_SAMPLE_RATE",
     "AudioTrack",
+    "EncodedAudio",
     "MediaInfo",
     "atomic_output",
     "check_audio",
     "container_format",
+    "encode_audio",
     "mux_options",
     "open_input",
     "probe",
@@ -210,51 +214,136 @@ def mux_options(fmt: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- audio
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedAudio:
+    """A whole AAC track encoded ahead by :func:`encode_audio`, for :class:`AudioTrack` to mux.
+
+    ``packets`` pairs every packet with the samples the encoder had been given before the
+    block that produced it: the track hands them out in the order and at the points in the
+    video at which encoding there would have produced them, so the file is byte for byte the
+    one that encoding while muxing writes."""
+
+    packets: tuple[tuple[int, av.Packet], ...]
+    video_frames: int
+    fps: int
+    bit_rate: int
+
+
+def encode_audio(
+    audio: np.ndarray, sample_rate: int, video_frames: int, options: EncodeOptions
+) -> EncodedAudio:
+    """Encode the AAC track of ``video_frames`` frames from float32 mono ``audio``, as
+    :class:`AudioTrack` would while muxing, with an encoder of its own (no container)."""
+    audio = check_audio(audio, sample_rate)
+    encoder = _aac_encoder(av.CodecContext.create("aac", "w"), options)
+    packets: list[tuple[int, av.Packet]] = []
+    blocks = _Blocks(audio, sample_rate, video_frames, options.fps)
+    for before, frame in blocks:
+        packets += [(before, p) for p in encoder.encode(frame)]
+    packets += [(blocks.total, p) for p in encoder.encode(None)]
+    return EncodedAudio(tuple(packets), video_frames, options.fps, options.audio_bitrate)
+
+
 class AudioTrack:
     """AAC encoding of the whole timeline, fed lazily so the muxer can interleave.
 
     The input is resampled to 48 kHz fltp and trimmed or zero-padded to exactly
-    ``video_frames / fps`` seconds; AAC frames of 1024 samples carry pts in samples.
+    ``video_frames / fps`` seconds; AAC frames of 1024 samples carry pts in samples. Given
+    :class:`EncodedAudio` (made for the same frames and settings) instead of samples, the
+    track muxes those packets and encodes nothing.
     """
 
     def __init__(
         self,
         out: av.container.OutputContainer,
-        audio: np.ndarray,
+        audio: np.ndarray | EncodedAudio,
         sample_rate: int,
         video_frames: int,
         options: EncodeOptions,
     ) -> None:
-        self._stream = out.add_stream("aac", rate=AAC_SAMPLE_RATE, layout="mono")
-        self._stream.bit_rate = options.audio_bitrate
-        self._stream.codec_context.time_base = Fraction(1, AAC_SAMPLE_RATE)
+        self._stream = _aac_encoder(out.add_stream("aac", rate=AAC_SAMPLE_RATE, layout="mono"),
+                                    options)  # fmt: skip
         self._fps = options.fps
         self._total = video_frames * AAC_SAMPLE_RATE // options.fps
-        self._blocks = _aac_blocks(_resampled(audio, sample_rate, self._total))
+        self._encoded: Iterator[tuple[int, av.Packet]] | None = None
+        self._next: tuple[int, av.Packet] | None = None
+        if isinstance(audio, EncodedAudio):
+            made_for = (audio.video_frames, audio.fps, audio.bit_rate)
+            if made_for != (video_frames, options.fps, options.audio_bitrate):
+                raise InputError(
+                    f"encoded audio for (frames, fps, bit rate) {made_for}, expected "
+                    f"{(video_frames, options.fps, options.audio_bitrate)}"
+                )
+            self._encoded = iter(audio.packets)
+            self._next = next(self._encoded, None)
+        else:
+            self._blocks = _Blocks(audio, sample_rate, video_frames, options.fps)
         self._sent = 0
 
     def packets_until(self, video_frames: int) -> list[av.Packet]:
         """Encode the audio that plays before ``video_frames`` frames of video end."""
-        packets: list[av.Packet] = []
         limit = min(self._total, video_frames * AAC_SAMPLE_RATE // self._fps)
-        while self._sent < limit:
-            packets += self._encode(next(self._blocks))
+        if self._encoded is not None:
+            return self._stored(limit)
+        packets: list[av.Packet] = []
+        for _, frame in self._blocks.until(limit):
+            packets += self._stream.encode(frame)
         return packets
 
     def finish(self) -> list[av.Packet]:
+        if self._encoded is not None:
+            return self._stored(None)
         packets: list[av.Packet] = []
-        for block in self._blocks:
-            packets += self._encode(block)
-        assert self._sent == self._total, (self._sent, self._total)
+        for _, frame in self._blocks:
+            packets += self._stream.encode(frame)
+        assert self._blocks.sent == self._total, (self._blocks.sent, self._total)
         return packets + self._stream.encode(None)  # the one flush of the AAC encoder
 
-    def _encode(self, block: np.ndarray) -> list[av.Packet]:
-        frame = av.AudioFrame.from_ndarray(block[None, :], format="fltp", layout="mono")
-        frame.sample_rate = AAC_SAMPLE_RATE
-        frame.pts = self._sent
-        frame.time_base = Fraction(1, AAC_SAMPLE_RATE)
-        self._sent += block.shape[0]
-        return self._stream.encode(frame)
+    def _stored(self, limit: int | None) -> list[av.Packet]:
+        """The encoded packets of the blocks that start before ``limit`` samples (all: None)."""
+        packets = []
+        while self._next is not None and (limit is None or self._next[0] < limit):
+            packet = self._next[1]
+            packet.stream = self._stream
+            packets.append(packet)
+            self._next = next(self._encoded, None)
+        return packets
+
+
+def _aac_encoder(target, options: EncodeOptions):
+    """``target`` (a stream or a codec context) set up as the track's AAC-LC encoder."""
+    context = getattr(target, "codec_context", target)
+    if context is target:  # a bare context; a stream takes these from add_stream
+        context.sample_rate, context.layout, context.format = AAC_SAMPLE_RATE, "mono", "fltp"
+    target.bit_rate = options.audio_bitrate
+    context.time_base = Fraction(1, AAC_SAMPLE_RATE)
+    return target
+
+
+class _Blocks:
+    """The track's AAC frames: ``(samples before it, AudioFrame)``, exactly ``total`` samples
+    (``video_frames / fps`` seconds at 48 kHz) of ``audio`` resampled, cut in 1024s."""
+
+    def __init__(self, audio: np.ndarray, sample_rate: int, video_frames: int, fps: int):
+        self.total = video_frames * AAC_SAMPLE_RATE // fps
+        self._blocks = _aac_blocks(_resampled(audio, sample_rate, self.total))
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[tuple[int, av.AudioFrame]]:
+        return self.until(None)
+
+    def until(self, limit: int | None) -> Iterator[tuple[int, av.AudioFrame]]:
+        """The frames that start before ``limit`` samples (all: None)."""
+        while limit is None or self.sent < limit:
+            block = next(self._blocks, None)
+            if block is None:
+                return
+            frame = av.AudioFrame.from_ndarray(block[None, :], format="fltp", layout="mono")
+            frame.sample_rate = AAC_SAMPLE_RATE
+            frame.pts = before = self.sent
+            frame.time_base = Fraction(1, AAC_SAMPLE_RATE)
+            self.sent += block.shape[0]
+            yield before, frame
 
 
 def _resampled(audio: np.ndarray, sample_rate: int, total: int) -> Iterator[np.ndarray]:
@@ -300,9 +389,11 @@ def _aac_blocks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield pending
 
 
-def check_audio(audio: np.ndarray | None, sample_rate: int) -> np.ndarray | None:
-    if audio is None:
-        return None
+def check_audio(
+    audio: np.ndarray | EncodedAudio | None, sample_rate: int
+) -> np.ndarray | EncodedAudio | None:
+    if audio is None or isinstance(audio, EncodedAudio):  # EncodedAudio: checked when made
+        return audio
     if not isinstance(sample_rate, int) or sample_rate <= 0:
         raise InputError(f"audio sample rate must be an int > 0, got {sample_rate!r}")
     if not isinstance(audio, np.ndarray) or audio.ndim != 1:

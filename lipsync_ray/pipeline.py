@@ -460,6 +460,7 @@ class Renderer:
                 scheduler = ChunkScheduler(
                     self._ray, pools.inference, pools.compositors, pools.pool, run.work,
                     finished, share=share, cancel=hooks.cancel,
+                    on_submitted_all=partial(run.work.encode_audio_ahead, frames),
                 )  # fmt: skip
                 return scheduler.run(specs, run.work.context())
         finally:
@@ -504,7 +505,8 @@ def _per_frame(timings: dict[str, float], *, rendered: int, total: int) -> dict[
     out = {}
     for stage in STAGES:
         if stage in timings:
-            frames = total if stage in ("features", "download", "encode_join") else rendered
+            driver = stage in ("features", "download", "encode_join", "encode_audio")
+            frames = total if driver else rendered
             out[stage] = 1000.0 * timings[stage] / max(frames, 1)
     return out
 

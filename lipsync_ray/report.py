@@ -24,6 +24,7 @@ STAGES = (
     "upload",  # compositor: the chunk's files up to a work directory off the local disk
     "download",  # driver: the segments (or shards) down from that work directory for the join
     "encode_join",  # driver: join segments by stream copy (or one encoder) + AAC + mux
+    "encode_audio",  # driver: the AAC track encoded ahead in a thread (then not in encode_join)
 )
 
 

@@ -308,6 +308,9 @@ class ChunkScheduler:
             :class:`Cancelled` within about ``WAIT_SHARED_S``; the chunks in flight are
             cancelled where they have not started (a started one finishes and its files are
             adopted by the next render of the same work directory).
+        on_submitted_all: called once, when the last new chunk has been submitted (retries
+            may follow): the render's tail, where the driver can start work that needs no
+            chunk (the AAC track).
     """
 
     def __init__(
@@ -322,8 +325,10 @@ class ChunkScheduler:
         await_actors: Callable[[Sequence, str], None] | None = None,
         share: Share | None = None,
         cancel: threading.Event | None = None,
+        on_submitted_all: Callable[[], None] | None = None,
     ) -> None:
         self.ray, self.pool, self.recorder = ray, pool, recorder
+        self._on_submitted_all = on_submitted_all
         self.inference, self.compositors = list(inference), list(compositors)
         self.on_frames = on_frames
         self._await = await_actors or partial(wait_for_actors, ray)
@@ -404,6 +409,9 @@ class ChunkScheduler:
                     self._upcoming = next(pending, None)
                 if self._upcoming is None:
                     self.share.idle()
+                    if self._on_submitted_all is not None:
+                        self._on_submitted_all()
+                        self._on_submitted_all = None
                     return False
                 item = (self._upcoming, 0, 0)
             slot = self.share.take(item[0].frames)

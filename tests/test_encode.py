@@ -21,6 +21,7 @@ from lipsync_ray.encode import (
     VideoCodec,
     available_video_codecs,
     concat_segments,
+    encode_audio,
     encode_segment,
     encode_video,
     probe,
@@ -522,3 +523,44 @@ def test_remove_partials_takes_only_this_outputs_leftovers(tmp_path: Path) -> No
     removed = remove_partials(tmp_path / "out.mp4")
     assert [p.name for p in removed] == names[:2]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+# The AAC track encoded ahead (encode_audio, in a thread while the last chunks render) is
+# muxed as it is: the file must be the one encoding while muxing writes, byte for byte.
+@pytest.mark.parametrize("join", ["segments", "single"])
+@pytest.mark.parametrize("audio_s", [0.2, 1.0, 3.0])  # shorter, about, longer than the video
+def test_audio_encoded_ahead_writes_the_same_file(tmp_path: Path, join: str, audio_s: float):
+    options = EncodeOptions()
+    audio = tone(audio_s, start_s=0.1)
+    segments = write_segments(tmp_path, options)
+
+    def write(out: Path, track) -> bytes:
+        if join == "segments":
+            concat_segments(segments, track, SR, out, options, expected_frames=N)
+        else:
+            frames = (make_frame(i) for i in range(N))
+            encode_video(frames, track, SR, out, options, expected_frames=N)
+        return out.read_bytes()
+
+    inline = write(tmp_path / "inline.mp4", audio)
+    ahead = write(tmp_path / "ahead.mp4", encode_audio(audio, SR, N, options))
+    assert ahead == inline
+    assert len(decode(tmp_path / "ahead.mp4").audio) > 0
+
+
+@pytest.mark.parametrize(
+    ("made_for", "match"),
+    [
+        ({"video_frames": N + 1}, r"encoded audio for \(frames, fps, bit rate\) \(34, 25, "),
+        ({"fps": 30}, r"\(33, 30, "),
+        ({"bit_rate": 64_000}, r"\(33, 25, 64000\)"),
+    ],
+)
+def test_audio_encoded_for_other_frames_or_settings_is_refused(tmp_path: Path, made_for, match):
+    options = EncodeOptions()
+    segments = write_segments(tmp_path, options)
+    encoded = dataclasses.replace(encode_audio(tone(1.0), SR, N, options), **made_for)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(InputError, match=match):
+        concat_segments(segments, encoded, SR, out, options, expected_frames=N)
+    assert not out.exists()

@@ -298,6 +298,20 @@ def test_alone_the_scheduler_runs_every_chunk_as_before():
     assert fake.actors[:3] == [(0, 0), (1, 1), (0, 0)]
 
 
+@pytest.mark.parametrize("fail", [{}, {9: ray.exceptions.RayError("Traceback\nValueError: flaky")}])
+def test_the_tail_hook_runs_once_when_the_last_new_chunk_is_submitted(fail):
+    """``on_submitted_all`` (the driver starts the AAC track there) runs once, after the last
+    chunk's submission and before the run ends; a retry of the last chunk does not call it
+    again."""
+    fake = FakeRay(fail=fail)
+    seen: list[list[int]] = []
+    scheduler = _scheduler(fake, lambda n: None, on_submitted_all=lambda: seen.append(
+        list(fake.submitted)))  # fmt: skip
+    totals = scheduler.run(_specs(95, 10), context=None)
+    assert len(seen) == 1 and sorted(seen[0]) == list(range(10))  # all ten, none twice
+    assert totals.retries == len(fail) and fake.submitted.count(9) == 1 + len(fail)
+
+
 def test_shared_the_scheduler_keeps_to_its_share_and_gives_it_back():
     fake = FakeRay(fail={2: ray.exceptions.RayError("Traceback\nValueError: flaky")})
     fair = FairShare(POOL.in_flight(), inference=2, compositors=2)

@@ -60,6 +60,8 @@ STAGE_PLACE: dict[str, tuple[str, str]] = {
     "upload": (COMPOSITOR, "steady"),
     "download": (DRIVER, "after"),
     "encode_join": (DRIVER, "after"),
+    # started once the last chunk is submitted: it runs beside the last chunks
+    "encode_audio": (DRIVER, "steady"),
 }
 
 

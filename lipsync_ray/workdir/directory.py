@@ -8,6 +8,8 @@
                                              recorded file verified by its checksum)
     work.context()                           what the compositors need (JobContext)
     work.record(result)                      a finished chunk, into the manifest
+    work.encode_audio_ahead(frames)          the AAC track, in a thread (once the last chunk
+                                             is submitted: the CPUs are freeing up then)
     work.join(plan)                          the MP4: segments by stream copy (or one encoder
                                              over the shards) + the AAC track; chunk files are
                                              fetched from the store first when there is one
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +41,15 @@ import numpy as np
 from lipsync_ray import audio as audio_mod
 from lipsync_ray.chunks import ChunkRange, ChunkResult, JobContext
 from lipsync_ray.config import EncodeMode, RenderConfig
-from lipsync_ray.encode import MediaInfo, concat_segments, encode_video, probe, remove_partials
+from lipsync_ray.encode import (
+    EncodedAudio,
+    MediaInfo,
+    concat_segments,
+    encode_audio,
+    encode_video,
+    probe,
+    remove_partials,
+)
 from lipsync_ray.errors import InputError, LipsyncError
 from lipsync_ray.report import RunReport
 from lipsync_ray.shards import iter_shard_frames, shard_metadata
@@ -51,6 +63,16 @@ __all__ = ["Joined", "WorkDir"]
 log = logging.getLogger(__name__)
 
 TRACK_SAMPLE_RATE = 48_000  # the MP4's AAC track is encoded from the audio at this rate
+
+
+@dataclass(frozen=True)
+class _AheadAudio:
+    """The AAC track encoded ahead (:meth:`WorkDir.encode_audio_ahead`), and its thread's
+    wall and CPU seconds."""
+
+    audio: EncodedAudio
+    wall_s: float
+    cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,8 @@ class WorkDir:
         self._manifest: Manifest | None = None
         self._found: Manifest | None = None  # the manifest that open() found there
         self._claimed = False
+        # The AAC track being encoded ahead: (video frames, its future), or None.
+        self._audio: tuple[int, Future[_AheadAudio]] | None = None
 
     @classmethod
     def open(cls, job: Job, config: RenderConfig) -> WorkDir:
@@ -261,26 +285,64 @@ class WorkDir:
 
     # --------------------------------------------------------------------------- end
 
+    def encode_audio_ahead(self, frames: int) -> None:
+        """Start encoding the MP4's AAC track for ``frames`` video frames in a thread
+        (``lipsync-aac``); :meth:`join` muxes it instead of encoding it (the same bytes). The
+        scheduler calls this once the render's last chunk is submitted: the AAC encode (~0.8
+        CPU-s a minute of audio) then runs beside the last chunks, on CPUs they leave idle,
+        instead of on the join's critical path. Once per work directory; later calls do
+        nothing."""
+        if self._audio is not None:
+            return
+        future: Future[_AheadAudio] = Future()
+        job, options = self.job, self.config.encode
+
+        def run() -> None:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
+                encoded = encode_audio(track, TRACK_SAMPLE_RATE, frames, options)
+            except BaseException as exc:  # raised again by the join, which needs the track
+                future.set_exception(exc)
+                return
+            future.set_result(
+                _AheadAudio(encoded, time.perf_counter() - w0, time.thread_time() - c0)
+            )
+
+        threading.Thread(target=run, name="lipsync-aac", daemon=True).start()
+        self._audio = (frames, future)
+
     def join(self, plan: Sequence[ChunkRange]) -> Joined:
         """Write ``job.output`` from the recorded segments (stream copy) or shards (one
         encoder), with the job's audio as the AAC track. Times the download of the chunk
-        files from the store (``download``) and the encode (``encode_join``)."""
+        files from the store (``download``), the AAC track where it was encoded ahead
+        (``encode_audio``: its thread's wall and CPU) and the encode (``encode_join``)."""
         timings, cpu = {}, {}
+        frames = sum(r.frames for r in plan)
+        ahead = None
+        if self._audio is not None and self._audio[0] == frames:
+            # Waited for first: the thread's CPU is its own stage, not the join's (process_time
+            # counts every thread of the driver).
+            ahead = self._audio[1].result()
+            timings["encode_audio"], cpu["encode_audio"] = ahead.wall_s, ahead.cpu_s
         t0, c0 = time.perf_counter(), time.process_time()
         if self.job.remote is not None:
             self.job.remote.fetch(self.manifest, segments=self.segments)
             timings["download"] = time.perf_counter() - t0
             cpu["download"] = time.process_time() - c0
             t0, c0 = time.perf_counter(), time.process_time()
-        media = self._encode(plan)
+        media = self._encode(plan, None if ahead is None else ahead.audio)
         timings["encode_join"] = time.perf_counter() - t0
         cpu["encode_join"] = time.process_time() - c0
         return Joined(media, timings, cpu)
 
-    def _encode(self, plan: Sequence[ChunkRange]) -> MediaInfo:
+    def _encode(self, plan: Sequence[ChunkRange], ahead: EncodedAudio | None) -> MediaInfo:
         job, config, manifest = self.job, self.config, self.manifest
         frames = sum(r.frames for r in plan)
-        track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
+        if ahead is not None:
+            track: np.ndarray | EncodedAudio = ahead
+        else:
+            track = audio_mod.load_audio(job.audio, sample_rate=TRACK_SAMPLE_RATE)
         for stale in remove_partials(job.output):  # from a driver killed mid-encode
             log.info("removed %s, left by an interrupted encode", stale)
         if self.segments:
