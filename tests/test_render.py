@@ -116,6 +116,8 @@ def test_identity_render_reproduces_the_avatar(ray_cluster, small_models, inputs
         "composite",
         "shard_write",
         "encode",
+        "encode_join",
+        "encode_audio",  # the AAC track, encoded ahead once the last chunk was submitted
     }
 
 
@@ -131,6 +133,14 @@ def test_resume_reuses_verified_chunks(ray_cluster, small_models, inputs, tmp_pa
     assert second.chunks_reused == first.chunks - 1 and second.chunks_rendered == 1
     _, tables = _shard_table(Path(second.work_dir))
     assert len(tables) == first.chunks
+    assert "encode_audio" in second.stages.ms_per_frame
+
+    # nothing left to render: no chunk is submitted, so the join encodes the AAC track itself
+    out.unlink()
+    third = render(inputs["avatar"], inputs["audio"], out, config)
+    assert third.chunks_rendered == 0 and "encode_audio" not in third.stages.ms_per_frame
+    media = probe(out)
+    assert abs(media.audio_duration_s - media.video_duration_s) <= 1 / 25
 
     other = replace(config, start_frame=5, overwrite=False)
     out.unlink()
