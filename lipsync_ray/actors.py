@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import ray
 
 from lipsync_ray.audio import audio_windows
 from lipsync_ray.avatar import Avatar
-from lipsync_ray.chunks import ChunkResult, ChunkSpec, JobContext, Predictions
+from lipsync_ray.chunks import ChunkResult, ChunkSpec, JobContext, Predictions, joined_predictions
 from lipsync_ray.composite import blend_into, crossfade_frame
 from lipsync_ray.contract import (
     AUDIO_CHANNELS,
@@ -37,7 +37,7 @@ from lipsync_ray.contract import (
     VISUAL_CHANNELS,
 )
 from lipsync_ray.encode import EncodeOptions, VideoCodec, encode_segment
-from lipsync_ray.errors import InputError, ModelError
+from lipsync_ray.errors import InputError, ModelError, RenderError
 from lipsync_ray.inference import (
     GPU_PROVIDERS,
     GeneratorSession,
@@ -70,6 +70,37 @@ CONCURRENCY_GROUPS = {"control": 1}
 # Ray's queue. Each thread keeps its own input and output buffers (~60 MB for 64 frames).
 INFERENCE_CHUNK_THREADS = 4
 INFERENCE_CONCURRENCY_GROUPS = {**CONCURRENCY_GROUPS, "chunks": INFERENCE_CHUNK_THREADS}
+
+
+class Backlog:
+    """The frames an inference actor still has to infer, per ``infer`` call it runs (by Ray
+    task id): what the driver asks (:meth:`InferenceActor.backlog`) to split a chunk at the
+    render's end between the actors so that they finish together."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def counting(self, task_id: str, frames: int) -> Iterator[Callable[[int], None]]:
+        """Count ``frames`` for ``task_id`` while the block runs; it calls the function it
+        gets with the frames each batch inferred."""
+
+        def inferred(n: int) -> None:
+            with self._lock:
+                self._left[task_id] -= n
+
+        with self._lock:
+            self._left[task_id] = frames
+        try:
+            yield inferred
+        finally:
+            with self._lock:
+                self._left.pop(task_id, None)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._left)
 
 
 class Turns:
@@ -249,6 +280,7 @@ class InferenceActor:
         # every chunk).
         self._local = threading.local()
         self._turns = Turns()
+        self._backlog = Backlog()
         log.info("inference actor ready: %s", self.info)
 
     @ray.method(concurrency_group="control")
@@ -262,6 +294,12 @@ class InferenceActor:
         the other chunks waiting here for their turn."""
         return self._turns.holder
 
+    @ray.method(concurrency_group="control")
+    def backlog(self) -> dict[str, int]:
+        """Frames still to infer in each ``infer`` call running here (queued for its turn or
+        inferring), by Ray task id; calls Ray has not handed to a thread yet are not in it."""
+        return self._backlog.snapshot()
+
     def _buffers(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """This thread's (visual inputs, output images) buffers for ``frames`` frames."""
         local = self._local
@@ -274,31 +312,34 @@ class InferenceActor:
     def infer(self, spec: ChunkSpec) -> Predictions:
         """The chunk's predictions. Several chunks may be here at once (one thread each):
         they take turns on the session (:class:`Turns`), and the stage clock counts only the
-        turns, not the waits between them."""
+        turns, not the waits between them. Its frames still to infer are in :meth:`backlog`
+        while it runs."""
         clock = _StageClock()
         key = (spec.priority, spec.chunk)
         task_id = ray.get_runtime_context().get_task_id()
         visual_buf, out = self._buffers(spec.frames)
-        with self._turns.turn(key, task_id):
-            clock.restart()
-            visual = self.avatar.read_visual_inputs(spec.avatar_indices, visual_buf)
-            audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
-            # Returning copies it into the object store, so the buffer is free afterwards.
-            if spec.weights is not None:
-                out[:] = 0  # frames that skip inference
-            clock.lap("model_input")
         rows = np.arange(spec.frames) if spec.weights is None else np.flatnonzero(spec.weights > 0)
-        for b in range(0, len(rows), self.batch_size):
-            batch = rows[b : b + self.batch_size]
+        with self._backlog.counting(task_id, len(rows)) as inferred:
             with self._turns.turn(key, task_id):
                 clock.restart()
-                if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
-                    lo, hi = batch[0], batch[-1] + 1
-                    # Written in place: with graph I/O the session binds ``out`` as the output.
-                    self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
-                else:
-                    out[batch] = self.session.predict(visual[batch], audio[batch])
-                clock.lap("inference")
+                visual = self.avatar.read_visual_inputs(spec.avatar_indices, visual_buf)
+                audio = audio_windows(spec.feature_rows, np.arange(spec.frames) + AUDIO_CONTEXT)
+                # Returning copies it into the object store, so the buffer is free afterwards.
+                if spec.weights is not None:
+                    out[:] = 0  # frames that skip inference
+                clock.lap("model_input")
+            for b in range(0, len(rows), self.batch_size):
+                batch = rows[b : b + self.batch_size]
+                with self._turns.turn(key, task_id):
+                    clock.restart()
+                    if len(batch) == batch[-1] - batch[0] + 1:  # contiguous: views, no copies
+                        lo, hi = batch[0], batch[-1] + 1
+                        # Written in place: with graph I/O the session binds ``out`` as output.
+                        self.session.predict(visual[lo:hi], audio[lo:hi], out=out[lo:hi])
+                    else:
+                        out[batch] = self.session.predict(visual[batch], audio[batch])
+                    clock.lap("inference")
+                inferred(len(batch))
         return Predictions(spec.chunk, out, clock.wall, clock.cpu, self.info.name)
 
 
@@ -321,11 +362,13 @@ def _staged(method):
     this node's scratch directory, then upload what it wrote (see ``WorkStore.publish``)."""
 
     @functools.wraps(method)
-    def run(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
+    def run(
+        self, spec: ChunkSpec, predictions: Predictions, job: JobContext, *more: Predictions
+    ) -> ChunkResult:
         if job.store is None:
-            return method(self, spec, predictions, job)
+            return method(self, spec, predictions, job, *more)
         scratch = job.store.scratch()
-        result = method(self, spec, predictions, replace(job, work_dir=str(scratch)))
+        result = method(self, spec, predictions, replace(job, work_dir=str(scratch)), *more)
         clock = _StageClock()
         job.store.publish(scratch, result)
         clock.lap("upload")
@@ -394,8 +437,18 @@ class CompositorActor:
         return self._buffer[:count]
 
     @_staged
-    def composite(self, spec: ChunkSpec, predictions: Predictions, job: JobContext) -> ChunkResult:
-        """Composite the chunk, write its shard and (``job.segments``) its H.264 segment."""
+    def composite(
+        self, spec: ChunkSpec, predictions: Predictions, job: JobContext, *more: Predictions
+    ) -> ChunkResult:
+        """Composite the chunk, write its shard and (``job.segments``) its H.264 segment.
+        A chunk whose inference was split comes with the predictions of every part
+        (``predictions`` then ``more``, in frame order), joined here."""
+        predictions = joined_predictions((predictions, *more))
+        if len(predictions.images) != spec.frames:
+            raise RenderError(
+                f"{spec.describe()}: predictions of {len(predictions.images)} frames, "
+                f"expected {spec.frames}"
+            )
         clock = _StageClock()
         idx = spec.avatar_indices
         frames = self.avatar.read_frames(idx, out=self._frames(spec.frames))

@@ -6,9 +6,12 @@ final join) takes the same list of :class:`ChunkRange` values.
 
 What crosses the actor boundary for a chunk: the driver sends a :class:`ChunkSpec` to an
 inference actor, which returns :class:`Predictions`; a compositor gets both and the render's
-:class:`JobContext`, and returns a :class:`ChunkResult`. Plain frozen values (NumPy arrays and
-numbers): this module loads neither Ray nor the libraries the actors use, so the driver-only
-parts (the work directory, the scheduler) can name them without importing the actors.
+:class:`JobContext`, and returns a :class:`ChunkResult`. At a render's end a chunk's inference
+may be split between inference actors (:meth:`ChunkSpec.part`); the compositor then gets every
+part's predictions, in frame order, and joins them (:func:`joined_predictions`). Plain frozen
+values (NumPy arrays and numbers): this module loads neither Ray nor the libraries the actors
+use, so the driver-only parts (the work directory, the scheduler) can name them without
+importing the actors.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lipsync_ray.contract import FEATURE_CONTEXT
 from lipsync_ray.options import BlendOptions, ShardCodec
 
 if TYPE_CHECKING:
@@ -30,6 +34,7 @@ __all__ = [
     "ChunkSpec",
     "JobContext",
     "Predictions",
+    "joined_predictions",
     "plan_chunks",
 ]
 
@@ -95,6 +100,18 @@ class ChunkSpec:
     def describe(self) -> str:
         return self.range.describe()
 
+    def part(self, lo: int, hi: int) -> ChunkSpec:
+        """Frames ``[lo, hi)`` of this chunk (counted from its start) as a spec of their own,
+        for an inference actor: same chunk number and priority, the feature rows and avatar
+        frames of those frames alone, so its predictions are those frames of the whole's."""
+        if not 0 <= lo < hi <= self.frames:
+            raise ValueError(f"part [{lo}, {hi}) of a chunk of {self.frames} frames")
+        return ChunkSpec(
+            self.chunk, self.start + lo, self.start + hi, self.avatar_indices[lo:hi],
+            self.feature_rows[lo : hi + FEATURE_CONTEXT],
+            None if self.weights is None else self.weights[lo:hi], self.priority,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Predictions:
@@ -105,6 +122,24 @@ class Predictions:
     timings_s: dict[str, float]  # wall seconds per stage
     cpu_s: dict[str, float]  # CPU seconds per stage (all threads of the actor process)
     actor: str
+
+
+def joined_predictions(parts: tuple[Predictions, ...]) -> Predictions:
+    """One chunk's predictions from those of its parts, given in frame order: the images
+    one after another, each stage's seconds summed (the session time of every part)."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.chunk for p in parts}) != 1:
+        raise ValueError(f"parts of chunks {[p.chunk for p in parts]}, expected one chunk")
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.timings_s.items():
+            timings[k] = timings.get(k, 0.0) + v
+        for k, v in p.cpu_s.items():
+            cpu[k] = cpu.get(k, 0.0) + v
+    images = np.concatenate([p.images for p in parts])
+    return Predictions(parts[0].chunk, images, timings, cpu, "+".join(p.actor for p in parts))
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,21 @@ class Share:
             self._queued[inference] -= frames
             self.fair._queued[inference] -= frames
 
+    def move(self, frames: int, source: int, target: int) -> None:
+        """``frames`` of a chunk taken on inference actor ``source`` go to ``target`` instead
+        (a part of its inference split off); :meth:`inferred` then names ``target`` for them.
+        The chunk stays in flight on ``source``'s slot."""
+        with self.fair._lock:
+            if self._queued[source] < frames:
+                raise RuntimeError(
+                    f"move() of {frames} frames from inference actor {source}, which has "
+                    f"{self._queued[source]} of this render's queued"
+                )
+            self._queued[source] -= frames
+            self._queued[target] += frames
+            self.fair._queued[source] -= frames
+            self.fair._queued[target] += frames
+
     def give(self, inference: int, compositor: int) -> None:
         """A chunk taken on these actors is no longer in flight."""
         with self.fair._lock:

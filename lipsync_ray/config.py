@@ -61,6 +61,9 @@ class PoolConfig:
     max_retries: int = 3
     # A chunk with no result within this many seconds is cancelled and retried.
     chunk_timeout_s: float = 900.0
+    # Split the inference of a render's last chunks (one per inference actor) between the
+    # inference actors by what each still has to infer, so that they finish together.
+    split_tail: bool = True
     placement: Placement = Placement.AUTO
 
     def in_flight(self) -> int:

@@ -253,6 +253,11 @@ OPTION_FLAGS: tuple[Flag, ...] = (
         "--chunk-timeout", ("pool", "chunk_timeout_s"), "seconds before a chunk counts as hung",
         POOL, float,
     ),
+    _switch(
+        "--no-split-tail", ("pool", "split_tail"),
+        "keep a render's last chunks whole on one generator actor each, instead of splitting "
+        "them between the actors so that they finish together", POOL, on=False,
+    ),
     _choice(
         "--placement", ("pool", "placement"), Placement,
         "auto: Ray decides (one machine); split: compositors on CPU-only nodes", POOL,

@@ -85,6 +85,11 @@ WAIT_ALONE_S = 1.0
 WAIT_SHARED_S = 0.1
 # How long a hung chunk's inference actor has to name the chunk that holds its session.
 HOLDER_TIMEOUT_S = 2.0
+# At a render's end (its last chunks, one per inference actor) a chunk's inference is split
+# between the inference actors so that they finish together (split_frames), none getting
+# fewer than this many frames; the actors have this long to say what they still hold.
+MIN_PART_FRAMES = 8
+BACKLOG_TIMEOUT_S = 1.0
 
 
 def padded_rows(features: np.ndarray, chunk: ChunkRange) -> np.ndarray:
@@ -182,16 +187,26 @@ class ChunkTotals:
 
 
 @dataclass
+class _Part:
+    """Frames of a chunk inferred by one ``infer`` call (the whole chunk but at a render's
+    end, where it may be split between the inference actors)."""
+
+    inference: int
+    predictions: object  # ObjectRef[Predictions]
+    frames: int
+    inferred: bool = False  # its frames no longer count as queued on its inference actor
+
+
+@dataclass
 class _Task:
     spec: ChunkSpec
     attempt: int
     submitted: float
-    inference: int
+    inference: int  # the slot's inference actor (the share counts the chunk in flight there)
     compositor: int
-    predictions: object  # ObjectRef[Predictions]
+    parts: list[_Part]  # in frame order
     system_failures: int = 0  # lost workers or nodes; not counted against max_retries
     timed_out: bool = False  # its actor was restarted because the chunk hung
-    inferred: bool = False  # its frames no longer count as queued on its inference actor
 
 
 def wait_for_actors(ray, actors: Sequence, what: str) -> None:
@@ -287,6 +302,27 @@ def decide_failure(
     return ChunkDecision(Next.RETRY, attempt + 1, system_failures, system, reason)
 
 
+def split_frames(backlog: Sequence[int], frames: int, min_part: int) -> list[int]:
+    """How many of a chunk's ``frames`` each inference actor should infer, given the frames
+    each still has to infer (``backlog``), so that they finish as close together as can be:
+    water filling, the least loaded first, no actor given fewer than ``min_part`` (those go
+    to the others; a chunk shorter than that stays whole). Ties go to the lower index."""
+    order = sorted(range(len(backlog)), key=lambda j: (backlog[j], j))
+    for k in range(len(order), 1, -1):
+        use = order[:k]  # the k least loaded
+        level = (frames + sum(backlog[j] for j in use)) / k
+        shares = {j: level - backlog[j] for j in use}
+        if min(shares.values()) < min_part:
+            continue  # the k-th is (nearly) above the water: fewer actors
+        sizes = {j: int(share) for j, share in shares.items()}
+        # the frames rounding left over: to the largest remainders, then the lower index
+        by_remainder = sorted(use, key=lambda j: (sizes[j] - shares[j], j))
+        for j in by_remainder[: frames - sum(sizes.values())]:
+            sizes[j] += 1
+        return [sizes.get(j, 0) for j in range(len(backlog))]
+    return [frames if j == order[0] else 0 for j in range(len(backlog))]
+
+
 class ChunkScheduler:
     """Runs chunks through both pools with bounded in-flight work, retries and timeouts.
 
@@ -342,7 +378,10 @@ class ChunkScheduler:
                                         len(self.compositors)).open()  # fmt: skip
         self.cancel = cancel
         self._wait_s = WAIT_ALONE_S if share is None and cancel is None else WAIT_SHARED_S
-        self._upcoming: ChunkSpec | None = None  # the next new chunk, taken from specs
+        # The next new chunks, taken from specs ahead of their submission: one more than there
+        # are inference actors, to know when a chunk is one of the render's last.
+        self._ahead: deque[ChunkSpec] = deque()
+        self._specs_left = True
         self._finished_chunks = 0
         self._context_ref = None
 
@@ -405,23 +444,29 @@ class ChunkScheduler:
             if retry:
                 item = retry[0]
             else:
-                if self._upcoming is None:
-                    self._upcoming = next(pending, None)
-                if self._upcoming is None:
+                while self._specs_left and len(self._ahead) <= len(self.inference):
+                    spec = next(pending, None)
+                    if spec is None:
+                        self._specs_left = False
+                    else:
+                        self._ahead.append(spec)
+                if not self._ahead:
                     self.share.idle()
                     if self._on_submitted_all is not None:
                         self._on_submitted_all()
                         self._on_submitted_all = None
                     return False
-                item = (self._upcoming, 0, 0)
+                item = (self._ahead[0], 0, 0)
             slot = self.share.take(item[0].frames)
             if slot is None:
                 return True
+            # One of the render's last chunks (one per inference actor): split between them.
+            split = not retry and not self._specs_left and self.pool.split_tail
             if retry:
                 retry.popleft()
             else:
-                self._upcoming = None
-            self._submit(*item, slot=slot)
+                self._ahead.popleft()
+            self._submit(*item, slot=slot, split=split)
 
     def _check_cancel(self) -> None:
         if self.cancel is None or not self.cancel.is_set():
@@ -429,7 +474,7 @@ class ChunkScheduler:
         # Chunks not started yet are dropped; a started one cannot be interrupted (threaded
         # actors), finishes, and its renamed files are adopted by the next render.
         for task_ref, task in self._inflight.items():
-            for ref in (task_ref, task.predictions):
+            for ref in (task_ref, *(p.predictions for p in task.parts)):
                 with contextlib.suppress(Exception):
                     self.ray.cancel(ref)
         raise Cancelled(
@@ -444,19 +489,66 @@ class ChunkScheduler:
         system_failures: int = 0,
         *,
         slot: tuple[int, int],
+        split: bool = False,
     ) -> None:
         i, c = slot
-        preds = self.inference[i].infer.remote(spec)
+        sizes = self._split(spec, i) if split else None
+        if sizes is None:
+            parts = [_Part(i, self.inference[i].infer.remote(spec), spec.frames)]
+        else:
+            parts, lo = [], 0
+            for j, size in enumerate(sizes):
+                if size:
+                    if j != i:
+                        self.share.move(size, i, j)
+                    ref = self.inference[j].infer.remote(spec.part(lo, lo + size))
+                    parts.append(_Part(j, ref, size))
+                    lo += size
         # One compositor call writes the chunk's shard and encodes its segment from the
-        # same frames: no second task, no re-read.
-        ref = self.compositors[c].composite.remote(spec, preds, self._context_ref)
-        self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, preds, system_failures)
-        log.debug("%s: inference actor %d, compositor %d", spec.describe(), i, c)
+        # same frames: no second task, no re-read. A split chunk's parts come in frame order.
+        first, *more = (p.predictions for p in parts)
+        ref = self.compositors[c].composite.remote(spec, first, self._context_ref, *more)
+        self._inflight[ref] = _Task(spec, attempt, time.monotonic(), i, c, parts, system_failures)
+        log.debug(
+            "%s: inference actor %s, compositor %d", spec.describe(),
+            " + ".join(f"{p.inference} ({p.frames} frames)" if sizes else str(p.inference)
+                       for p in parts), c,
+        )  # fmt: skip
+
+    def _split(self, spec: ChunkSpec, slot: int) -> list[int] | None:
+        """Frames of ``spec`` for each inference actor (:func:`split_frames`) by what each
+        still has to infer (one part only where one actor should take it all); None to leave
+        the chunk whole on ``slot``'s actor (one actor, a short chunk, the split says so, or an
+        actor that did not answer within BACKLOG_TIMEOUT_S)."""
+        if len(self.inference) < 2 or spec.frames < 2 * MIN_PART_FRAMES:
+            return None
+        self._note_inferred()
+        try:
+            started = self.ray.get(
+                [actor.backlog.remote() for actor in self.inference], timeout=BACKLOG_TIMEOUT_S
+            )
+        except self.ray.exceptions.RayError as exc:
+            log.debug("%s stays whole: an inference actor did not answer (%s)",
+                      spec.describe(), short(exc))  # fmt: skip
+            return None
+        # What the actors run (queued for a turn or inferring), and this render's parts that
+        # they have not started yet (just submitted, or still in Ray's queue).
+        backlog = [sum(frames.values()) for frames in started]
+        for task in self._inflight.values():
+            for p in task.parts:
+                if not p.inferred and p.predictions.task_id().hex() not in started[p.inference]:
+                    backlog[p.inference] += p.frames
+        sizes = split_frames(backlog, spec.frames, MIN_PART_FRAMES)
+        if sizes[slot] == spec.frames:
+            return None
+        log.debug("%s split %s by the frames left to infer %s", spec.describe(), sizes, backlog)
+        return sizes
 
     def _note_inferred(self) -> None:
         """Count the chunks whose predictions are done as off their inference actor's queue
         (the next chunk goes where the fewest frames wait for a session)."""
-        waiting = {t.predictions: t for t in self._inflight.values() if not t.inferred}
+        waiting = {p.predictions: p for t in self._inflight.values() for p in t.parts
+                   if not p.inferred}  # fmt: skip
         if not waiting:
             return
         # fetch_local=False: the predictions stay where they are (the compositor reads them)
@@ -464,12 +556,16 @@ class ChunkScheduler:
             list(waiting), num_returns=len(waiting), timeout=0, fetch_local=False
         )
         for ref in done:
-            self._settle(waiting[ref])
+            self._settle_part(waiting[ref])
 
     def _settle(self, task: _Task) -> None:
-        if not task.inferred:
-            task.inferred = True
-            self.share.inferred(task.inference, task.spec.frames)
+        for part in task.parts:
+            self._settle_part(part)
+
+    def _settle_part(self, part: _Part) -> None:
+        if not part.inferred:
+            part.inferred = True
+            self.share.inferred(part.inference, part.frames)
 
     def _finished(self, ref) -> None:
         """Record a chunk whose result is ready, or hand its failure to :meth:`_failed`."""
@@ -526,19 +622,22 @@ class ChunkScheduler:
         self._retry.append((task.spec, decision.attempt, decision.system_failures))
 
     def _await_actors(self, task: _Task) -> None:
-        """Block until the two actors of a failed chunk answer again (Ray restarts them)."""
-        actors = (self.inference[task.inference], self.compositors[task.compositor])
+        """Block until the actors of a failed chunk answer again (Ray restarts them)."""
+        inference = sorted({task.inference, *(p.inference for p in task.parts)})
+        actors = (*(self.inference[i] for i in inference), self.compositors[task.compositor])
         self.share.idle()  # blocks here: other renders should not wait for this one meanwhile
         self._await(actors, task.spec.describe())
 
     def _restart_hung(self, task: _Task, now: float, last_progress: float) -> None:
         # A hung chunk: restart the actor that holds it (Ray cannot interrupt a running
         # method of a threaded actor); its tasks fail with RayActorError and are retried.
-        done, _ = self.ray.wait([task.predictions], timeout=0, fetch_local=False)
-        actors = self.compositors if done else self.inference
-        index = task.compositor if done else task.inference
+        refs = [p.predictions for p in task.parts]
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        waiting = [p for p in task.parts if p.predictions not in done]
+        actors = self.inference if waiting else self.compositors
+        index = waiting[0].inference if waiting else task.compositor
         stalled = now - max(task.submitted, last_progress)
-        if not done:
+        if waiting:
             # The oldest chunk may be only waiting for its turn on the session behind the one
             # that hangs (a lower chunk index goes first): the hang is charged to the holder.
             holder = self._session_holder(index)
@@ -565,8 +664,9 @@ class ChunkScheduler:
             log.debug("inference actor %d did not name its session's holder: %s", index, exc)
             return None
         for task in self._inflight.values():
-            if task.inference == index and task.predictions.task_id().hex() == task_id:
-                return task
+            for p in task.parts:
+                if p.inference == index and p.predictions.task_id().hex() == task_id:
+                    return task
         return None
 
 

@@ -246,6 +246,7 @@ def _non_default_values() -> dict:
         "--chunk-frames": 32,
         "--max-retries": 0,
         "--chunk-timeout": 12.5,
+        "--no-split-tail": False,
         "--placement": Placement.SPLIT,
         "--providers": (Provider.CUDA, Provider.CPU),
         "--gpu-mem-limit": 11 << 29,  # 5.5 GiB

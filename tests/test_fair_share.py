@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,10 +20,12 @@ from lipsync_ray.concurrency import RenderHooks
 from lipsync_ray.config import PoolConfig
 from lipsync_ray.errors import Cancelled, InputError, RenderError
 from lipsync_ray.scheduler import (
+    MIN_PART_FRAMES,
     WAIT_ALONE_S,
     WAIT_SHARED_S,
     ChunkScheduler,
     FairShare,
+    split_frames,
 )
 
 # ---------------------------------------------------------------------------- FairShare alone
@@ -212,24 +215,41 @@ class FakeRay:
         self.cancelled: list[_Ref] = []
         self.wait_timeouts: set[float] = set()
         self.max_in_flight = 0
+        self.parts: dict[int, list[tuple[int, int]]] = {}  # chunk: (inference, frames) parts
         self._fail = dict(fail or {})
         self._pending: list[_Ref] = []
         self._lock = threading.Lock()
 
     def actors_for(self, inference: int, compositors: int) -> tuple[list, list]:
         inf = [
-            SimpleNamespace(infer=_Method(lambda spec, i=i: _Ref(("preds", i, spec.chunk))))
+            SimpleNamespace(
+                infer=_Method(lambda spec, i=i: self._predictions(i, spec)),
+                backlog=_Method(lambda: _Ref({})),  # no call started: every part counts whole
+            )
             for i in range(inference)
         ]
         comp = [
             SimpleNamespace(
-                composite=_Method(lambda spec, p, ctx, c=c: self._composite(spec, p, c))
+                composite=_Method(
+                    lambda spec, p, ctx, *more, c=c: self._composite(spec, p, c, more)
+                )
             )
             for c in range(compositors)
         ]
         return inf, comp
 
-    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int) -> _Ref:
+    def _predictions(self, i: int, spec: ChunkSpec) -> _Ref:
+        ref = _Ref(("preds", i, spec.chunk, spec.start, spec.stop))
+        ref.task_id = lambda ref=ref: SimpleNamespace(hex=lambda: f"task-{ref.id}")
+        return ref
+
+    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int, more=()) -> _Ref:
+        parts = [p.value for p in (preds, *more)]
+        assert [(p[3], p[4]) for p in parts] == list(
+            zip([spec.start, *(p[4] for p in parts[:-1])], [p[4] for p in parts], strict=True)
+        ), "the parts of a chunk, in frame order, cover it"
+        assert parts[-1][4] == spec.stop and all(p[2] == spec.chunk for p in parts)
+        self.parts[spec.chunk] = [(p[1], p[4] - p[3]) for p in parts]
         error = self._fail.pop(spec.chunk, None)
         result = SimpleNamespace(
             shard=SimpleNamespace(rows=spec.frames), segment=None, timings_s={"composite": 0.1},
@@ -256,6 +276,8 @@ class FakeRay:
         return ready, [r for r in refs if r not in ready]
 
     def get(self, ref: _Ref, timeout=None):
+        if isinstance(ref, list):
+            return [self.get(r) for r in ref]
         if ref.error is not None:
             raise ref.error
         return ref.value
@@ -413,8 +435,7 @@ class _HangingRay(FakeRay):
         return inf, comp
 
     def _infer(self, spec: ChunkSpec) -> _Ref:
-        ref = _Ref(("preds", 0, spec.chunk))
-        ref.task_id = lambda ref=ref: SimpleNamespace(hex=lambda: f"task-{ref.id}")
+        ref = self._predictions(0, spec)
         self._infers[spec.chunk] = ref
         return ref
 
@@ -422,8 +443,8 @@ class _HangingRay(FakeRay):
         infer = self._infers.get(self.holder)
         return _Ref(None if infer is None else infer.task_id().hex())
 
-    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int) -> _Ref:
-        ref = super()._composite(spec, preds, c)
+    def _composite(self, spec: ChunkSpec, preds: _Ref, c: int, more=()) -> _Ref:
+        ref = super()._composite(spec, preds, c, more)
         with self._lock:
             self._pending.remove(ref)
             self._hung.append(ref)
@@ -466,3 +487,51 @@ def test_a_hang_is_charged_to_the_chunk_that_holds_the_session(holder, charged, 
     assert fake.killed == 1
     restarts = [r.getMessage() for r in caplog.records if "restarting its actor" in r.getMessage()]
     assert len(restarts) == 1 and restarts[0].startswith(charged), restarts
+
+
+@pytest.mark.parametrize(
+    ("backlog", "frames", "expected"),
+    [
+        ((0, 0), 64, [32, 32]),  # both idle: halves
+        ((64, 0), 64, [0, 64]),  # one a whole chunk behind: the chunk goes to the other
+        ((40, 0), 64, [12, 52]),  # level 52: 52 - 40 and 52 - 0
+        ((60, 0), 64, [0, 64]),  # 2 frames for actor 0 would be below the minimum part
+        ((0, 0), 15, [15, 0]),  # too short to split: whole, to the lower index
+        ((5, 5), 21, [11, 10]),  # the odd frame to the lower index
+        ((0, 10, 20, 30), 64, [32, 21, 11, 0]),  # level 31.3 for three; the frame left to 0
+        ((7, 7, 7, 7), 64, [16, 16, 16, 16]),
+        ((100, 0, 100, 0), 20, [0, 10, 0, 10]),
+    ],
+)
+def test_split_frames_evens_out_what_the_inference_actors_have_left(backlog, frames, expected):
+    sizes = split_frames(list(backlog), frames, min_part=8)
+    assert sizes == expected and sum(sizes) == frames
+    ends = [b + n for b, n in zip(backlog, sizes, strict=True) if n]
+    assert max(ends) - min(ends) <= 1  # the actors that get frames finish together
+
+
+def test_the_last_chunks_are_split_between_the_inference_actors():
+    """A render's last chunks, one per inference actor, are inferred in parts on both actors
+    (each part a spec of its own frames, the compositor given them in frame order); the
+    others stay whole; the share's queued frames come back to zero."""
+    fake = FakeRay()
+    fair = FairShare(POOL.in_flight(), inference=2, compositors=2)
+    with fair.share() as share:
+        totals = _scheduler(fake, lambda n: None, share=share).run(_specs(140, 32), context=None)
+    assert totals.generated == 140 and sorted(fake.submitted) == list(range(5))
+    whole = {c: p for c, p in fake.parts.items() if len(p) == 1}
+    split = {c: p for c, p in fake.parts.items() if len(p) > 1}
+    assert set(whole) == {0, 1, 2, 4} and set(split) == {3}, fake.parts  # 4: 12 frames, whole
+    assert {i for i, _ in split[3]} == {0, 1} and sum(n for _, n in split[3]) == 32
+    assert all(n >= MIN_PART_FRAMES for _, n in split[3])
+    assert fair.queued_frames() == (0, 0) and fair.loads() == ((0, 0), (0, 0))
+
+
+def test_no_split_when_turned_off_or_alone():
+    for pool, inference in ((replace(POOL, split_tail=False), 2), (POOL, 1)):
+        fake = FakeRay()
+        inf, comp = fake.actors_for(inference, 2)
+        ChunkScheduler(fake, inf, comp, pool, _Recorder(), lambda n: None).run(
+            _specs(140, 32), context=None
+        )
+        assert all(len(p) == 1 for p in fake.parts.values()) and len(fake.parts) == 5

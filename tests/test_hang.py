@@ -175,6 +175,7 @@ def test_the_inference_actor_names_the_chunk_that_holds_its_session(ray_cluster,
     )  # fmt: skip
     try:
         assert ray.get(actor.session_holder.remote(), timeout=60) is None  # idle
+        assert ray.get(actor.backlog.remote(), timeout=10) == {}
 
         def spec(chunk: int, start: int, stop: int) -> ChunkSpec:
             rows = np.zeros((stop - start + 16, 512), np.float32)
@@ -191,6 +192,11 @@ def test_the_inference_actor_names_the_chunk_that_holds_its_session(ray_cluster,
             time.sleep(0.05)
         assert holder == hung.task_id().hex() != waiting.task_id().hex()
         assert not ray.wait([hung], timeout=0)[0]
+        # what each call still has to infer, by task id (the driver splits a render's last
+        # chunks by it): the spinning one is stuck in one of its frames, the other waits
+        backlog = ray.get(actor.backlog.remote(), timeout=10)
+        assert set(backlog) == {hung.task_id().hex(), waiting.task_id().hex()}
+        assert backlog[waiting.task_id().hex()] == 13 and 0 < backlog[hung.task_id().hex()] <= 32
     finally:
         ray.kill(actor)
 

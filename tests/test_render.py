@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -174,6 +176,35 @@ def test_compositor_count_does_not_change_lossless_shards(
         _, tables = _shard_table(Path(report.work_dir))
         images.append([cell for t in tables for cell in t.column("image").to_pylist()])
     assert len(images[0]) == len(images[1]) > 0
+    assert all(a == b for a, b in zip(*images, strict=True))
+
+
+def test_the_last_chunks_split_between_inference_actors_give_the_same_frames(
+    ray_cluster, small_models, inputs, tmp_path, caplog
+):
+    """59 frames in chunks of 20 on two inference actors: the last two chunks are split by
+    what each actor still has to infer (chunk 1 stays whole on the actor that has nothing,
+    chunk 2 is split about evenly). Every frame is the one an unsplit render makes, bit for
+    bit (lossless shards)."""
+    images, logs = [], []
+    for split in (True, False):
+        pool = PoolConfig(
+            chunk_frames=20, inference_actors=2, cpus_per_inference_actor=0.5, compositors=1,
+            cpus_per_compositor=0.5, gpus_per_actor=0.0, split_tail=split,
+        )  # fmt: skip
+        config = _config(small_models, model="unet", pool=pool, shard_codec=ShardCodec.RAW,
+                         keep_shards=True)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="lipsync_ray.scheduler"):
+            report = render(inputs["avatar"], inputs["audio"], tmp_path / f"{split}.mp4", config)
+        logs.append([r.getMessage() for r in caplog.records if " split " in r.getMessage()])
+        assert report.chunks == 3 and report.frames == 59
+        _, tables = _shard_table(Path(report.work_dir))
+        images.append([cell for t in tables for cell in t.column("image").to_pylist()])
+    chunk_2 = r"chunk 2 \(frames 40-58\) split \[(9|10|11), (8|9|10)\] by"
+    assert [m for m in logs[0] if re.match(chunk_2, m)], logs[0]
+    assert logs[1] == []
+    assert len(images[0]) == len(images[1]) == 59
     assert all(a == b for a, b in zip(*images, strict=True))
 
 
