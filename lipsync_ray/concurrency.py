@@ -20,13 +20,22 @@ import itertools
 import logging
 import threading
 from collections import Counter as _Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lipsync_ray.errors import Cancelled, InputError
 
-__all__ = ["Counter", "FairShare", "OnFrames", "RenderHooks", "Share", "WorkDirsInUse"]
+__all__ = [
+    "MIN_PART_FRAMES",
+    "Counter",
+    "FairShare",
+    "OnFrames",
+    "RenderHooks",
+    "Share",
+    "WorkDirsInUse",
+    "split_frames",
+]
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +199,7 @@ class Share:
         """``frames`` frames taken on inference actor ``inference`` have their predictions
         (or will not get them: a failed chunk); called once per chunk, before :meth:`give`."""
         with self.fair._lock:
-            if self._queued[inference] < frames:
-                raise RuntimeError(
-                    f"inferred() of {frames} frames on inference actor {inference}, which has "
-                    f"{self._queued[inference]} of this render's queued"
-                )
+            self._check_queued("inferred", frames, inference)
             self._queued[inference] -= frames
             self.fair._queued[inference] -= frames
 
@@ -203,15 +208,18 @@ class Share:
         (a part of its inference split off); :meth:`inferred` then names ``target`` for them.
         The chunk stays in flight on ``source``'s slot."""
         with self.fair._lock:
-            if self._queued[source] < frames:
-                raise RuntimeError(
-                    f"move() of {frames} frames from inference actor {source}, which has "
-                    f"{self._queued[source]} of this render's queued"
-                )
+            self._check_queued("move", frames, source)
             self._queued[source] -= frames
             self._queued[target] += frames
             self.fair._queued[source] -= frames
             self.fair._queued[target] += frames
+
+    def _check_queued(self, call: str, frames: int, inference: int) -> None:
+        if self._queued[inference] < frames:
+            raise RuntimeError(
+                f"{call}() of {frames} frames on inference actor {inference}, which has "
+                f"{self._queued[inference]} of this render's queued"
+            )
 
     def give(self, inference: int, compositor: int) -> None:
         """A chunk taken on these actors is no longer in flight."""
@@ -316,3 +324,29 @@ class RenderHooks:
         """Raises Cancelled (naming the render's ``work_dir``) once ``cancel`` is set."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("the render was cancelled", path=work_dir)
+
+
+# A part of a chunk split between inference actors (split_frames) has at least this many
+# frames: a chunk shorter than twice this stays whole.
+MIN_PART_FRAMES = 8
+
+
+def split_frames(backlog: Sequence[int], frames: int, min_part: int) -> list[int]:
+    """How many of a chunk's ``frames`` each inference actor should infer, given the frames
+    each still has to infer (``backlog``), so that they finish as close together as can be:
+    water filling, the least loaded first, no actor given fewer than ``min_part`` (those go
+    to the others; a chunk shorter than that stays whole). Ties go to the lower index."""
+    order = sorted(range(len(backlog)), key=lambda j: (backlog[j], j))
+    for k in range(len(order), 1, -1):
+        use = order[:k]  # the k least loaded
+        level = (frames + sum(backlog[j] for j in use)) / k
+        shares = {j: level - backlog[j] for j in use}
+        if min(shares.values()) < min_part:
+            continue  # the k-th is (nearly) above the water: fewer actors
+        sizes = {j: int(share) for j, share in shares.items()}
+        # the frames rounding left over: to the largest remainders, then the lower index
+        by_remainder = sorted(use, key=lambda j: (sizes[j] - shares[j], j))
+        for j in by_remainder[: frames - sum(sizes.values())]:
+            sizes[j] += 1
+        return [sizes.get(j, 0) for j in range(len(backlog))]
+    return [frames if j == order[0] else 0 for j in range(len(backlog))]

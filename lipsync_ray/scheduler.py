@@ -43,7 +43,7 @@ from lipsync_ray.actors import (
     InferenceActor,
 )
 from lipsync_ray.chunks import ChunkRange, ChunkResult, ChunkSpec, JobContext, plan_chunks
-from lipsync_ray.concurrency import FairShare, Share
+from lipsync_ray.concurrency import MIN_PART_FRAMES, FairShare, Share, split_frames
 from lipsync_ray.config import Placement, PoolConfig
 from lipsync_ray.contract import AUDIO_CONTEXT
 from lipsync_ray.encode import EncodeOptions
@@ -86,9 +86,8 @@ WAIT_SHARED_S = 0.1
 # How long a hung chunk's inference actor has to name the chunk that holds its session.
 HOLDER_TIMEOUT_S = 2.0
 # At a render's end (its last chunks, one per inference actor) a chunk's inference is split
-# between the inference actors so that they finish together (split_frames), none getting
-# fewer than this many frames; the actors have this long to say what they still hold.
-MIN_PART_FRAMES = 8
+# between the inference actors so that they finish together (split_frames, none getting fewer
+# than MIN_PART_FRAMES); the actors have this long to say what they still hold.
 BACKLOG_TIMEOUT_S = 1.0
 
 
@@ -300,27 +299,6 @@ def decide_failure(
     # A hang we answered by restarting its actor: retry once the actor answers again.
     # (Checked after the budget: the last hang names the chunk, not a used-up restart.)
     return ChunkDecision(Next.RETRY, attempt + 1, system_failures, system, reason)
-
-
-def split_frames(backlog: Sequence[int], frames: int, min_part: int) -> list[int]:
-    """How many of a chunk's ``frames`` each inference actor should infer, given the frames
-    each still has to infer (``backlog``), so that they finish as close together as can be:
-    water filling, the least loaded first, no actor given fewer than ``min_part`` (those go
-    to the others; a chunk shorter than that stays whole). Ties go to the lower index."""
-    order = sorted(range(len(backlog)), key=lambda j: (backlog[j], j))
-    for k in range(len(order), 1, -1):
-        use = order[:k]  # the k least loaded
-        level = (frames + sum(backlog[j] for j in use)) / k
-        shares = {j: level - backlog[j] for j in use}
-        if min(shares.values()) < min_part:
-            continue  # the k-th is (nearly) above the water: fewer actors
-        sizes = {j: int(share) for j, share in shares.items()}
-        # the frames rounding left over: to the largest remainders, then the lower index
-        by_remainder = sorted(use, key=lambda j: (sizes[j] - shares[j], j))
-        for j in by_remainder[: frames - sum(sizes.values())]:
-            sizes[j] += 1
-        return [sizes.get(j, 0) for j in range(len(backlog))]
-    return [frames if j == order[0] else 0 for j in range(len(backlog))]
 
 
 class ChunkScheduler:

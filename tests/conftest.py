@@ -79,7 +79,7 @@ def ray_cluster(_shared_ray_cluster):
     """
     import ray
 
-    from lipsync_ray.pipeline import _embedded_node, _token_authentication_on
+    from lipsync_ray.embedded import _embedded_node, _token_authentication_on
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized() and _shared.get("gcs") != _gcs_address(ray):

@@ -1,12 +1,12 @@
 """The embedded cluster's start: ``ray.init`` waits for the raylet's registration by asking
-the GCS every 20 ms (``pipeline._await_node``) instead of sleeping whole seconds in Ray's C++
+the GCS every 20 ms (``embedded._await_node``) instead of sleeping whole seconds in Ray's C++
 loop; the patch on Ray's internals lives only while the cluster starts."""
 
 from __future__ import annotations
 
 import pytest
 
-from lipsync_ray import pipeline
+from lipsync_ray import embedded
 
 pytestmark = pytest.mark.ray
 
@@ -18,7 +18,7 @@ def _node(ray) -> tuple[str, str]:
 
 def test_the_node_of_a_running_cluster_is_found(ray_cluster):
     gcs, node_id = _node(ray_cluster)
-    assert pipeline._await_node(gcs, node_id, timeout_s=10) is True
+    assert embedded._await_node(gcs, node_id, timeout_s=10) is True
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_the_node_of_a_running_cluster_is_found(ray_cluster):
 )
 def test_a_node_that_is_not_there_gives_way_to_rays_own_wait(ray_cluster, node_id, why):
     gcs, _ = _node(ray_cluster)
-    assert pipeline._await_node(gcs, node_id, timeout_s=0.2) is False, why
+    assert embedded._await_node(gcs, node_id, timeout_s=0.2) is False, why
 
 
 def test_rays_get_node_waits_through_the_poll_only_while_the_cluster_starts(
@@ -41,8 +41,8 @@ def test_rays_get_node_waits_through_the_poll_only_while_the_cluster_starts(
     gcs, node_id = _node(ray_cluster)
     original = services.get_node
     asked: list[tuple[str, str]] = []
-    monkeypatch.setattr(pipeline, "_await_node", lambda *a, **k: asked.append(a) or True)
-    with pipeline._embedded_node(loopback=False):
+    monkeypatch.setattr(embedded, "_await_node", lambda *a, **k: asked.append(a) or True)
+    with embedded._embedded_node(loopback=False):
         assert services.get_node is not original
         info = services.get_node(gcs, node_id)
     assert asked == [(gcs, node_id)]

@@ -16,16 +16,14 @@ import pytest
 import ray.exceptions
 
 from lipsync_ray.chunks import ChunkSpec, plan_chunks
-from lipsync_ray.concurrency import RenderHooks
+from lipsync_ray.concurrency import MIN_PART_FRAMES, RenderHooks, split_frames
 from lipsync_ray.config import PoolConfig
 from lipsync_ray.errors import Cancelled, InputError, RenderError
 from lipsync_ray.scheduler import (
-    MIN_PART_FRAMES,
     WAIT_ALONE_S,
     WAIT_SHARED_S,
     ChunkScheduler,
     FairShare,
-    split_frames,
 )
 
 # ---------------------------------------------------------------------------- FairShare alone

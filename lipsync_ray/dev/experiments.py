@@ -280,7 +280,7 @@ def sweep(
     import ray
 
     from lipsync_ray.dev.bench import bench_inference
-    from lipsync_ray.pipeline import init_ray
+    from lipsync_ray.embedded import init_ray
 
     if not (seconds > 0 and avatar_seconds > 0 and bare_seconds >= 0):
         raise InputError(

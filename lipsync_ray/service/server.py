@@ -2,7 +2,7 @@
 drain, stop.
 
 The embedded cluster is started as a render starts one (loopback only, token authentication;
-:func:`lipsync_ray.pipeline.init_ray`); with ``--address`` the service joins a running
+:func:`lipsync_ray.embedded.init_ray`); with ``--address`` the service joins a running
 cluster, and on exit removes its own application and leaves that cluster's Serve and Ray up.
 """
 
@@ -37,7 +37,7 @@ def serve_forever(settings: ServiceSettings, *, ready=print) -> int:
     import ray
     from ray import serve
 
-    from lipsync_ray.pipeline import init_ray
+    from lipsync_ray.embedded import init_ray
     from lipsync_ray.service.app import DEPLOYMENT_NAME, RenderService
 
     lock = _lock_state_dir(settings.state_dir)
