@@ -302,8 +302,9 @@ def test_the_monitor_keeps_the_cpu_by_role_at_each_sample():
     drivers = [roles["driver"] for _, roles in history]
     # cumulative, less the sampling thread's own CPU (counted to the clock's resolution)
     assert all(b >= a - 0.01 for a, b in itertools.pairwise(drivers)) and drivers[-1] > 0.2
-    # the last sample is the final figure but for that sample's own cost
-    assert history[-1][1]["driver"] == pytest.approx(monitor.cpu_by_role()["driver"], abs=0.01)
+    # the last sample is the final figure but for that sample's own cost, which is up to
+    # ~15 ms where it reads every process's memory map (PSS): 0.011 s seen once
+    assert history[-1][1]["driver"] == pytest.approx(monitor.cpu_by_role()["driver"], abs=0.04)
 
 
 def test_the_tables_settings_are_valid_and_distinct():
