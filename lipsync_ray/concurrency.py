@@ -5,6 +5,8 @@
 
     FairShare(limit, inference, compositors)   the pools' chunks in flight, shared fairly by
       └─ Share                                 the renders running on them (one each)
+    split_frames(backlog, frames, min_part)    a render's last chunks, split between the
+                                               inference actors so that they finish together
     RenderHooks(on_frames, cancel)             one render's progress callback and cancel event
     WorkDirsInUse                              one running render per work directory
     Counter                                    renders served, counted from several threads
