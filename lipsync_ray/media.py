@@ -278,7 +278,6 @@ class AudioTrack:
             self._next = next(self._encoded, None)
         else:
             self._blocks = _Blocks(audio, sample_rate, video_frames, options.fps)
-        self._sent = 0
 
     def packets_until(self, video_frames: int) -> list[av.Packet]:
         """Encode the audio that plays before ``video_frames`` frames of video end."""
